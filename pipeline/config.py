@@ -1,0 +1,172 @@
+"""Typed configuration shared by the three phases.
+
+One flat dataclass: a YAML file (`--config`) and `--set key=value` both address its fields by name,
+and values are coerced to the field's declared type, so a typo or a wrong type fails at start-up,
+not hours into a Dataflow job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Optional
+
+import yaml
+
+PROJECT_NAME = "curate"
+PROJECT_VERSION = "0.1.0"
+DEFAULT_USER_AGENT = (
+    f"{PROJECT_NAME}-bot/{PROJECT_VERSION} (image-text dataset curation; honours X-Robots-Tag noai)"
+)
+
+RESIZE_MODES = ("border", "keep_ratio", "center_crop", "no")
+INPUT_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "webdataset")
+
+
+@dataclasses.dataclass
+class CurateConfig:
+    # ---- input ---------------------------------------------------------------------------
+    input: str = ""
+    output: str = ""
+    input_format: str = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    max_field_bytes: int = 10_000_000  # csv field limit; longer captions become caption_too_long
+
+    # ---- download ------------------------------------------------------------------------
+    max_in_flight: int = 128  # concurrent requests per worker process
+    per_host_concurrency: int = 16
+    request_deadline_s: float = 20.0  # total per attempt: connect + headers + body
+    connect_timeout_s: float = 5.0
+    retries: int = 2  # extra attempts for transient failures only
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 8.0
+    max_retry_after_s: float = 30.0  # a longer Retry-After is not waited for
+    max_body_bytes: int = 20_000_000
+    max_redirects: int = 5
+    user_agent: str = DEFAULT_USER_AGENT
+    respect_noai: bool = True
+    ssrf_guard: bool = True
+    allow_hosts: list = dataclasses.field(default_factory=list)  # "host:port" loopback exceptions
+
+    # ---- decode / image rules ------------------------------------------------------------
+    max_pixels: int = 80_000_000
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    encode_quality: int = 95
+    min_image_size: int = 32  # shorter side, in original pixels
+    max_aspect_ratio: float = 6.0
+    blank_std_threshold: float = 3.0  # grey-level std dev of a thumbnail below this is blank
+
+    # ---- captions ------------------------------------------------------------------------
+    min_caption_words: int = 3  # DataComp basic filter: more than 2 words...
+    min_caption_chars: int = 6  # ...and more than 5 characters
+    max_caption_chars: int = 2000
+    drop_boilerplate_captions: bool = True
+    languages: list = dataclasses.field(default_factory=list)  # empty: keep all, tag them
+    lang_min_score: float = 0.5  # below it the language is "und"
+    langid_backend: str = "auto"
+
+    # ---- dedup ---------------------------------------------------------------------------
+    dedup_exact: bool = True
+    dedup_near: bool = True
+    dedup_radius: int = 8
+    dedup_max_bucket: int = 5000  # larger (band, value) buckets are split and reported
+
+    # ---- CLIP ----------------------------------------------------------------------------
+    clip_enabled: bool = True
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "laion2b_s34b_b79k"  # open_clip hub tag, used when no checkpoint
+    clip_checkpoint: str = ""  # local checkpoint path; wins over clip_pretrained
+    clip_device: str = "auto"
+    clip_min_batch_size: int = 8
+    clip_max_batch_size: int = 64
+    clip_threshold: float = 0.28
+    clip_thresholds_per_lang: dict = dataclasses.field(default_factory=dict)
+    clip_keep_top_percent: Optional[float] = None  # DataComp style, global quantile
+
+    # ---- hard negatives ------------------------------------------------------------------
+    negatives_k: int = 3
+    negatives_ceiling: float = 0.95
+
+    # ---- write ---------------------------------------------------------------------------
+    samples_per_shard: int = 1000
+    raw_shards: int = 16
+    ledger_rows_per_file: int = 100_000
+
+    def validate(self) -> "CurateConfig":
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        for name in ("max_in_flight", "per_host_concurrency", "samples_per_shard", "raw_shards", "image_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.retries < 0 or self.max_redirects < 0:
+            raise ValueError("retries and max_redirects must be >= 0")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(CurateConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Coerce a YAML value or a --set string to the declared type of field `name`."""
+    hint = typing.get_type_hints(CurateConfig)[name]
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+    if hint is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        text = str(value).strip()
+        return [part.strip() for part in text.split(",") if part.strip()] if text else []
+    if hint is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        parsed = yaml.safe_load(str(value))  # accepts {en: 0.3, de: 0.25} or JSON
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return parsed
+    if hint in (int, float, str):
+        return hint(value)
+    raise TypeError(f"unsupported config type for {name}: {hint}")
+
+
+def build_config(
+    config_file: Optional[str] = None, overrides: Optional[list[str]] = None, **explicit: Any
+) -> CurateConfig:
+    """Defaults < YAML file < `--set key=value` overrides < explicit keyword arguments."""
+    values: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of config keys")
+        values.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, _, raw = item.partition("=")
+        values[key.strip()] = raw
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    return CurateConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()

@@ -1,0 +1,15 @@
+"""Single source of truth for column names, table schemas and drop reasons."""
+
+from schemas.columns import (  # noqa: F401
+    DECISIONS_SCHEMA,
+    FEATURES_SCHEMA,
+    HARD_NEGATIVE_TYPE,
+    LEDGER_SCHEMA,
+    SAMPLE_JSON_COLUMNS,
+    SHARD_SCHEMA,
+    Col,
+    Status,
+    empty_record,
+    to_table,
+)
+from schemas.reasons import REASON_DESCRIPTIONS, TRANSIENT_REASONS, DropReason  # noqa: F401

