@@ -1,0 +1,137 @@
+"""`curate run|fetch|decide|write|report`: the command line.
+
+Our own flags are parsed here; everything else (--runner, --project, --region, --temp_location,
+--setup_file, --direct_num_workers, ...) passes straight through to Beam's PipelineOptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.config import build_config
+from pipeline.decide import build_decide
+from pipeline.fetch import build_fetch
+from pipeline.layout import Layout
+from pipeline.report import AccountingError, account, funnel_text, write_report
+from pipeline.write import build_write
+
+log = logging.getLogger("curate")
+
+PHASE_BUILDERS = {"fetch": build_fetch, "decide": build_decide, "write": build_write}
+COMMANDS = ("run", "fetch", "decide", "write", "report")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("output_dir", nargs="?", help="for `report`: the output folder (same as --output)")
+    parser.add_argument("--input", help="input path, glob, or comma-separated list (csv/tsv/jsonl/parquet/tar, .gz too)")
+    parser.add_argument("--output", help="output folder (local path or gs://...)")
+    parser.add_argument("--input-format", dest="input_format")
+    parser.add_argument("--url-col", dest="url_col")
+    parser.add_argument("--caption-col", dest="caption_col")
+    parser.add_argument("--config", help="YAML file of config keys")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--allow-host", dest="allow_hosts", action="append", default=[], metavar="HOST:PORT",
+        help="admit one loopback host:port the SSRF guard would refuse (demo and tests only)",
+    )
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def beam_options(beam_args: list[str]) -> PipelineOptions:
+    """Pass Beam flags through; locally default to the in-process runner (no Prism download)."""
+    args = list(beam_args)
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=DirectRunner")
+    runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), "DirectRunner")
+    if runner.endswith("DirectRunner") and not any(a.startswith("--direct_running_mode") for a in args):
+        args.append("--direct_running_mode=in_memory")
+    return PipelineOptions(args)
+
+
+def _metrics(result) -> dict:
+    counters = {}
+    try:
+        for counter in result.metrics().query()["counters"]:
+            name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
+            counters[name] = counters.get(name, 0) + (counter.committed or counter.attempted or 0)
+    except Exception:  # noqa: BLE001 - some runners do not report metrics
+        pass
+    return dict(sorted(counters.items()))
+
+
+def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
+    started = time.time()
+    for directory in {"fetch": [layout.features, layout.raw_shards], "decide": [layout.decisions],
+                      "write": [layout.shards, layout.ledger]}[phase]:
+        layout.clear(directory)
+    pipeline = beam.Pipeline(options=options)
+    PHASE_BUILDERS[phase](pipeline, config, layout)
+    result = pipeline.run()
+    result.wait_until_finish()
+    info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json()}
+    layout.write_phase_info(phase, info)
+    if not quiet:
+        print(f"[curate] {phase} finished in {info['seconds']:.1f}s", file=sys.stderr)
+    return info
+
+
+def report(layout: Layout, quiet: bool = False) -> dict:
+    phases = {phase: layout.read_phase_info(phase) for phase in ("fetch", "decide", "write")}
+    summary = account(layout)
+    path = write_report(layout, summary, {k: (v or {}).get("seconds") for k, v in phases.items()})
+    if not quiet:
+        print(funnel_text(summary))
+        print(f"shards:  {layout.shards}/  ({summary['shards']} tar + parquet)")
+        print(f"ledger:  {layout.ledger}/")
+        print(f"report:  {path}")
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, beam_args = _parser().parse_known_args(argv)
+    output = args.output or args.output_dir
+    if not output:
+        print("curate: --output is required", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    layout = Layout(output.rstrip("/"))
+    if args.command == "report":
+        try:
+            report(layout, args.quiet)
+        except AccountingError as error:
+            print(f"curate: ACCOUNTING FAILED: {error}", file=sys.stderr)
+            return 3
+        return 0
+    explicit = {k: getattr(args, k) for k in ("input", "input_format", "url_col", "caption_col")}
+    explicit["output"] = output
+    if args.allow_hosts:
+        explicit["allow_hosts"] = args.allow_hosts
+    config = build_config(args.config, args.overrides, **explicit)
+    if args.command in ("run", "fetch") and not config.input:
+        print("curate: --input is required", file=sys.stderr)
+        return 2
+    options = beam_options(beam_args)
+    phases = ("fetch", "decide", "write") if args.command == "run" else (args.command,)
+    for phase in phases:
+        run_phase(phase, config, layout, options, args.quiet)
+    if args.command in ("run", "write"):
+        try:
+            report(layout, args.quiet)
+        except AccountingError as error:
+            print(f"curate: ACCOUNTING FAILED: {error}", file=sys.stderr)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Phase 2, decide: features table only (no image bytes) -> the decisions table.
+
+Order of decisions: per-sample filters first (language, CLIP score), then duplicate clusters over
+what is left, so a cluster's survivor is always a sample that passes the filters. Each dropped
+uid gets exactly one reason: the first filter that dropped it.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from pipeline.config import CurateConfig
+from pipeline.layout import Layout
+from schemas import DECISIONS_SCHEMA, Col, DropReason, Status
+from transforms.write_output import WriteTable
+
+# Columns the decide phase reads from the features table (never image bytes).
+DECIDE_COLUMNS = [
+    Col.UID, Col.STATUS, Col.SHA256, Col.PHASH, Col.PHASH_MIRROR, Col.DEDUP_DESCRIPTOR,
+    Col.ORIGINAL_WIDTH, Col.ORIGINAL_HEIGHT, Col.LANG, Col.LANG_SCORE, Col.CLIP_SCORE,
+    Col.IMAGE_EMBEDDING, Col.TEXT_EMBEDDING, Col.CAPTION, Col.CAPTION_CLEAN,
+]
+
+
+def _decision(uid_and_groups) -> dict:
+    uid, groups = uid_and_groups
+    drops = sorted(groups["drops"], key=lambda d: d["order"])
+    decision = {Col.UID: uid, Col.STATUS: Status.KEPT, Col.REASON: None, Col.DUPLICATE_OF: None}
+    if drops:
+        first = drops[0]
+        decision.update({Col.STATUS: Status.DROPPED, Col.REASON: first[Col.REASON]})
+        decision[Col.DUPLICATE_OF] = first.get(Col.DUPLICATE_OF)
+    return decision
+
+
+def _tag_order(order: int):
+    return lambda drop: (drop[Col.UID], dict(drop, order=order))
+
+
+def _without(uid_and_groups):
+    uid, groups = uid_and_groups
+    if groups["alive"] and not groups["drops"]:
+        yield groups["alive"][0]
+
+
+def read_alive_features(pipeline: beam.Pipeline, layout: Layout):
+    features = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob(), columns=DECIDE_COLUMNS)
+    return features | "Alive" >> beam.Filter(lambda r: r[Col.STATUS] == Status.KEPT)
+
+
+def filter_drops(alive, config: CurateConfig) -> list:
+    """Per-sample filters: each returns a PCollection of {uid, reason}."""
+    drops = []
+    if config.languages:
+        wanted = frozenset(config.languages)
+        drops.append(
+            alive
+            | "LanguageFilter" >> beam.Filter(lambda r: (r.get(Col.LANG) or "und") not in wanted)
+            | "LanguageDrop" >> beam.Map(lambda r: {Col.UID: r[Col.UID], Col.REASON: DropReason.LANGUAGE_NOT_WANTED.value})
+        )
+    return drops
+
+
+def duplicate_drops(remaining, config: CurateConfig) -> list:
+    return []
+
+
+def build_decide(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
+    alive = read_alive_features(pipeline, layout)
+    keyed_alive = alive | "KeyAlive" >> beam.Map(lambda r: (r[Col.UID], r))
+
+    filtered = filter_drops(alive, config)
+    keyed_filter_drops = [
+        drops | f"KeyFilterDrop{i}" >> beam.Map(_tag_order(i)) for i, drops in enumerate(filtered)
+    ]
+    if keyed_filter_drops:
+        all_filter_drops = keyed_filter_drops | "FilterDrops" >> beam.Flatten()
+        remaining = (
+            {"alive": keyed_alive, "drops": all_filter_drops}
+            | "JoinFilterDrops" >> beam.CoGroupByKey()
+            | "Remaining" >> beam.FlatMap(_without)
+        )
+    else:
+        all_filter_drops = None
+        remaining = alive
+
+    dup_drops = [
+        drops | f"KeyDupDrop{i}" >> beam.Map(_tag_order(100 + i))
+        for i, drops in enumerate(duplicate_drops(remaining, config))
+    ]
+    every_drop = ([all_filter_drops] if all_filter_drops is not None else []) + dup_drops
+    drops = (
+        every_drop | "AllDrops" >> beam.Flatten()
+        if every_drop
+        else pipeline | "NoDrops" >> beam.Create([]).with_output_types(tuple)
+    )
+    decisions = (
+        {"alive": keyed_alive, "drops": drops}
+        | "JoinDecisions" >> beam.CoGroupByKey()
+        | "Decide" >> beam.Map(_decision)
+    )
+    decisions | "WriteDecisions" >> WriteTable(layout.decisions, "decisions", DECISIONS_SCHEMA, config.ledger_rows_per_file)
+    return decisions

@@ -1,0 +1,83 @@
+"""Phase 1, fetch: rows -> download -> validate/resize -> per-sample features.
+
+Writes the features table (one row per input row, failures included, no image bytes) and raw
+WebDataset shards of the samples that survived.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import apache_beam as beam
+import imagehash
+
+from pipeline.config import CurateConfig
+from pipeline.layout import Layout
+from schemas import FEATURES_SCHEMA, Col, DropReason
+from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
+from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
+from transforms.download import FetchImages
+from transforms.read_input import ReadRows
+from transforms.write_output import WriteHashedShards, WriteTable
+
+log = logging.getLogger(__name__)
+
+
+def decode_and_describe(record: dict, config: CurateConfig) -> dict:
+    """Runs in the fetch worker's thread pool on each downloaded body (CPU work)."""
+    data = record[Col.IMAGE_BYTES]
+    record[Col.SHA256] = sha256_hex(data)
+    try:
+        decoded = decode_image(data, config)
+    except ImageRejected as rejected:
+        return mark_dropped(record, rejected.reason, rejected.detail)
+    apply_decoded(record, decoded)
+    record[Col.PHASH] = str(imagehash.phash(decoded.rgb))
+    return record
+
+
+def _pick_row_survivor(uid_and_records):
+    """Rows with the same uid (same url + caption): keep the first by input position."""
+    uid, records = uid_and_records
+    ordered = sorted(records, key=lambda r: (r.get(Col.SOURCE_FILE) or "", r.get(Col.SOURCE_ROW) or 0))
+    yield ordered[0]
+    for duplicate in ordered[1:]:
+        duplicate[Col.DUPLICATE_OF] = uid
+        duplicate.pop(Col.IMAGE_BYTES, None)
+        yield beam.pvalue.TaggedOutput(DROPPED, mark_dropped(duplicate, DropReason.DUPLICATE_ROW))
+
+
+class CollapseDuplicateRows(beam.PTransform):
+    """Exact duplicate input rows are collapsed before anything is downloaded twice."""
+
+    def expand(self, records):
+        return (
+            records
+            | "ByUid" >> beam.Map(lambda r: (r[Col.UID], r))
+            | "Group" >> beam.GroupByKey()
+            | "Survivor" >> beam.FlatMap(_pick_row_survivor).with_outputs(DROPPED, main=KEPT)
+        )
+
+
+def _without_bytes(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != Col.IMAGE_BYTES}
+
+
+def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
+    rows = pipeline | "Read" >> ReadRows(config)
+    split = rows | "SplitMalformed" >> beam.Partition(lambda r, _: int(is_dropped(r)), 2)
+    alive, dropped_early = split[0], split[1]
+    unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows()
+    fetched = unique[KEPT] | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
+    survivors = fetched[KEPT]
+    dropped = [dropped_early, unique[DROPPED], fetched[DROPPED]]
+
+    all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
+    (
+        all_rows
+        | "NoBytes" >> beam.Map(_without_bytes)
+        | "WriteFeatures" >> WriteTable(layout.features, "features", FEATURES_SCHEMA, config.ledger_rows_per_file)
+    )
+    survivors | "WriteRawShards" >> WriteHashedShards(layout.raw_shards, config.raw_shards)
+    return all_rows

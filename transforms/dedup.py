@@ -1,0 +1,563 @@
+"""Exact and near-duplicate image detection.
+
+Fetch phase: `image_hashes` turns one decoded image into three small columns:
+  - PHASH: imagehash's 64-bit pHash of the image after trimming uniform borders (letterboxing and
+    padding do not move it; an image without a uniform border hashes exactly as imagehash.phash),
+  - PHASH_MIRROR: the pHash of the horizontally flipped image (so a flipped copy is found),
+  - DEDUP_DESCRIPTOR: an 8x8 RGB thumbnail of the same trimmed image (192 bytes), the second
+    descriptor that verifies pHash candidates (pHash is colour-blind and merges distinct clip art).
+  Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
+
+Decide phase: `Deduplicate` (features table only, never image bytes):
+  1. exact: group by sha256, keep the best sample per group (`quality_key`).
+  2. near: every group survivor emits r+1 band keys per hash (pHash and mirror pHash). By the
+     pigeonhole principle two hashes within Hamming distance r agree on at least one band, so a
+     GroupByKey on (band, value) over (uid, hash, variant, quality) tuples finds every candidate
+     without all-pairs comparison. Buckets larger than `dedup_max_bucket` are split again by
+     pigeonhole on the remaining bits (recall kept, no truncation) and counted.
+  3. verify: candidate edges are joined with the descriptors (and CLIP image embeddings when both
+     exist) by uid, and only edges that pass are kept.
+  4. union-find over the verified edges; one survivor per cluster by `quality_key`; every other
+     member is dropped with duplicate_of = the survivor (never a dropped uid, no chains).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import apache_beam as beam
+import imagehash
+import numpy as np
+from apache_beam.metrics import Metrics
+from PIL import Image
+
+from schemas import Col, DropReason
+
+NAMESPACE = "dedup"
+DESCRIPTOR_SIDE = 8  # 8x8 RGB thumbnail = 192 bytes
+_WORK_SIDE = 256  # images are box-reduced to about this before anything else (speed)
+_BORDER_TOL = 24  # max channel difference from the border colour that still counts as border
+_BORDER_UNIFORM = 0.95  # share of border pixels that must match before a border is trimmed
+
+
+# ----------------------------------------------------------------------------------------------
+# fetch phase: per-image hashes
+# ----------------------------------------------------------------------------------------------
+
+
+def _content_box(small: np.ndarray) -> Optional[tuple[int, int, int, int]]:
+    """Bounding box (left, top, right, bottom) of what is not a uniform border, or None.
+
+    A border is trimmed only when (nearly) all border pixels share one colour, so photos keep their
+    frame while padding, letterboxing and the flat background of clip art go.
+    """
+    h, w, _ = small.shape
+    border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]]).astype(np.int16)
+    colour = np.median(border, axis=0)
+    if np.mean(np.abs(border - colour).max(axis=1) <= _BORDER_TOL) < _BORDER_UNIFORM:
+        return None
+    content = np.abs(small.astype(np.int16) - colour).max(axis=2) > _BORDER_TOL
+    # a row/column is content when more than a sliver of it differs (JPEG ringing is not content)
+    rows = np.flatnonzero(content.sum(axis=1) > max(1, w // 100))
+    cols = np.flatnonzero(content.sum(axis=0) > max(1, h // 100))
+    if rows.size == 0 or cols.size == 0:
+        return None
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    if box[2] - box[0] < 8 or box[3] - box[1] < 8 or box == (0, 0, w, h):
+        return None
+    return box
+
+
+def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
+    """pHash, mirror pHash and verification descriptor of one decoded image (any size).
+
+    Returns None for all three on blank / near-uniform images (grey std below the threshold).
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    factor = max(1, max(image.size) // _WORK_SIDE)
+    small = image.reduce(factor) if factor > 1 else image  # box filter: cheap, alias-free
+    pixels = np.asarray(small)
+    grey = pixels.mean(axis=2)
+    if float(grey.std()) < blank_std_threshold:
+        return {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
+    for _ in range(3):  # padding around a flat background is two borders deep
+        box = _content_box(np.asarray(small))
+        if box is None:
+            break
+        small = small.crop(box)
+    # The same 32x32 grey thumbnail imagehash.phash computes; phash of a 32x32 image skips the
+    # resize, so both hashes are exactly imagehash's, from one resize.
+    thumb = small.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    phash = imagehash.phash(thumb)
+    mirror = imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    descriptor = small.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX).tobytes()
+    return {Col.PHASH: str(phash), Col.PHASH_MIRROR: str(mirror), Col.DEDUP_DESCRIPTOR: descriptor}
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers of the decide phase
+# ----------------------------------------------------------------------------------------------
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def band_masks(radius: int, bits: Sequence[int] = tuple(range(64))) -> list[int]:
+    """Split `bits` (positions) into radius+1 contiguous bands, as integer masks.
+
+    Pigeonhole: two hashes that differ in at most `radius` of these bits agree on at least one band.
+    """
+    count = radius + 1
+    if count > len(bits):
+        raise ValueError(f"cannot split {len(bits)} bits into {count} bands")
+    masks = []
+    for i in range(count):
+        start, stop = (len(bits) * i) // count, (len(bits) * (i + 1)) // count
+        masks.append(sum(1 << b for b in bits[start:stop]))
+    return masks
+
+
+def band_keys(value: int, masks: Sequence[int]) -> list[tuple[int, int]]:
+    """(band index, value & mask) for every band: the GroupByKey keys of one hash."""
+    return [(i, value & m) for i, m in enumerate(masks)]
+
+
+def first_agreeing_band(a: int, b: int, masks: Sequence[int]) -> int:
+    """Index of the first band on which a and b agree (len(masks) if none)."""
+    diff = a ^ b
+    for i, m in enumerate(masks):
+        if diff & m == 0:
+            return i
+    return len(masks)
+
+
+class BucketStats:
+    """What `near_pairs` had to do, for the Beam counters."""
+
+    def __init__(self):
+        self.oversize = 0
+        self.largest = 0
+        self.comparisons = 0
+
+
+def _brute_pairs(vals: np.ndarray, radius: int, stats: BucketStats, block: int = 1024) -> np.ndarray:
+    """All (i, j), i < j, with popcount(vals[i] ^ vals[j]) <= radius; blockwise so memory stays small."""
+    n = len(vals)
+    out = []
+    for start in range(0, n - 1, block):
+        rows = vals[start : start + block]
+        dist = np.bitwise_count(rows[:, None] ^ vals[None, :])
+        stats.comparisons += dist.size
+        i, j = np.nonzero(dist <= radius)
+        i = i + start
+        keep = j > i
+        out.append(np.stack([i[keep], j[keep]], axis=1))
+    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+
+
+def near_pairs(
+    vals: np.ndarray, radius: int, max_bucket: int, fixed_bits: int = 0, stats: Optional[BucketStats] = None
+) -> np.ndarray:
+    """Index pairs (i < j) of distinct uint64 `vals` within Hamming `radius`, without dropping any.
+
+    Up to `max_bucket` values are compared all-pairs (vectorised). A larger set is counted as
+    oversize and split again by pigeonhole on the bits its members do not already share
+    (`fixed_bits`), recursively, so the work stays near-linear however skewed the hashes are.
+    """
+    stats = stats if stats is not None else BucketStats()
+    n = len(vals)
+    stats.largest = max(stats.largest, n)
+    free = [b for b in range(64) if not (fixed_bits >> b) & 1]
+    if n <= max_bucket or len(free) < radius + 1:
+        return _brute_pairs(vals, radius, stats)
+    stats.oversize += 1
+    masks = band_masks(radius, free)
+    found = []
+    for k, mask in enumerate(masks):
+        keys = vals & np.uint64(mask)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], n]
+        for s, e in zip(starts, ends):
+            if e - s < 2:
+                continue
+            idx = order[s:e]
+            sub = near_pairs(vals[idx], radius, max_bucket, fixed_bits | mask, stats)
+            if not len(sub):
+                continue
+            pairs = idx[sub]
+            # report each pair from the first sub-band both agree on only
+            diff = vals[pairs[:, 0]] ^ vals[pairs[:, 1]]
+            earlier = np.zeros(len(pairs), dtype=bool)
+            for prior in masks[:k]:
+                earlier |= (diff & np.uint64(prior)) == 0
+            found.append(pairs[~earlier])
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found)
+    return np.sort(pairs, axis=1)
+
+
+def quality_key(record: dict) -> tuple:
+    """Sort key, smallest = best: largest resolution, then highest clip score (present beats
+    absent), then uid. Deterministic whatever the arrival order."""
+    width = record.get(Col.ORIGINAL_WIDTH) or 0
+    height = record.get(Col.ORIGINAL_HEIGHT) or 0
+    clip = record.get(Col.CLIP_SCORE)
+    clip_rank = (0, -float(clip)) if clip is not None and not math.isnan(clip) else (1, 0.0)
+    return (-(int(width) * int(height)), clip_rank[0], clip_rank[1], str(record[Col.UID]))
+
+
+class UnionFind:
+    """Disjoint sets with path halving and union by size (nothing in numpy/imagehash does this)."""
+
+    def __init__(self):
+        self.parent: dict = {}
+        self.size: dict = {}
+
+    def find(self, x):
+        parent = self.parent
+        if x not in parent:
+            parent[x] = x
+            self.size[x] = 1
+            return x
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a, b) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size[rb]
+        return True
+
+    def components(self) -> list[list]:
+        groups: dict = {}
+        for x in self.parent:
+            groups.setdefault(self.find(x), []).append(x)
+        return list(groups.values())
+
+
+def clusters_from_edges(edges: Iterable[tuple], qualities: dict) -> list[tuple[str, list[str]]]:
+    """Connected components of the edge set -> [(survivor uid, [dropped uids])], sorted.
+
+    `qualities` maps uid -> quality_key; the survivor is the member with the smallest key.
+    """
+    uf = UnionFind()
+    for a, b in edges:
+        uf.union(a, b)
+    result = []
+    for members in uf.components():
+        ordered = sorted(members, key=lambda u: qualities[u])
+        result.append((ordered[0], sorted(ordered[1:])))
+    return sorted(result)
+
+
+def _hex_to_int(value) -> Optional[int]:
+    if value is None or value == "":
+        return None
+    return int(value, 16)
+
+
+def descriptor_similarity(a: bytes, b: bytes, mirrored: bool = False) -> float:
+    """Pearson correlation of two 8x8 RGB thumbnails (b flipped when the match was mirror-wise).
+
+    Correlation ignores a global brightness/contrast change but not a change of colour or layout.
+    """
+    x = np.frombuffer(a, dtype=np.uint8).astype(np.float32)
+    y = np.frombuffer(b, dtype=np.uint8).reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3)
+    if mirrored:
+        y = y[:, ::-1]
+    y = y.astype(np.float32).ravel()
+    x = x - x.mean()
+    y = y - y.mean()
+    denom = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    if denom == 0.0:
+        return 1.0 if not x.any() and not y.any() else 0.0
+    return float((x * y).sum() / denom)
+
+
+def embedding_cosine(a, b) -> float:
+    x = np.asarray(a, dtype=np.float32)
+    y = np.asarray(b, dtype=np.float32)
+    denom = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y / denom) if denom else 0.0
+
+
+def verify_pair(
+    payload_a: tuple, payload_b: tuple, mirrored: bool, min_similarity: float, min_cosine: float
+) -> bool:
+    """A hash candidate is a duplicate when the second look agrees: CLIP image embeddings when both
+    have one, else the thumbnail descriptors, else the hash match alone."""
+    desc_a, emb_a = payload_a
+    desc_b, emb_b = payload_b
+    if emb_a is not None and emb_b is not None:
+        return embedding_cosine(emb_a, emb_b) >= min_cosine
+    if desc_a and desc_b and len(desc_a) == len(desc_b) == DESCRIPTOR_SIDE * DESCRIPTOR_SIDE * 3:
+        return descriptor_similarity(desc_a, desc_b, mirrored) >= min_similarity
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Beam wiring
+# ----------------------------------------------------------------------------------------------
+
+
+def _slim(record: dict) -> tuple:
+    """(uid, sha256, phash int, mirror int, quality key): all the dedup shuffles ever carry."""
+    return (
+        record[Col.UID],
+        record.get(Col.SHA256),
+        _hex_to_int(record.get(Col.PHASH)),
+        _hex_to_int(record.get(Col.PHASH_MIRROR)),
+        quality_key(record),
+    )
+
+
+class _ExactGroups(beam.DoFn):
+    """One sha256 group -> the best member (main output) and (uid, survivor) for the rest."""
+
+    MEMBERS = "members"
+
+    def __init__(self):
+        self._groups = Metrics.counter(NAMESPACE, "exact_groups")
+        self._dups = Metrics.counter(NAMESPACE, "exact_duplicates")
+
+    def process(self, element):
+        _, items = element
+        items = sorted(items, key=lambda it: it[4])
+        yield items[0]
+        if len(items) > 1:
+            self._groups.inc()
+            self._dups.inc(len(items) - 1)
+            for item in items[1:]:
+                yield beam.pvalue.TaggedOutput(self.MEMBERS, (item[0], items[0][0]))
+
+
+def _emit_bands(item: tuple, masks: Sequence[int], mirror: bool):
+    uid, _, phash, mirror_hash, quality = item
+    if phash is None:
+        return
+    variants = [(0, phash)]
+    if mirror and mirror_hash is not None and mirror_hash != phash:
+        variants.append((1, mirror_hash))
+    for variant, value in variants:
+        for key in band_keys(value, masks):
+            yield key, (uid, value, variant, quality)
+
+
+class _BucketPairs(beam.DoFn):
+    """One (band, value) bucket -> candidate edges (uid_a, q_a, uid_b, q_b, mirrored), a < b.
+
+    Identical hashes are chained (a path, not a clique: same components, linear edges); distinct
+    hash values are compared by `near_pairs`. A pair is reported only from the first band both
+    hashes agree on, so no edge is emitted twice across buckets.
+    """
+
+    def __init__(self, masks: Sequence[int], radius: int, max_bucket: int):
+        self._masks = list(masks)
+        self._radius = radius
+        self._max_bucket = max_bucket
+        self._buckets = Metrics.counter(NAMESPACE, "buckets_compared")
+        self._oversize = Metrics.counter(NAMESPACE, "oversize_buckets")
+        self._largest = Metrics.distribution(NAMESPACE, "bucket_size")
+        self._comparisons = Metrics.counter(NAMESPACE, "hash_comparisons")
+        self._candidates = Metrics.counter(NAMESPACE, "candidate_edges")
+
+    @staticmethod
+    def _edge(x, y):
+        (ua, _, va, qa), (ub, _, vb, qb) = x, y
+        if ua == ub:
+            return None
+        if ua > ub:
+            ua, qa, ub, qb = ub, qb, ua, qa
+        return (ua, qa, ub, qb, va != vb)
+
+    def process(self, element):
+        (band, _), entries = element
+        entries = sorted(entries, key=lambda e: (e[1], e[0], e[2]))
+        if len(entries) < 2:
+            return
+        self._buckets.inc()
+        self._largest.update(len(entries))
+        hashes = np.fromiter((e[1] for e in entries), dtype=np.uint64, count=len(entries))
+        starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+        ends = np.r_[starts[1:], len(entries)]
+        edges = []
+        if band == 0:  # identical values agree on band 0 first: chain them there only
+            for s, e in zip(starts, ends):
+                for k in range(s, e - 1):
+                    edges.append(self._edge(entries[k], entries[k + 1]))
+        if len(starts) > 1:
+            stats = BucketStats()
+            pairs = near_pairs(hashes[starts], self._radius, self._max_bucket, self._masks[band], stats)
+            self._comparisons.inc(stats.comparisons)
+            if stats.oversize:
+                self._oversize.inc()
+            for i, j in pairs.tolist():
+                a, b = entries[starts[i]], entries[starts[j]]
+                if first_agreeing_band(a[1], b[1], self._masks) != band:
+                    continue
+                edges.append(self._edge(a, b))
+        for edge in edges:
+            if edge is not None:
+                self._candidates.inc()
+                yield edge
+
+
+def _payload(record: dict) -> tuple:
+    embedding = record.get(Col.IMAGE_EMBEDDING)
+    if embedding is not None:
+        embedding = np.asarray(embedding, dtype=np.float16).tobytes()  # compact for the join
+    return record[Col.UID], (record.get(Col.DEDUP_DESCRIPTOR), embedding)
+
+
+def _decode_payload(payload):
+    desc, emb = payload
+    return desc, (np.frombuffer(emb, dtype=np.float16) if emb is not None else None)
+
+
+def _attach_first(element):
+    uid, grouped = element
+    payloads = list(grouped["payload"])
+    if not payloads:
+        return
+    for edge in grouped["edges"]:
+        yield edge[2], (edge, payloads[0])
+
+
+class _Verify(beam.DoFn):
+    def __init__(self, min_similarity: float, min_cosine: float):
+        self._min_similarity = min_similarity
+        self._min_cosine = min_cosine
+        self._passed = Metrics.counter(NAMESPACE, "verified_edges")
+        self._rejected = Metrics.counter(NAMESPACE, "rejected_edges")
+
+    def process(self, element):
+        _, grouped = element
+        payloads = list(grouped["payload"])
+        if not payloads:
+            return
+        payload_b = _decode_payload(payloads[0])
+        for edge, payload_a in grouped["edges"]:
+            if verify_pair(_decode_payload(payload_a), payload_b, edge[4], self._min_similarity, self._min_cosine):
+                self._passed.inc()
+                yield edge
+            else:
+                self._rejected.inc()
+
+
+def _components(element):
+    """All verified edges on one worker -> (uid, survivor) for every non-survivor.
+
+    The verified edge set is small (about one edge per duplicate); union-find over it is linear.
+    """
+    _, edges = element
+    qualities = {}
+    pairs = []
+    for ua, qa, ub, qb, _ in edges:
+        qualities[ua] = qa
+        qualities[ub] = qb
+        pairs.append((ua, ub))
+    clusters = clusters_from_edges(pairs, qualities)
+    Metrics.counter(NAMESPACE, "near_clusters").inc(len(clusters))
+    for survivor, dropped in clusters:
+        Metrics.counter(NAMESPACE, "near_duplicates").inc(len(dropped))
+        for uid in dropped:
+            yield uid, survivor
+
+
+def _final_exact(element):
+    """Exact members follow their group survivor: if it was itself near-dropped, they point to the
+    cluster survivor (reason near: their bytes differ from the survivor's)."""
+    rep, grouped = element
+    near = list(grouped["near"])
+    for uid in grouped["members"]:
+        if near:
+            yield _decision(uid, near[0], DropReason.DUPLICATE_NEAR)
+        else:
+            yield _decision(uid, rep, DropReason.DUPLICATE_EXACT)
+
+
+def _decision(uid: str, survivor: str, reason: DropReason) -> dict:
+    return {Col.UID: uid, Col.DUPLICATE_OF: survivor, Col.REASON: reason.value}
+
+
+class Deduplicate(beam.PTransform):
+    """Feature records (alive, one per uid) -> {uid, duplicate_of, reason} for each dropped uid."""
+
+    def __init__(self, config, label: Optional[str] = None):
+        super().__init__(label)
+        self._exact = bool(config.dedup_exact)
+        self._near = bool(config.dedup_near)
+        self._radius = int(config.dedup_radius)
+        self._max_bucket = int(config.dedup_max_bucket)
+        self._mirror = bool(getattr(config, "dedup_mirror", True))
+        self._min_similarity = float(getattr(config, "dedup_min_descriptor_similarity", 0.85))
+        self._min_cosine = float(getattr(config, "dedup_min_embedding_cosine", 0.9))
+        if not 0 <= self._radius <= 31:
+            raise ValueError("dedup_radius must be between 0 and 31")
+        if self._max_bucket < 2:
+            raise ValueError("dedup_max_bucket must be at least 2")
+
+    def expand(self, records):
+        p = records.pipeline
+        slim = records | "Slim" >> beam.Map(_slim)
+        if self._exact:
+            grouped = (
+                slim
+                | "KeyBySha" >> beam.Map(lambda it: (it[1] if it[1] is not None else "uid:" + it[0], it))
+                | "GroupBySha" >> beam.GroupByKey()
+                | "PickExact" >> beam.ParDo(_ExactGroups()).with_outputs(_ExactGroups.MEMBERS, main="reps")
+            )
+            reps, members = grouped.reps, grouped[_ExactGroups.MEMBERS]
+        else:
+            reps, members = slim, p | "NoExact" >> beam.Create([])
+
+        if self._near:
+            masks = band_masks(self._radius)
+            candidates = (
+                reps
+                | "Bands" >> beam.FlatMap(_emit_bands, masks, self._mirror)
+                | "GroupByBand" >> beam.GroupByKey()
+                | "BucketPairs" >> beam.ParDo(_BucketPairs(masks, self._radius, self._max_bucket))
+                | "DistinctEdges" >> beam.Distinct()
+            )
+            payload = records | "Payload" >> beam.Map(_payload)
+            half = (
+                {"payload": payload, "edges": candidates | "ByFirst" >> beam.Map(lambda e: (e[0], e))}
+                | "JoinFirst" >> beam.CoGroupByKey()
+                | "AttachFirst" >> beam.FlatMap(_attach_first)
+            )
+            verified = (
+                {"payload": payload, "edges": half}
+                | "JoinSecond" >> beam.CoGroupByKey()
+                | "Verify" >> beam.ParDo(_Verify(self._min_similarity, self._min_cosine))
+            )
+            near = (
+                verified
+                | "OneKey" >> beam.Map(lambda e: (0, e))
+                | "AllEdges" >> beam.GroupByKey()
+                | "Components" >> beam.FlatMap(_components)
+            )
+        else:
+            near = p | "NoNear" >> beam.Create([])
+
+        near_decisions = near | "NearDecisions" >> beam.MapTuple(
+            lambda uid, survivor: _decision(uid, survivor, DropReason.DUPLICATE_NEAR)
+        )
+        exact_decisions = (
+            {"members": members | "ByRep" >> beam.MapTuple(lambda uid, rep: (rep, uid)), "near": near}
+            | "JoinExact" >> beam.CoGroupByKey()
+            | "ExactDecisions" >> beam.FlatMap(_final_exact)
+        )
+        return (near_decisions, exact_decisions) | "AllDecisions" >> beam.Flatten()

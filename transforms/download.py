@@ -1,0 +1,472 @@
+"""Download stage: polite, bounded, SSRF-safe HTTP fetching with many requests in flight.
+
+Why this shape:
+- One asyncio event loop per worker process (in a background thread) with one pooled aiohttp
+  session: keep-alive connections are reused across elements and bundles, and hundreds of
+  requests can be in flight on a 2-core worker without hundreds of threads.
+- The SSRF check lives in the session's DNS resolver, so the address that was checked is the
+  address that is connected to (no DNS-rebinding window); literal-IP URLs skip resolvers and are
+  checked before each request. Redirects are followed by hand so every hop is checked again.
+- The deadline covers connect + headers + body of one attempt, so a server that drips one byte a
+  second costs at most `request_deadline_s`. The per-host semaphore is taken *before* the clock
+  starts, so waiting for a politeness slot never counts as a timeout.
+- Only transient failures (timeouts, connection errors, 429, 5xx) are retried, with exponential
+  backoff and jitter, honouring Retry-After up to a cap.
+- CPU work on the downloaded bytes (decoding, hashing) runs in a thread pool: Pillow releases the
+  GIL while decoding and resizing, so it overlaps network I/O and uses every core of the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import email.utils
+import ipaddress
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from typing import Callable, Iterable, Optional
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import apache_beam as beam
+from aiohttp.abc import AbstractResolver
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipeline.config import CurateConfig
+from schemas import Col, DropReason
+from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
+
+log = logging.getLogger(__name__)
+
+ALLOWED_SCHEMES = ("http", "https")
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+NOAI_DIRECTIVES = frozenset({"noai", "noimageai"})
+_CHUNK = 64 * 1024
+# Magic numbers of the formats the decode stage accepts; used to tell an image served with a
+# wrong Content-Type from an HTML page before reading a large body.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class SsrfBlocked(OSError):
+    """The target resolves to an address the SSRF guard refuses."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Address policy
+# ---------------------------------------------------------------------------------------------
+
+
+def address_is_public(address: str) -> bool:
+    """True only for globally routable unicast addresses (IPv4-mapped IPv6 unwrapped first)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+def parse_allow_host(entry: str) -> tuple[str, int]:
+    """'127.0.0.1:8000', 'localhost:8000' or '[::1]:8000' -> (host, port)."""
+    host, sep, port = entry.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--allow-host expects HOST:PORT, got {entry!r}")
+    return host.strip("[]").lower(), int(port)
+
+
+class HostPolicy:
+    """Which (host, port, resolved address) triples a request may connect to."""
+
+    def __init__(self, ssrf_guard: bool = True, allow_hosts: Iterable[str] = ()):
+        self.ssrf_guard = ssrf_guard
+        self.allowed = {parse_allow_host(entry) for entry in allow_hosts}
+
+    def admits(self, host: str, port: int, address: str) -> bool:
+        if not self.ssrf_guard or address_is_public(address):
+            return True
+        # The allow-list only ever opens loopback, and only for the exact host:port named.
+        return (host.lower().strip("[]"), port) in self.allowed and ipaddress.ip_address(address).is_loopback
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like aiohttp's threaded resolver, then drops every address the policy refuses."""
+
+    def __init__(self, policy: HostPolicy):
+        self._policy = policy
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):
+        infos = await self._inner.resolve(host, port, family)
+        admitted = [info for info in infos if self._policy.admits(host, port, info["host"])]
+        if not admitted:
+            refused = ", ".join(sorted({info["host"] for info in infos}))
+            raise SsrfBlocked(f"{host} resolves to non-public address(es) {refused}")
+        return admitted
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One fetch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FetchOutcome:
+    body: Optional[bytes] = None
+    reason: Optional[DropReason] = None
+    detail: str = ""
+    http_status: Optional[int] = None
+    final_url: Optional[str] = None
+    content_type: Optional[str] = None
+    attempts: int = 0
+    seconds: float = 0.0
+    retry_after: Optional[float] = None
+    transient: bool = False
+
+
+def check_url(url: str, policy: HostPolicy) -> Optional[FetchOutcome]:
+    """Refuse what can be refused without a network round trip."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        return FetchOutcome(reason=DropReason.INVALID_URL, detail=str(error))
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        return FetchOutcome(reason=DropReason.UNSUPPORTED_SCHEME, detail=f"scheme {parts.scheme!r}")
+    host = parts.hostname
+    if not host:
+        return FetchOutcome(reason=DropReason.INVALID_URL, detail="no host")
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: the resolver checks it
+    port = port or (443 if parts.scheme.lower() == "https" else 80)
+    if not policy.admits(host, port, str(literal)):
+        return FetchOutcome(reason=DropReason.SSRF_BLOCKED, detail=f"address {host} is not public")
+    return None
+
+
+def robots_forbid(values: list[str], product_token: str) -> bool:
+    """X-Robots-Tag: 'noai', 'noimageai', or 'somebot: noai' (applies only to that bot)."""
+    for value in values:
+        for part in value.split(","):
+            part = part.strip().lower()
+            if ":" in part:
+                bot, _, directive = part.partition(":")
+                if bot.strip() not in (product_token, "*") or "/" in bot:
+                    continue
+                part = directive.strip()
+            if part in NOAI_DIRECTIVES:
+                return True
+    return False
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _unwrap(error: BaseException) -> list[BaseException]:
+    """The chain of causes of an exception (aiohttp wraps resolver errors)."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = getattr(error, "os_error", None) or error.__cause__ or error.__context__
+    return chain
+
+
+def classify_exception(error: BaseException) -> FetchOutcome:
+    chain = _unwrap(error)
+    detail = f"{type(error).__name__}: {error}"[:300]
+    if any(isinstance(e, SsrfBlocked) for e in chain):
+        return FetchOutcome(reason=DropReason.SSRF_BLOCKED, detail=detail)
+    if any(isinstance(e, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)) for e in chain):
+        return FetchOutcome(reason=DropReason.TIMEOUT, detail=detail, transient=True)
+    if any(isinstance(e, (socket.gaierror, aiohttp.ClientConnectorDNSError)) for e in chain):
+        return FetchOutcome(reason=DropReason.DNS_ERROR, detail=detail)
+    if any(isinstance(e, (aiohttp.InvalidURL, ValueError, UnicodeError)) for e in chain):
+        return FetchOutcome(reason=DropReason.INVALID_URL, detail=detail)
+    if any(isinstance(e, (aiohttp.ClientError, ConnectionError, OSError)) for e in chain):
+        return FetchOutcome(reason=DropReason.CONNECTION_ERROR, detail=detail, transient=True)
+    return FetchOutcome(reason=DropReason.INTERNAL_ERROR, detail=detail)
+
+
+class Downloader:
+    """Async HTTP client: one per worker process, used from its event loop only."""
+
+    def __init__(self, config: CurateConfig):
+        self.config = config
+        self.policy = HostPolicy(config.ssrf_guard, config.allow_hosts)
+        self.product_token = config.user_agent.split("/", 1)[0].strip().lower()
+        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    async def open(self) -> "Downloader":
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_in_flight,
+            limit_per_host=self.config.per_host_concurrency,
+            resolver=GuardedResolver(self.policy),
+            ttl_dns_cache=300,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s),
+            headers={"User-Agent": self.config.user_agent, "Accept": "image/*,*/*;q=0.5"},
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry state between unrelated sites
+            auto_decompress=True,
+        )
+        return self
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _slot(self, url: str) -> asyncio.Semaphore:
+        try:
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:
+            host = ""
+        slot = self._host_slots.get(host)
+        if slot is None:
+            slot = self._host_slots[host] = asyncio.Semaphore(self.config.per_host_concurrency)
+        return slot
+
+    async def fetch(self, url: str) -> FetchOutcome:
+        started = time.monotonic()
+        outcome = check_url(url, self.policy)
+        attempts = 0
+        while outcome is None or (outcome.transient and attempts <= self.config.retries):
+            if outcome is not None:  # a transient failure: back off, then try again
+                backoff = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempts - 1))
+                delay = backoff * random.uniform(0.5, 1.5)
+                if outcome.retry_after is not None:
+                    if outcome.retry_after > self.config.max_retry_after_s:
+                        break  # the server asks for longer than we are willing to hold the row
+                    delay = max(delay, outcome.retry_after)
+                await asyncio.sleep(delay)
+            attempts += 1
+            async with self._slot(url):
+                try:
+                    async with asyncio.timeout(self.config.request_deadline_s):
+                        outcome = await self._attempt(url)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - classified into a reason, never raised
+                    outcome = classify_exception(error)
+        outcome.attempts = attempts
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    async def _attempt(self, url: str) -> FetchOutcome:
+        assert self._session is not None, "Downloader.open() was not awaited"
+        visited: set[str] = set()
+        current = url
+        for _ in range(self.config.max_redirects + 1):
+            refused = check_url(current, self.policy)
+            if refused is not None:
+                refused.final_url = current
+                return refused
+            async with self._session.get(current, allow_redirects=False) as response:
+                status = response.status
+                if status in REDIRECT_STATUSES:
+                    location = response.headers.get("Location")
+                    if not location:
+                        return FetchOutcome(
+                            reason=DropReason.HTTP_CLIENT_ERROR, detail="redirect without Location",
+                            http_status=status, final_url=current,
+                        )
+                    visited.add(current)
+                    current = urljoin(current, location)
+                    if current in visited:
+                        return FetchOutcome(
+                            reason=DropReason.TOO_MANY_REDIRECTS, detail="redirect loop",
+                            http_status=status, final_url=current,
+                        )
+                    continue
+                return await self._read(response, current)
+        return FetchOutcome(
+            reason=DropReason.TOO_MANY_REDIRECTS,
+            detail=f"more than {self.config.max_redirects} redirects", final_url=current,
+        )
+
+    async def _read(self, response: aiohttp.ClientResponse, url: str) -> FetchOutcome:
+        status = response.status
+        content_type = response.headers.get("Content-Type", "")
+        base = dict(http_status=status, final_url=url, content_type=content_type or None)
+        if status == 429 or status >= 500:
+            return FetchOutcome(
+                reason=DropReason.RATE_LIMITED if status == 429 else DropReason.HTTP_SERVER_ERROR,
+                detail=f"HTTP {status}", transient=True,
+                retry_after=parse_retry_after(response.headers.get("Retry-After")), **base,
+            )
+        if status >= 400 or status < 200 or status == 204:
+            return FetchOutcome(reason=DropReason.HTTP_CLIENT_ERROR, detail=f"HTTP {status}", **base)
+        if self.config.respect_noai and robots_forbid(
+            response.headers.getall("X-Robots-Tag", []), self.product_token
+        ):
+            return FetchOutcome(reason=DropReason.ROBOTS_NOAI, detail="X-Robots-Tag", **base)
+        limit = self.config.max_body_bytes
+        declared = response.content_length
+        if declared is not None and declared > limit:
+            return FetchOutcome(reason=DropReason.BODY_TOO_LARGE, detail=f"Content-Length {declared}", **base)
+        chunks: list[bytes] = []
+        received = 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            if not chunks and content_type.lower().startswith("text/") and not chunk.startswith(_IMAGE_MAGIC):
+                return FetchOutcome(reason=DropReason.NOT_AN_IMAGE, detail=f"Content-Type {content_type}", **base)
+            received += len(chunk)
+            if received > limit:
+                return FetchOutcome(reason=DropReason.BODY_TOO_LARGE, detail=f"more than {limit} bytes", **base)
+            chunks.append(chunk)
+        return FetchOutcome(body=b"".join(chunks), **base)
+
+
+def apply_fetch_outcome(record: dict, outcome: FetchOutcome) -> dict:
+    record[Col.HTTP_STATUS] = outcome.http_status
+    record[Col.FINAL_URL] = outcome.final_url
+    record[Col.CONTENT_TYPE] = outcome.content_type
+    record[Col.ATTEMPTS] = outcome.attempts
+    record[Col.FETCH_SECONDS] = round(outcome.seconds, 4)
+    if outcome.body is not None:
+        record[Col.BYTES] = len(outcome.body)
+        record[Col.IMAGE_BYTES] = outcome.body
+    else:
+        mark_dropped(record, outcome.reason or DropReason.INTERNAL_ERROR, outcome.detail)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam wiring
+# ---------------------------------------------------------------------------------------------
+
+
+class _FetchDoFn(beam.DoFn):
+    """Keeps up to `max_in_flight` rows in flight; emits each as soon as it completes."""
+
+    def __init__(self, config: CurateConfig, postprocess: Optional[Callable[[dict], dict]]):
+        self._config = config
+        self._postprocess = postprocess
+        self._in = Metrics.counter("fetch", "records_in")
+        self._ok = Metrics.counter("fetch", "downloaded")
+        self._bytes = Metrics.counter("fetch", "bytes_downloaded")
+        self._drops: dict[str, object] = {}
+
+    def setup(self):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="curate-fetch-loop", daemon=True)
+        self._thread.start()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+        self._downloader = asyncio.run_coroutine_threadsafe(Downloader(self._config).open(), self._loop).result()
+
+    def teardown(self):
+        try:
+            asyncio.run_coroutine_threadsafe(self._downloader.close(), self._loop).result(timeout=10)
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_bundle(self):
+        self._pending: collections.deque = collections.deque()
+
+    def _run_postprocess(self, record: dict) -> dict:
+        if self._postprocess is None or is_dropped(record):
+            return record
+        try:
+            return self._postprocess(record)
+        except Exception as error:  # noqa: BLE001 - one bad image costs one row
+            log.warning("postprocess failed on %s: %s", record.get(Col.UID), error)
+            return mark_dropped(record, DropReason.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+
+    async def _fetch_one(self, record: dict) -> dict:
+        outcome = await self._downloader.fetch(record[Col.URL])
+        apply_fetch_outcome(record, outcome)
+        if outcome.body is not None:
+            self._ok.inc()
+            self._bytes.inc(len(outcome.body))
+            record = await asyncio.get_running_loop().run_in_executor(self._pool, self._run_postprocess, record)
+        return record
+
+    def _route(self, record: dict):
+        if is_dropped(record):
+            record.pop(Col.IMAGE_BYTES, None)
+            reason = record[Col.REASON]
+            counter = self._drops.get(reason)
+            if counter is None:
+                counter = self._drops[reason] = Metrics.counter("fetch", f"dropped_{reason}")
+            counter.inc()
+            return DROPPED, record
+        return KEPT, record
+
+    def _drain(self, block: bool):
+        if block and self._pending:
+            concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        waiting: collections.deque = collections.deque()
+        for future in self._pending:
+            if future.done():
+                yield self._route(future.result())
+            else:
+                waiting.append(future)
+        self._pending = waiting
+
+    def process(self, record: dict):
+        self._in.inc()
+        if is_dropped(record):
+            yield beam.pvalue.TaggedOutput(DROPPED, record)
+            return
+        if record.get(Col.IMAGE_BYTES) is not None:  # read from existing shards: nothing to fetch
+            future = self._pool.submit(self._run_postprocess, record)
+        else:
+            future = asyncio.run_coroutine_threadsafe(self._fetch_one(record), self._loop)
+        self._pending.append(future)
+        for tag, result in self._drain(block=len(self._pending) >= self._config.max_in_flight):
+            yield result if tag == KEPT else beam.pvalue.TaggedOutput(DROPPED, result)
+
+    def finish_bundle(self):
+        while self._pending:
+            for tag, result in self._drain(block=True):
+                value = WindowedValue(result, MIN_TIMESTAMP, [GlobalWindow()])
+                yield value if tag == KEPT else beam.pvalue.TaggedOutput(DROPPED, value)
+
+
+class FetchImages(beam.PTransform):
+    """Records with a url (or with image bytes already, from shards) -> records with image bytes.
+
+    `postprocess(record) -> record` runs on each successful body in the worker's thread pool
+    (the pipeline passes decoding and hashing here so it overlaps the network). Returns a result
+    with `.kept` and `.dropped`, like every stage.
+    """
+
+    def __init__(self, config: CurateConfig, postprocess: Optional[Callable[[dict], dict]] = None):
+        super().__init__()
+        self._config = config
+        self._postprocess = postprocess
+
+    def expand(self, records):
+        return records | beam.ParDo(_FetchDoFn(self._config, self._postprocess)).with_outputs(DROPPED, main=KEPT)

@@ -1,0 +1,305 @@
+"""Read stage: input files -> one record per input row, malformed rows included.
+
+Files are matched and opened with Beam's fileio (local, GCS, S3 alike) and streamed row by row:
+no input file is ever held whole in memory, CSV captions may span lines, and every row gets a
+stable position (file, row index) for the ledger. A row that cannot be parsed still becomes a
+record, marked dropped with a reason, so that it reaches the ledger.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tarfile
+from typing import Any, Iterator, Optional
+from urllib.parse import urlsplit
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+
+from pipeline.config import CurateConfig
+from schemas import Col, DropReason, Status
+from transforms.base import mark_dropped
+
+MAX_URL_CHARS = 4096
+_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+
+
+def make_uid(url: str, caption: str) -> str:
+    """The sample id: hex of a stable hash of url and caption (32 hex chars, like DataComp uids)."""
+    digest = hashlib.sha256()
+    digest.update((url or "").encode("utf-8", "surrogatepass"))
+    digest.update(b"\x00")
+    digest.update((caption or "").encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
+
+
+def detect_format(path: str) -> str:
+    name = path.lower()
+    for suffix in (".gz", ".bz2", ".zst", ".zstd", ".deflate"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for fmt, extensions in (
+        ("csv", (".csv",)),
+        ("tsv", (".tsv", ".tab")),
+        ("jsonl", (".jsonl", ".json", ".ndjson")),
+        ("parquet", (".parquet", ".pq")),
+        ("webdataset", (".tar",)),
+    ):
+        if name.endswith(extensions):
+            return fmt
+    raise ValueError(f"cannot tell the format of {path!r}: pass --input-format")
+
+
+def _clean_text(value: Any) -> str:
+    """A field as text; bytes that were not UTF-8 (kept as surrogates) become U+FFFD."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _has_surrogates(text) else text
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _base_record(source_file: str, source_row: int) -> dict:
+    return {Col.SOURCE_FILE: source_file, Col.SOURCE_ROW: source_row, Col.STATUS: Status.KEPT}
+
+
+def malformed_record(source_file: str, source_row: int, raw: Any, detail: str) -> dict:
+    """A row that could not be parsed: its uid hashes its position and raw text."""
+    raw_text = _clean_text(raw)[:2000]
+    record = _base_record(source_file, source_row)
+    record[Col.UID] = make_uid(f"{source_file}#{source_row}", raw_text)
+    record[Col.URL] = None
+    record[Col.CAPTION] = raw_text[:500] or None
+    return mark_dropped(record, DropReason.MALFORMED_ROW, detail)
+
+
+def validate_url(url: str) -> Optional[tuple[DropReason, str]]:
+    if not url:
+        return DropReason.MISSING_URL, "empty url"
+    if len(url) > MAX_URL_CHARS:
+        return DropReason.INVALID_URL, f"url longer than {MAX_URL_CHARS} characters"
+    if "\ufffd" in url:
+        return DropReason.INVALID_URL, "url is not valid UTF-8"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return DropReason.INVALID_URL, "url contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as error:
+        return DropReason.INVALID_URL, str(error)
+    if not parts.scheme:
+        return DropReason.INVALID_URL, "url has no scheme"
+    if parts.scheme.lower() not in ("http", "https"):
+        return DropReason.UNSUPPORTED_SCHEME, f"scheme {parts.scheme.lower()}:"
+    if not parts.hostname:
+        return DropReason.INVALID_URL, "url has no host"
+    return None
+
+
+def row_to_record(fields: dict, source_file: str, source_row: int, url_col: str, caption_col: str) -> dict:
+    """One parsed input row (column -> value) to a record; extra columns are kept as JSON."""
+    record = _base_record(source_file, source_row)
+    raw_url = fields.get(url_col)
+    url = _clean_text(raw_url).strip()
+    caption = _clean_text(fields.get(caption_col))
+    extra = {str(k): v for k, v in fields.items() if k not in (url_col, caption_col)}
+    record[Col.URL] = url or None
+    record[Col.CAPTION] = caption
+    record[Col.EXTRA] = json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False) if extra else None
+    record[Col.UID] = make_uid(url, caption)
+    if url_col not in fields:
+        return mark_dropped(record, DropReason.MISSING_URL, f"no column {url_col!r}")
+    problem = validate_url(url)
+    if problem is not None:
+        mark_dropped(record, problem[0], problem[1])
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-format streaming readers. Each yields records for one opened file.
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_stream(handle) -> io.TextIOWrapper:
+    # surrogateescape keeps undecodable bytes visible so the row can be flagged, not crash.
+    return io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def iter_delimited(handle, source_file: str, config: CurateConfig, delimiter: str) -> Iterator[dict]:
+    csv.field_size_limit(max(config.max_field_bytes, 1024))
+    text = _text_stream(handle)
+    header_line = text.readline()
+    header = next(csv.reader([header_line], delimiter=delimiter), [])
+    header = [h.lstrip("\ufeff").strip() for h in header]
+    reader = csv.reader(text, delimiter=delimiter)
+    row_index = 0
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # NUL bytes, oversize fields: the row is lost, not the file
+            yield malformed_record(source_file, row_index, "", f"csv: {error}")
+            row_index += 1
+            continue
+        if not values or (len(values) == 1 and not values[0].strip()):
+            continue  # blank line
+        if len(values) != len(header):
+            yield malformed_record(
+                source_file, row_index, delimiter.join(values),
+                f"{len(values)} fields, header has {len(header)}",
+            )
+        else:
+            yield row_to_record(dict(zip(header, values)), source_file, row_index, config.url_col, config.caption_col)
+        row_index += 1
+
+
+def iter_jsonl(handle, source_file: str, config: CurateConfig) -> Iterator[dict]:
+    limit = max(config.max_field_bytes, 1024) * 2
+    row_index = 0
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while True:  # skip the rest of an over-long line without holding it
+                rest = handle.readline(limit)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield malformed_record(source_file, row_index, line[:200], f"line longer than {limit} bytes")
+            row_index += 1
+            continue
+        stripped = line.strip()
+        if not stripped:
+            continue
+        try:
+            fields = json.loads(stripped.decode("utf-8", "surrogateescape"))
+        except (ValueError, UnicodeDecodeError) as error:
+            yield malformed_record(source_file, row_index, stripped[:200], f"json: {error}")
+        else:
+            if isinstance(fields, dict):
+                yield row_to_record(fields, source_file, row_index, config.url_col, config.caption_col)
+            else:
+                yield malformed_record(source_file, row_index, stripped[:200], "json line is not an object")
+        row_index += 1
+
+
+def iter_parquet(handle, source_file: str, config: CurateConfig) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    row_index = 0
+    parquet = pq.ParquetFile(handle)
+    for batch in parquet.iter_batches(batch_size=1024):
+        for fields in batch.to_pylist():
+            yield row_to_record(fields, source_file, row_index, config.url_col, config.caption_col)
+            row_index += 1
+
+
+def _webdataset_record(key: str, members: dict, source_file: str, row_index: int) -> dict:
+    meta: dict = {}
+    if "json" in members:
+        try:
+            loaded = json.loads(members["json"].decode("utf-8", "replace"))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            meta = {}
+    caption = members["txt"].decode("utf-8", "replace") if "txt" in members else _clean_text(meta.get("caption"))
+    url = _clean_text(meta.get("url")).strip()
+    record = _base_record(source_file, row_index)
+    record[Col.URL] = url or None
+    record[Col.CAPTION] = caption
+    extra = {k: v for k, v in meta.items() if k not in ("url", "caption")}
+    extra["source_key"] = key
+    record[Col.EXTRA] = json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False)
+    # Without a url the uid falls back to the sample's place in its shard.
+    record[Col.UID] = make_uid(url or f"{posixpath.basename(source_file)}#{key}", caption)
+    image = next((members[ext] for ext in _IMAGE_EXTENSIONS if ext in members), None)
+    if image is None:
+        return mark_dropped(record, DropReason.SOURCE_MISSING_IMAGE, f"members: {sorted(members)}")
+    record[Col.IMAGE_BYTES] = image
+    record[Col.BYTES] = len(image)
+    return record
+
+
+def iter_webdataset(handle, source_file: str, config: CurateConfig) -> Iterator[dict]:
+    """img2dataset-style shards: consecutive members share a key (`KEY.jpg`, `KEY.txt`, ...)."""
+    row_index = 0
+    current_key, members = None, {}
+    try:
+        archive = tarfile.open(fileobj=handle, mode="r|*")
+        for member in archive:
+            if not member.isfile():
+                continue
+            base = posixpath.basename(member.name)
+            key, _, ext = base.partition(".")
+            if key != current_key and current_key is not None:
+                yield _webdataset_record(current_key, members, source_file, row_index)
+                row_index += 1
+                members = {}
+            current_key = key
+            if member.size > config.max_body_bytes:
+                members[ext.lower() + "_oversize"] = b""
+                continue
+            extracted = archive.extractfile(member)
+            members[ext.lower()] = extracted.read() if extracted else b""
+    except (tarfile.TarError, OSError, EOFError) as error:
+        yield malformed_record(source_file, row_index, current_key or "", f"tar: {error}")
+        return
+    if current_key is not None:
+        yield _webdataset_record(current_key, members, source_file, row_index)
+
+
+_READERS = {
+    "csv": lambda h, f, c: iter_delimited(h, f, c, ","),
+    "tsv": lambda h, f, c: iter_delimited(h, f, c, "\t"),
+    "jsonl": iter_jsonl,
+    "parquet": iter_parquet,
+    "webdataset": iter_webdataset,
+}
+
+
+def iter_file_records(handle, source_file: str, fmt: str, config: CurateConfig) -> Iterator[dict]:
+    return _READERS[fmt](handle, source_file, config)
+
+
+class _ReadFileDoFn(beam.DoFn):
+    def __init__(self, config: CurateConfig):
+        self._config = config
+
+    def process(self, readable: fileio.ReadableFile):
+        path = readable.metadata.path
+        fmt = self._config.input_format if self._config.input_format != "auto" else detect_format(path)
+        # Parquet needs random access (footer first); the others are streamed with
+        # transparent decompression chosen by the file extension.
+        compression = CompressionTypes.UNCOMPRESSED if fmt == "parquet" else CompressionTypes.AUTO
+        with readable.open(compression_type=compression) as handle:
+            yield from iter_file_records(handle, os.path.basename(path), fmt, self._config)
+
+
+class ReadRows(beam.PTransform):
+    """Match the input pattern(s), stream every file, and spread the rows over workers."""
+
+    def __init__(self, config: CurateConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, pbegin):
+        patterns = [p for p in self._config.input.split(",") if p.strip()]
+        return (
+            pbegin
+            | "Patterns" >> beam.Create(patterns)
+            | "Match" >> fileio.MatchAll()
+            | "Open" >> fileio.ReadMatches()
+            | "Parse" >> beam.ParDo(_ReadFileDoFn(self._config))
+            # Without this, rows of one input file would stay fused on the worker that read it.
+            | "Spread" >> beam.Reshuffle()
+        )
