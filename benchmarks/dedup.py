@@ -103,10 +103,10 @@ def wallpaper_sources() -> list[str]:
     for root in WALLPAPER_DIRS:
         for folder, _, files in sorted(os.walk(root)):
             for name in sorted(files):
-                if not name.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) or name == "screenshot.png":
+                if not name.lower().endswith((".png", ".jpg", ".jpeg", ".webp")) or name.startswith("screenshot"):
                     continue
                 path = os.path.join(folder, name)
-                if "/contents/images" in path:  # plasma: <Theme>/contents/images*/WxH.ext
+                if "/contents/" in path:  # plasma: <Theme>/contents/images*/WxH.ext
                     theme = path.split("/contents/")[0]
                 else:  # gnome: name-l.webp / name-d.webp
                     theme = os.path.join(folder, re.sub(r"-[ld]$", "", os.path.splitext(name)[0]))
@@ -118,7 +118,8 @@ def wallpaper_sources() -> list[str]:
 def build_set(max_clipart: int):
     """-> list of (source id, transform name or 'original', image)."""
     images = []
-    skipped = 0
+    skipped = repeated = 0
+    seen = []
     for source, path in enumerate(clipart_sources(max_clipart) + wallpaper_sources()):
         try:
             original = _load(path)
@@ -128,10 +129,16 @@ def build_set(max_clipart: int):
         if min(original.size) < 32:
             skipped += 1
             continue
+        # the packages ship some pictures twice under different names: one source each
+        thumb = np.asarray(original.resize((32, 32), Image.Resampling.BOX), dtype=np.float32).ravel()
+        if seen and np.min(np.abs(np.stack(seen) - thumb).mean(axis=1)) < 4:
+            repeated += 1
+            continue
+        seen.append(thumb)
         images.append((source, "original", original))
         for name, fn in TRANSFORMS.items():
             images.append((source, name, fn(original)))
-    return images, skipped
+    return images, skipped, repeated
 
 
 def _predicted_pairs_brute(hashes: np.ndarray, radius: int) -> set:
@@ -216,10 +223,10 @@ def main() -> None:
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES], check=True)
 
     start = time.perf_counter()
-    meta_images, skipped = build_set(args.max_clipart)
+    meta_images, skipped, repeated = build_set(args.max_clipart)
     meta = [(s, t) for s, t, _ in meta_images]
     n_sources = len({s for s, _ in meta})
-    print(f"set: {n_sources} sources ({skipped} unreadable skipped), {len(meta)} images, "
+    print(f"set: {n_sources} sources ({skipped} unreadable or tiny and {repeated} repeated pictures skipped), {len(meta)} images, "
           f"built in {time.perf_counter() - start:.0f}s")
 
     plain = np.array([int(str(imagehash.phash(im)), 16) for _, _, im in meta_images], dtype=np.uint64)

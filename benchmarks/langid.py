@@ -90,7 +90,7 @@ def make_systems(min_score: float):
 
 
 def evaluate(fn, rows):
-    for text, _ in rows[:20]:  # warm-up: lazy model loads are not part of the timing
+    for _, text in rows[:20]:  # warm-up: lazy model loads are not part of the timing
         fn(text)
     start = time.perf_counter()
     preds = [fn(text) for _, text in rows]
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
     results = {}
     for name, fn in make_systems(args.min_score):
-        preds, rate = evaluate(fn, [(t, g) for g, t in rows])
+        preds, rate = evaluate(fn, rows)
         summary = summarize(preds, gold)
         summary["rate"] = rate
         for part, label in ((0, "tune"), (1, "held-out")):

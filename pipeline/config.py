@@ -74,6 +74,10 @@ class CurateConfig:
     dedup_near: bool = True
     dedup_radius: int = 8
     dedup_max_bucket: int = 5000  # larger (band, value) buckets are split and reported
+    dedup_mirror: bool = True  # a horizontally flipped copy is a duplicate
+    dedup_min_descriptor_similarity: float = 0.8  # thumbnail correlation a pHash candidate needs
+    dedup_max_descriptor_distance: float = 48.0  # thumbnail mean abs difference (0-255) it may have
+    dedup_min_embedding_cosine: float = 0.9  # CLIP image cosine, used instead when both have one
 
     # ---- CLIP ----------------------------------------------------------------------------
     clip_enabled: bool = True

@@ -35,6 +35,7 @@ STALL_SECONDS = 120  # bounded: a stalled request ends by itself even if no clie
 def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
     files = root / "files"
     flaky_counts: dict[str, int] = {}
+    gauge = {"now": 0, "peak": 0, "user_agents": set()}  # concurrency probe for tests
 
     @web.middleware
     async def latency(request, handler):
@@ -93,6 +94,7 @@ def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
         flaky_counts[key] = seen + 1
         if seen < failures:
             return web.Response(status=code, headers={"Retry-After": request.query.get("after", "1")}, text="busy")
+        flaky_counts[key] = 0  # the next run sees the same fail-then-succeed sequence
         return file_response(request.query["to"])
 
     async def noai(request):
@@ -113,6 +115,22 @@ def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
             await response.write(b"\xff\xd8\xff" + b"\0" * 65533)
         return response
 
+    async def slow(request):
+        """Holds each request for `ms` and records the peak number served at once."""
+        gauge["now"] += 1
+        gauge["peak"] = max(gauge["peak"], gauge["now"])
+        gauge["user_agents"].add(request.headers.get("User-Agent", ""))
+        try:
+            await asyncio.sleep(float(request.query.get("ms", "300")) / 1000.0)
+        finally:
+            gauge["now"] -= 1
+        return file_response(request.query["to"])
+
+    async def stats(request):
+        if "reset" in request.query:
+            gauge.update(now=0, peak=0, user_agents=set())
+        return web.json_response({"peak": gauge["peak"], "user_agents": sorted(gauge["user_agents"])})
+
     app = web.Application(middlewares=[latency])
     app.add_routes([
         web.get("/files/{name}", serve_file),
@@ -128,6 +146,8 @@ def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
         web.get("/noai/{name}", noai),
         web.get("/huge", huge),
         web.get("/huge-chunked", huge_chunked),
+        web.get("/slow/{index}", slow),
+        web.get("/stats", stats),
     ])
     return app
 

@@ -13,6 +13,7 @@ from pipeline.config import CurateConfig
 from pipeline.layout import Layout
 from schemas import LEDGER_SCHEMA, SHARD_SCHEMA, Col, DropReason, Status
 from transforms.base import mark_dropped
+from transforms.read_input import buffered
 from transforms.write_output import (
     AssignShardPositions,
     WriteFinalShards,
@@ -25,7 +26,7 @@ from transforms.write_output import (
 class _ReadRawShard(beam.DoFn):
     def process(self, readable: fileio.ReadableFile):
         with readable.open() as handle:
-            for key, image, meta in read_tar_samples(handle):
+            for key, image, meta in read_tar_samples(buffered(handle)):
                 record = {name: (meta or {}).get(name) for name in SHARD_SCHEMA.names}
                 record[Col.UID] = key
                 record[Col.IMAGE_BYTES] = image

@@ -140,7 +140,9 @@ LEDGER_SCHEMA = pa.schema(
     _IDENTITY
     + _OUTCOME
     + [pa.field(Col.SHARD, pa.string())]
-    + _FETCH
+    # Wall-clock fetch time stays in the features table: the ledger must be byte-identical
+    # across runs of the same input and config.
+    + [f for f in _FETCH if f.name != Col.FETCH_SECONDS]
     + [f for f in _IMAGE if f.name != Col.DEDUP_DESCRIPTOR]
     + _CAPTION
     + _CLIP

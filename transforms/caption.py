@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import html
+import math
 import re
 import threading
 import unicodedata
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 import apache_beam as beam
+import ftfy
 
 from pipeline.config import CurateConfig
 from schemas import Col, DropReason
@@ -53,6 +55,7 @@ _WS = re.compile(r"\s+")
 # overrides (the "trojan source" set), word joiner, soft hyphen. ZWJ/ZWNJ stay (Persian, Indic, emoji).
 _INVISIBLE = re.compile("[\u00ad\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ufff9-\ufffb]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_C0 = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _strip_controls(text: str) -> str:
@@ -69,13 +72,14 @@ def clean_caption(raw: Optional[str]) -> str:
     tags that the unescaping revealed stripped -> URLs and e-mails removed -> control and
     invisible characters removed -> whitespace collapsed.
     """
-    import ftfy  # light import, but keep the module importable without it for the workers' sake
-
     if raw is None:
         return ""
     text = raw if isinstance(raw, str) else str(raw)
     text = text[:MAX_CLEAN_INPUT_CHARS]
     text = _SURROGATE.sub("", text)  # lone surrogates cannot be written as UTF-8 (Parquet, tar)
+    # C0 controls become spaces before ftfy (which would delete them, gluing words together); C1
+    # controls are left to ftfy, which reads them as mojibake first.
+    text = _C0.sub(" ", text)
     text = ftfy.fix_text(text, unescape_html=False)
     text = _TAG.sub(" ", text)
     text = html.unescape(text)
@@ -227,6 +231,14 @@ _FT_SURE = 0.9  # fastText alone decides at or above this...
 _FT_SURE_SIBLING = 0.995  # ...or this, when its answer has confusable siblings
 _W_FASTTEXT, _W_LINGUA, _W_PY3 = 0.5, 1.0, 2.0
 _LINGUA_MAX_CANDIDATES = 8
+# Platt scaling of (winner's vote, margin over the runner-up) to "probability the answer is right",
+# fitted on the tune half: so `min_score=0.5` means "und unless more likely right than wrong".
+_CALIBRATION = (6.09, 2.66, -0.96)
+
+
+def _calibrate(winner: float, runner_up: float) -> float:
+    a, b, c = _CALIBRATION
+    return 1.0 / (1.0 + math.exp(-(a * winner + b * (winner - runner_up) + c)))
 
 _lock = threading.Lock()
 _models: dict = {}  # per-process cache: loaded on first use, never at import or pickling time
@@ -320,6 +332,10 @@ def _best(scores: dict) -> tuple:
     return lang, scores[lang]
 
 
+def _runner_up(scores: dict, winner: str) -> float:
+    return max((v for k, v in scores.items() if k != winner), default=0.0)
+
+
 def _fasttext_probs(text: str, allowed) -> dict:
     labels, probs = _fasttext_model().predict(text, k=10, threshold=0.0)
     out = {}
@@ -348,10 +364,11 @@ def _lingua_probs(text: str, candidates) -> dict:
 
 
 def _detect_auto(text: str) -> tuple:
+    """(lang, winner's score, runner-up's score), uncalibrated."""
     counts = _script_counts(text)
     total = sum(counts.values())
     if not total:
-        return UND, 0.0
+        return UND, 0.0, 0.0
     # The strongest non-Latin script decides the script when it carries >= 30% of the letters
     # (brand names in Latin letters are common inside CJK, Cyrillic, ... captions).
     script = "latin"
@@ -370,14 +387,14 @@ def _detect_auto(text: str) -> tuple:
         counts.get("han", 0) + counts.get("kana", 0)
     ) / total
     if script in _SCRIPT_LANG:
-        return _SCRIPT_LANG[script], round(0.5 + 0.5 * share, 4)
+        return _SCRIPT_LANG[script], 0.5 + 0.5 * share, 0.0
     if script == "kana":
-        return "ja", round(0.5 + 0.5 * share, 4)
+        return "ja", 0.5 + 0.5 * share, 0.0
     if script == "han":
         # Han without kana: Chinese, unless the models clearly say Japanese (kanji-only titles).
         probs = _fasttext_probs(text, {"zh", "ja"})
         lang = "ja" if probs.get("ja", 0.0) > 0.9 else "zh"
-        return lang, round(0.5 + 0.5 * share, 4)
+        return lang, 0.5 + 0.5 * share, 0.0
 
     plausible = _lingua_languages()
     if script == "latin":
@@ -389,14 +406,14 @@ def _detect_auto(text: str) -> tuple:
         lang, prob = _best(ft)
         sure = _FT_SURE_SIBLING if lang in _SIBLING_OF else _FT_SURE
         if prob >= sure:
-            return lang, round(prob, 4)
+            return lang, prob, _runner_up(ft, lang)
     py3 = _py3langid_probs(text, allowed)
     candidates = set(sorted(ft, key=lambda c: (-ft[c], c))[:5]) | set(sorted(py3, key=lambda c: (-py3[c], c))[:3])
     for code in list(candidates):
         candidates |= _SIBLING_OF.get(code, set()) & allowed
     candidates = set(sorted(candidates, key=lambda c: (-(ft.get(c, 0) + py3.get(c, 0)), c))[:_LINGUA_MAX_CANDIDATES])
     if not candidates:
-        return UND, 0.0
+        return UND, 0.0, 0.0
     lg = _lingua_probs(text, candidates)
     weight = _W_FASTTEXT + _W_LINGUA + _W_PY3
     scores = {
@@ -404,7 +421,7 @@ def _detect_auto(text: str) -> tuple:
         for c in candidates | set(ft) | set(py3)
     }
     lang, score = _best(scores)
-    return lang, round(min(score, 1.0), 4)
+    return lang, min(score, 1.0), _runner_up(scores, lang)
 
 
 def _detect_fasttext(text: str) -> tuple:
@@ -455,7 +472,8 @@ def detect_language(text: str, backend: str = "auto", min_score: float = 0.5) ->
     if not text or not any(ch.isalpha() for ch in text):
         return UND, 0.0  # digits, punctuation, emoji: no language to speak of
     if backend == "auto":
-        lang, score = _detect_auto(text)
+        lang, winner, runner_up = _detect_auto(text)
+        score = _calibrate(winner, runner_up) if lang != UND else 0.0
     elif backend == "fasttext":
         lang, score = _detect_fasttext(text)
     elif backend == "lingua":

@@ -154,10 +154,9 @@ def decode_image(data: bytes, config: CurateConfig) -> DecodedImage:
 
     try:
         if source_format not in ("JPEG", "MPO"):
-            # verify() checks chunk CRCs and structure for PNG & co; it consumes the parser, so
-            # the image is opened again for decoding. JPEG's verify is a no-op, so it is skipped.
-            image.verify()
-            image = Image.open(io.BytesIO(data))
+            # verify() checks chunk CRCs and structure for PNG & co on a parser of its own (it
+            # consumes it). JPEG's verify is a no-op, so it is skipped there.
+            Image.open(io.BytesIO(data)).verify()
         elif config.resize_mode != "no":
             target = _target_size(width, height, config)
             image.draft("RGB", target)  # DCT-domain downscale, never below the target size

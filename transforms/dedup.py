@@ -1,16 +1,18 @@
 """Exact and near-duplicate image detection.
 
 Fetch phase: `image_hashes` turns one decoded image into three small columns:
-  - PHASH: imagehash's 64-bit pHash of the image after trimming uniform borders (letterboxing and
-    padding do not move it; an image without a uniform border hashes exactly as imagehash.phash),
+  - PHASH: imagehash's 64-bit pHash (computed on a 128-px box-filtered copy, for speed),
   - PHASH_MIRROR: the pHash of the horizontally flipped image (so a flipped copy is found),
-  - DEDUP_DESCRIPTOR: an 8x8 RGB thumbnail of the same trimmed image (192 bytes), the second
-    descriptor that verifies pHash candidates (pHash is colour-blind and merges distinct clip art).
+  - DEDUP_DESCRIPTOR (208 bytes): the pHash and mirror pHash of the image with uniform borders
+    trimmed (padding, letterboxing and the flat background of clip art do not move them), and an
+    8x8 RGB thumbnail of that trimmed image: the second look that verifies pHash candidates
+    (pHash is colour-blind and merges distinct clip art).
   Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
 
 Decide phase: `Deduplicate` (features table only, never image bytes):
   1. exact: group by sha256, keep the best sample per group (`quality_key`).
-  2. near: every group survivor emits r+1 band keys per hash (pHash and mirror pHash). By the
+  2. near: every group survivor emits r+1 band keys per hash variant (pHash, mirror, trimmed
+     pHash, trimmed mirror; repeats skipped). By the
      pigeonhole principle two hashes within Hamming distance r agree on at least one band, so a
      GroupByKey on (band, value) over (uid, hash, variant, quality) tuples finds every candidate
      without all-pairs comparison. Buckets larger than `dedup_max_bucket` are split again by
@@ -35,8 +37,12 @@ from PIL import Image
 from schemas import Col, DropReason
 
 NAMESPACE = "dedup"
-DESCRIPTOR_SIDE = 8  # 8x8 RGB thumbnail = 192 bytes
-_WORK_SIDE = 256  # images are box-reduced to about this before anything else (speed)
+DESCRIPTOR_SIDE = 8
+# descriptor = trimmed pHash (8 bytes) + trimmed mirror pHash (8) + 8x8 RGB thumbnail of the trimmed
+# image (192) = 208 bytes
+_THUMB_BYTES = DESCRIPTOR_SIDE * DESCRIPTOR_SIDE * 3
+DESCRIPTOR_BYTES = 16 + _THUMB_BYTES
+_WORK_SIDE = 128  # images are box-reduced to at most this before anything else (speed)
 _BORDER_TOL = 24  # max channel difference from the border colour that still counts as border
 _BORDER_UNIFORM = 0.95  # share of border pixels that must match before a border is trimmed
 
@@ -63,7 +69,9 @@ def _content_box(small: np.ndarray) -> Optional[tuple[int, int, int, int]]:
     cols = np.flatnonzero(content.sum(axis=0) > max(1, h // 100))
     if rows.size == 0 or cols.size == 0:
         return None
-    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    # one pixel further in on trimmed sides: the downscaled edge blends border and content
+    left, top, right, bottom = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+    box = (left + (left > 0), top + (top > 0), right - (right < w), bottom - (bottom < h))
     if box[2] - box[0] < 8 or box[3] - box[1] < 8 or box == (0, 0, w, h):
         return None
     return box
@@ -76,24 +84,36 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
-    factor = max(1, max(image.size) // _WORK_SIDE)
-    small = image.reduce(factor) if factor > 1 else image  # box filter: cheap, alias-free
+    # Every image is brought to the same working size first (box filter down: cheap, alias-free;
+    # bilinear up), so trimming sees a resized copy exactly as it sees the original.
+    scale = _WORK_SIDE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    small = image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
     pixels = np.asarray(small)
     grey = pixels.mean(axis=2)
     if float(grey.std()) < blank_std_threshold:
         return {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
-    for _ in range(3):  # padding around a flat background is two borders deep
+    full = small
+    for _ in range(2):  # padding around a flat background is two borders deep
         box = _content_box(np.asarray(small))
         if box is None:
             break
+        framed = box[0] > 0 and box[1] > 0 and box[2] < small.width and box[3] < small.height
         small = small.crop(box)
-    # The same 32x32 grey thumbnail imagehash.phash computes; phash of a 32x32 image skips the
-    # resize, so both hashes are exactly imagehash's, from one resize.
-    thumb = small.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-    phash = imagehash.phash(thumb)
-    mirror = imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-    descriptor = small.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX).tobytes()
-    return {Col.PHASH: str(phash), Col.PHASH_MIRROR: str(mirror), Col.DEDUP_DESCRIPTOR: descriptor}
+        if not framed:  # only a frame on all four sides (padding) can hide a second border
+            break
+    plain, plain_mirror = _phash_pair(full)
+    trimmed, trimmed_mirror = _phash_pair(small) if small is not full else (plain, plain_mirror)
+    thumb = small.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX).tobytes()
+    descriptor = int(str(trimmed), 16).to_bytes(8, "big") + int(str(trimmed_mirror), 16).to_bytes(8, "big") + thumb
+    return {Col.PHASH: str(plain), Col.PHASH_MIRROR: str(plain_mirror), Col.DEDUP_DESCRIPTOR: descriptor}
+
+
+def _phash_pair(image: Image.Image):
+    """imagehash pHash of the image and of its mirror, from one 32x32 thumbnail (the one
+    imagehash.phash computes; phash of a 32x32 image skips the resize, so both are imagehash's)."""
+    thumb = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    return imagehash.phash(thumb), imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,16 +288,26 @@ def _hex_to_int(value) -> Optional[int]:
     return int(value, 16)
 
 
-def descriptor_similarity(a: bytes, b: bytes, mirrored: bool = False) -> float:
-    """Pearson correlation of two 8x8 RGB thumbnails (b flipped when the match was mirror-wise).
-
-    Correlation ignores a global brightness/contrast change but not a change of colour or layout.
-    """
-    x = np.frombuffer(a, dtype=np.uint8).astype(np.float32)
-    y = np.frombuffer(b, dtype=np.uint8).reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3)
+def _thumbs(a: bytes, b: bytes, mirrored: bool):
+    x = np.frombuffer(a[-_THUMB_BYTES:], dtype=np.uint8).astype(np.float32)
+    y = np.frombuffer(b[-_THUMB_BYTES:], dtype=np.uint8).reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3)
     if mirrored:
         y = y[:, ::-1]
-    y = y.astype(np.float32).ravel()
+    return x, y.astype(np.float32).ravel()
+
+
+def descriptor_distance(a: bytes, b: bytes, mirrored: bool = False) -> float:
+    """Mean absolute difference (0-255) of two thumbnails after matching their mean brightness:
+    a brightness change costs little, a change of colour (blue vs light-blue map) a lot."""
+    x, y = _thumbs(a, b, mirrored)
+    x = x * (y.mean() / max(float(x.mean()), 1e-3))
+    return float(np.abs(x - y).mean())
+
+
+def descriptor_similarity(a: bytes, b: bytes, mirrored: bool = False) -> float:
+    """Pearson correlation of two thumbnails (b flipped when the match was mirror-wise): ignores a
+    global brightness/contrast change, not a change of layout."""
+    x, y = _thumbs(a, b, mirrored)
     x = x - x.mean()
     y = y - y.mean()
     denom = float(np.sqrt((x * x).sum() * (y * y).sum()))
@@ -294,7 +324,12 @@ def embedding_cosine(a, b) -> float:
 
 
 def verify_pair(
-    payload_a: tuple, payload_b: tuple, mirrored: bool, min_similarity: float, min_cosine: float
+    payload_a: tuple,
+    payload_b: tuple,
+    mirrored: bool,
+    min_similarity: float,
+    min_cosine: float,
+    max_distance: float = 48.0,
 ) -> bool:
     """A hash candidate is a duplicate when the second look agrees: CLIP image embeddings when both
     have one, else the thumbnail descriptors, else the hash match alone."""
@@ -302,8 +337,11 @@ def verify_pair(
     desc_b, emb_b = payload_b
     if emb_a is not None and emb_b is not None:
         return embedding_cosine(emb_a, emb_b) >= min_cosine
-    if desc_a and desc_b and len(desc_a) == len(desc_b) == DESCRIPTOR_SIDE * DESCRIPTOR_SIDE * 3:
-        return descriptor_similarity(desc_a, desc_b, mirrored) >= min_similarity
+    if desc_a and desc_b and len(desc_a) == len(desc_b) == DESCRIPTOR_BYTES:
+        return (
+            descriptor_similarity(desc_a, desc_b, mirrored) >= min_similarity
+            and descriptor_distance(desc_a, desc_b, mirrored) <= max_distance
+        )
     return True
 
 
@@ -312,15 +350,30 @@ def verify_pair(
 # ----------------------------------------------------------------------------------------------
 
 
-def _slim(record: dict) -> tuple:
-    """(uid, sha256, phash int, mirror int, quality key): all the dedup shuffles ever carry."""
-    return (
-        record[Col.UID],
-        record.get(Col.SHA256),
-        _hex_to_int(record.get(Col.PHASH)),
-        _hex_to_int(record.get(Col.PHASH_MIRROR)),
-        quality_key(record),
-    )
+def hash_variants(record: dict, mirror: bool = True) -> tuple:
+    """The distinct hashes a record is searched under, as ((variant, value), ...).
+
+    Variants 0/1: pHash / mirror pHash; 2/3: the same of the border-trimmed image (from the
+    descriptor). An odd and an even variant matching means one image is the other's mirror.
+    """
+    values = [_hex_to_int(record.get(Col.PHASH)), _hex_to_int(record.get(Col.PHASH_MIRROR))]
+    descriptor = record.get(Col.DEDUP_DESCRIPTOR)
+    if descriptor and len(descriptor) == DESCRIPTOR_BYTES:
+        values += [int.from_bytes(descriptor[:8], "big"), int.from_bytes(descriptor[8:16], "big")]
+    if values[0] is None:
+        return ()
+    out, seen = [], set()
+    for variant, value in enumerate(values):
+        if value is None or value in seen or (variant % 2 and not mirror):
+            continue
+        seen.add(value)
+        out.append((variant, value))
+    return tuple(out)
+
+
+def _slim(record: dict, mirror: bool = True) -> tuple:
+    """(uid, sha256, hash variants, quality key): all the dedup shuffles ever carry."""
+    return (record[Col.UID], record.get(Col.SHA256), hash_variants(record, mirror), quality_key(record))
 
 
 class _ExactGroups(beam.DoFn):
@@ -334,7 +387,7 @@ class _ExactGroups(beam.DoFn):
 
     def process(self, element):
         _, items = element
-        items = sorted(items, key=lambda it: it[4])
+        items = sorted(items, key=lambda it: it[3])
         yield items[0]
         if len(items) > 1:
             self._groups.inc()
@@ -343,13 +396,8 @@ class _ExactGroups(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.MEMBERS, (item[0], items[0][0]))
 
 
-def _emit_bands(item: tuple, masks: Sequence[int], mirror: bool):
-    uid, _, phash, mirror_hash, quality = item
-    if phash is None:
-        return
-    variants = [(0, phash)]
-    if mirror and mirror_hash is not None and mirror_hash != phash:
-        variants.append((1, mirror_hash))
+def _emit_bands(item: tuple, masks: Sequence[int]):
+    uid, _, variants, quality = item
     for variant, value in variants:
         for key in band_keys(value, masks):
             yield key, (uid, value, variant, quality)
@@ -380,7 +428,7 @@ class _BucketPairs(beam.DoFn):
             return None
         if ua > ub:
             ua, qa, ub, qb = ub, qb, ua, qa
-        return (ua, qa, ub, qb, va != vb)
+        return (ua, qa, ub, qb, va % 2 != vb % 2)
 
     def process(self, element):
         (band, _), entries = element
@@ -436,9 +484,10 @@ def _attach_first(element):
 
 
 class _Verify(beam.DoFn):
-    def __init__(self, min_similarity: float, min_cosine: float):
+    def __init__(self, min_similarity: float, min_cosine: float, max_distance: float):
         self._min_similarity = min_similarity
         self._min_cosine = min_cosine
+        self._max_distance = max_distance
         self._passed = Metrics.counter(NAMESPACE, "verified_edges")
         self._rejected = Metrics.counter(NAMESPACE, "rejected_edges")
 
@@ -449,7 +498,14 @@ class _Verify(beam.DoFn):
             return
         payload_b = _decode_payload(payloads[0])
         for edge, payload_a in grouped["edges"]:
-            if verify_pair(_decode_payload(payload_a), payload_b, edge[4], self._min_similarity, self._min_cosine):
+            if verify_pair(
+                _decode_payload(payload_a),
+                payload_b,
+                edge[4],
+                self._min_similarity,
+                self._min_cosine,
+                self._max_distance,
+            ):
                 self._passed.inc()
                 yield edge
             else:
@@ -502,8 +558,9 @@ class Deduplicate(beam.PTransform):
         self._radius = int(config.dedup_radius)
         self._max_bucket = int(config.dedup_max_bucket)
         self._mirror = bool(getattr(config, "dedup_mirror", True))
-        self._min_similarity = float(getattr(config, "dedup_min_descriptor_similarity", 0.85))
+        self._min_similarity = float(getattr(config, "dedup_min_descriptor_similarity", 0.8))
         self._min_cosine = float(getattr(config, "dedup_min_embedding_cosine", 0.9))
+        self._max_distance = float(getattr(config, "dedup_max_descriptor_distance", 48.0))
         if not 0 <= self._radius <= 31:
             raise ValueError("dedup_radius must be between 0 and 31")
         if self._max_bucket < 2:
@@ -511,7 +568,7 @@ class Deduplicate(beam.PTransform):
 
     def expand(self, records):
         p = records.pipeline
-        slim = records | "Slim" >> beam.Map(_slim)
+        slim = records | "Slim" >> beam.Map(_slim, self._mirror)
         if self._exact:
             grouped = (
                 slim
@@ -527,7 +584,7 @@ class Deduplicate(beam.PTransform):
             masks = band_masks(self._radius)
             candidates = (
                 reps
-                | "Bands" >> beam.FlatMap(_emit_bands, masks, self._mirror)
+                | "Bands" >> beam.FlatMap(_emit_bands, masks)
                 | "GroupByBand" >> beam.GroupByKey()
                 | "BucketPairs" >> beam.ParDo(_BucketPairs(masks, self._radius, self._max_bucket))
                 | "DistinctEdges" >> beam.Distinct()
@@ -541,7 +598,7 @@ class Deduplicate(beam.PTransform):
             verified = (
                 {"payload": payload, "edges": half}
                 | "JoinSecond" >> beam.CoGroupByKey()
-                | "Verify" >> beam.ParDo(_Verify(self._min_similarity, self._min_cosine))
+                | "Verify" >> beam.ParDo(_Verify(self._min_similarity, self._min_cosine, self._max_distance))
             )
             near = (
                 verified

@@ -129,6 +129,25 @@ def row_to_record(fields: dict, source_file: str, source_row: int, url_col: str,
 # ---------------------------------------------------------------------------------------------
 
 
+class _RawReader(io.RawIOBase):
+    """Adapts Beam's file objects (CompressedFile lacks parts of the io protocol) to io.RawIOBase."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._handle.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def buffered(handle) -> io.BufferedReader:
+    return io.BufferedReader(_RawReader(handle), buffer_size=1 << 20)
+
+
 def _text_stream(handle) -> io.TextIOWrapper:
     # surrogateescape keeps undecodable bytes visible so the row can be flagged, not crash.
     return io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
@@ -282,7 +301,8 @@ class _ReadFileDoFn(beam.DoFn):
         # transparent decompression chosen by the file extension.
         compression = CompressionTypes.UNCOMPRESSED if fmt == "parquet" else CompressionTypes.AUTO
         with readable.open(compression_type=compression) as handle:
-            yield from iter_file_records(handle, os.path.basename(path), fmt, self._config)
+            stream = handle if fmt == "parquet" else buffered(handle)
+            yield from iter_file_records(stream, os.path.basename(path), fmt, self._config)
 
 
 class ReadRows(beam.PTransform):

@@ -1,0 +1,97 @@
+"""Shared fixtures: a real local HTTP server (subprocess, 127.0.0.1 only) and one demo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline import demo  # noqa: E402
+from pipeline.config import build_config  # noqa: E402
+
+
+def in_process_pipeline() -> TestPipeline:
+    """The in-process runner: the default DirectRunner may try to download Prism (offline here)."""
+    return TestPipeline(runner=FnApiRunner())
+
+
+class LocalServer:
+    def __init__(self, root: Path, latency_ms: float = 0.0):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        port_file = root / "port"
+        port_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.demo", "serve", "--root", str(root), "--port-file", str(port_file),
+             "--latency-ms", str(latency_ms)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.time() > deadline or self.process.poll() is not None:
+                self.close()
+                raise RuntimeError("local test server did not start")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.allow = f"127.0.0.1:{self.port}"
+
+    def stats(self, reset: bool = False) -> dict:
+        with urllib.request.urlopen(f"{self.base_url}/stats{'?reset=1' if reset else ''}", timeout=5) as response:
+            return json.loads(response.read())
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    local = LocalServer(root)
+    demo.make_corpus(root, local.base_url, good=40)
+    yield local
+    local.close()
+
+
+@pytest.fixture
+def fast_config(server):
+    """Config for tests: short deadlines and backoff, the local server allowed."""
+    return build_config(
+        overrides=["request_deadline_s=3", "backoff_base_s=0.05", "backoff_max_s=0.2", "connect_timeout_s=2"],
+        allow_hosts=[server.allow],
+    )
+
+
+def run_cli(*args: str) -> int:
+    from pipeline.cli import main
+
+    return main(list(args) + ["--quiet"])
+
+
+@pytest.fixture(scope="session")
+def demo_output(server, tmp_path_factory):
+    """One full `curate run` over the demo corpus, shared by the end-to-end tests."""
+    out = tmp_path_factory.mktemp("demo_out")
+    code = run_cli(
+        "run", "--input", str(server.root / "rows.csv"), "--output", str(out), "--allow-host", server.allow,
+        "--set", "request_deadline_s=3", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
+    )
+    assert code == 0
+    return out

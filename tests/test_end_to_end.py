@@ -1,0 +1,128 @@
+"""`curate run` on the demo corpus served from 127.0.0.1: accounting, reasons, shards, determinism."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.report import account
+from pipeline.layout import Layout
+from schemas import LEDGER_SCHEMA, Col, DropReason, Status
+from tests.conftest import run_cli
+
+
+def ledger_rows(out) -> list[dict]:
+    return pq.read_table(sorted(glob.glob(f"{out}/ledger/*.parquet"))).to_pylist()
+
+
+def input_rows(server) -> int:
+    with open(server.root / "rows.csv", newline="", encoding="utf-8") as handle:
+        return sum(1 for _ in csv.reader(handle)) - 1
+
+
+def test_every_input_row_is_exactly_one_ledger_row(server, demo_output):
+    rows = ledger_rows(demo_output)
+    assert len(rows) == input_rows(server)
+    kept = [r for r in rows if r[Col.STATUS] == Status.KEPT]
+    dropped = [r for r in rows if r[Col.STATUS] == Status.DROPPED]
+    assert len(kept) + len(dropped) == len(rows) and kept and dropped
+    assert all(r[Col.REASON] is None for r in kept)
+    assert {r[Col.REASON] for r in dropped} <= {reason.value for reason in DropReason}
+    summary = account(Layout(str(demo_output)))  # raises if anything does not add up
+    assert summary["rows_in"] == len(rows) and summary["kept"] == len(kept)
+    assert sum(summary["drop_reasons"].values()) == len(dropped)
+    assert pq.read_schema(glob.glob(f"{demo_output}/ledger/*.parquet")[0]).names == LEDGER_SCHEMA.names
+
+
+EXPECTED = {
+    "http_404": "http_client_error", "http_403": "http_client_error", "http_500": "http_server_error",
+    "stall": "timeout", "drip": "timeout", "html": "not_an_image", "redirect_loop": "too_many_redirects",
+    "ssrf": "ssrf_blocked", "ssrf_loopback": "ssrf_blocked", "noai": "robots_noai", "huge": "body_too_large",
+    "truncated": "decode_error", "bomb": "decompression_bomb", "tiny": "too_small", "blank": "blank_image",
+    "aspect": "bad_aspect_ratio", "svg": "not_an_image", "missing_url": "missing_url",
+    "ftp": "unsupported_scheme", "javascript": "unsupported_scheme", "file": "unsupported_scheme",
+    "redirect_ok": None, "retry_ok": None,
+}
+
+
+def test_each_kind_of_bad_row_gets_its_reason(demo_output):
+    by_kind: dict[str, list] = {}
+    for row in ledger_rows(demo_output):
+        kind = json.loads(row[Col.EXTRA])["expect"] if row[Col.EXTRA] else None
+        by_kind.setdefault(kind, []).append(row)
+    for kind, reason in EXPECTED.items():
+        assert [r[Col.REASON] for r in by_kind[kind]] == [reason], kind
+    assert [r[Col.REASON] for r in by_kind[None]] == ["malformed_row"]
+    duplicates = by_kind["duplicate_row"]
+    assert len(duplicates) == 8
+    for row in duplicates:  # one of each same-uid pair survives, the other points at it
+        twins = [r for r in ledger_rows(demo_output) if r[Col.UID] == row[Col.UID]]
+        assert sorted(r[Col.STATUS] for r in twins) == ["dropped", "kept"]
+        assert [r[Col.DUPLICATE_OF] for r in twins if r[Col.STATUS] == "dropped"] == [row[Col.UID]]
+    good = by_kind["good"]
+    assert all(r[Col.STATUS] == Status.KEPT or r[Col.REASON] for r in good)
+    fetched = [r for r in good if r[Col.HTTP_STATUS] == 200]
+    assert fetched and all(len(r[Col.SHA256]) == 64 and len(r[Col.PHASH]) == 16 for r in fetched)
+    assert all(r[Col.WIDTH] == r[Col.HEIGHT] == 256 for r in fetched)
+
+
+def test_shards_are_webdataset_and_parquet_with_the_same_keys(demo_output):
+    tars = sorted(glob.glob(f"{demo_output}/shards/*.tar"))
+    assert len(tars) >= 2 and [os.path.basename(t) for t in tars][0] == "00000.tar"
+    kept = {r[Col.UID] for r in ledger_rows(demo_output) if r[Col.STATUS] == Status.KEPT}
+    seen = []
+    for tar in tars:
+        samples = list(wds.WebDataset(tar, shardshuffle=False).decode("pil"))
+        parquet = pq.read_table(tar.replace(".tar", ".parquet")).to_pylist()
+        assert [s["__key__"] for s in samples] == [r[Col.KEY] for r in parquet]
+        assert len(samples) <= 16
+        for sample, row in zip(samples, parquet):
+            assert sample["jpg"].size == (row[Col.WIDTH], row[Col.HEIGHT])
+            assert sample["txt"] == row[Col.CAPTION]
+            assert sample["json"][Col.KEY] == sample["__key__"] and sample["json"][Col.URL] == row[Col.URL]
+        seen += [s["__key__"] for s in samples]
+    assert seen == sorted(seen)  # global uid order across shards
+    assert set(seen) == kept and len(seen) == len(kept)
+    assert not glob.glob(f"{demo_output}/shards/.tmp-*")  # temp files were all renamed into place
+
+
+def _digests(out) -> dict[str, str]:
+    digests = {}
+    for path in sorted(glob.glob(f"{out}/shards/*") + glob.glob(f"{out}/ledger/*")):
+        with open(path, "rb") as handle:
+            digests[os.path.relpath(path, out)] = hashlib.sha256(handle.read()).hexdigest()
+    return digests
+
+
+def test_same_input_and_config_give_byte_identical_outputs(server, demo_output, tmp_path):
+    again = tmp_path / "again"
+    code = run_cli(
+        "run", "--input", str(server.root / "rows.csv"), "--output", str(again), "--allow-host", server.allow,
+        "--set", "request_deadline_s=3", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
+    )
+    assert code == 0
+    assert _digests(again) == _digests(demo_output)
+
+
+def test_existing_webdataset_shards_are_valid_input(demo_output, tmp_path):
+    out = tmp_path / "reshard"
+    code = run_cli("run", "--input", f"{demo_output}/shards/*.tar", "--output", str(out), "--set", "samples_per_shard=1000")
+    assert code == 0
+    rows = ledger_rows(out)
+    kept_before = [r for r in ledger_rows(demo_output) if r[Col.STATUS] == Status.KEPT]
+    assert len(rows) == len(kept_before)
+    assert all(r[Col.HTTP_STATUS] is None for r in rows)  # nothing was downloaded
+    assert sum(r[Col.STATUS] == Status.KEPT for r in rows) == len(kept_before)
+    assert {r[Col.UID] for r in rows} == {r[Col.UID] for r in kept_before}  # uid = hash(url, caption) again
+
+
+def test_cli_rejects_unknown_config_keys(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        run_cli("run", "--input", "x.csv", "--output", str(tmp_path), "--set", "no_such_key=1")

@@ -1,0 +1,118 @@
+"""Reading every input format, row by row, with malformed rows kept as ledger rows."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline.config import build_config
+from schemas import Col, DropReason, Status
+from tests.conftest import in_process_pipeline
+from transforms.read_input import ReadRows, iter_file_records, make_uid, row_to_record, validate_url
+
+
+def records_of(data: bytes, fmt: str, **overrides) -> list[dict]:
+    config = build_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return list(iter_file_records(io.BytesIO(data), "input", fmt, config))
+
+
+def test_uid_is_a_stable_hex_hash_of_url_and_caption():
+    uid = make_uid("http://a/b.jpg", "a cat")
+    assert uid == make_uid("http://a/b.jpg", "a cat") and len(uid) == 32 and int(uid, 16) >= 0
+    assert uid != make_uid("http://a/b.jpg", "a dog") and uid != make_uid("http://a/b.jpgx", "a cat")
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [("", DropReason.MISSING_URL), ("ftp://x/y.jpg", DropReason.UNSUPPORTED_SCHEME),
+     ("javascript:alert(1)", DropReason.UNSUPPORTED_SCHEME), ("data:image/png;base64,AAAA", DropReason.UNSUPPORTED_SCHEME),
+     ("file:///etc/passwd", DropReason.UNSUPPORTED_SCHEME), ("http://", DropReason.INVALID_URL),
+     ("http://host:99999999/x", DropReason.INVALID_URL), ("http://a b/c", DropReason.INVALID_URL),
+     ("example.com/x.jpg", DropReason.INVALID_URL), ("http://[::1/x", DropReason.INVALID_URL)],
+)
+def test_url_validation(url, reason):
+    assert validate_url(url)[0] == reason
+
+
+def test_csv_keeps_extra_columns_and_multiline_captions():
+    data = b'url,caption,license\nhttp://h/a.jpg,"two\nlines",cc-by\nhttp://h/b.jpg,plain,cc0\n'
+    rows = records_of(data, "csv")
+    assert [r[Col.CAPTION] for r in rows] == ["two\nlines", "plain"]
+    assert json.loads(rows[0][Col.EXTRA]) == {"license": "cc-by"}
+    assert [r[Col.SOURCE_ROW] for r in rows] == [0, 1]
+    assert all(r[Col.STATUS] == Status.KEPT for r in rows)
+
+
+def test_malformed_rows_become_dropped_records_not_crashes():
+    data = (b"url,caption\nhttp://h/a.jpg,ok caption here\nonly-one-field\n"
+            b"http://h/\xff\xfe.jpg,bad bytes in url\nhttp://h/c.jpg,caf\xe9 latin-1 caption\n"
+            b",no url\nhttp://h/d.jpg,nul \x00 byte\n")
+    rows = records_of(data, "csv")
+    reasons = [r.get(Col.REASON) for r in rows]
+    assert reasons[0] is None
+    assert reasons[1] == DropReason.MALFORMED_ROW.value
+    assert reasons[2] == DropReason.INVALID_URL.value
+    assert reasons[3] is None and "\ufffd" in rows[3][Col.CAPTION]  # caption kept, bytes replaced
+    assert reasons[4] == DropReason.MISSING_URL.value
+    assert len(rows) == 6  # the NUL row is a record too, whatever csv makes of it
+    for row in rows:
+        json.dumps(row)  # every field is valid text
+
+
+def test_one_megabyte_caption_and_missing_url_column():
+    caption = "word " * 200_000
+    rows = records_of(f"url,caption\nhttp://h/a.jpg,{caption}\n".encode(), "csv")
+    assert len(rows[0][Col.CAPTION]) == len(caption)
+    rows = records_of(b"link,caption\nhttp://h/a.jpg,x\n", "csv")
+    assert rows[0][Col.REASON] == DropReason.MISSING_URL.value
+
+
+def test_tsv_jsonl_and_custom_columns():
+    rows = records_of(b"image\ttext\nhttp://h/a.jpg\ta tab row\n", "tsv", url_col="image", caption_col="text")
+    assert rows[0][Col.URL] == "http://h/a.jpg" and rows[0][Col.CAPTION] == "a tab row"
+    data = b'{"url": "http://h/a.jpg", "caption": "json row", "n": 3}\nnot json\n[1, 2]\n\n{"caption": "no url"}\n'
+    rows = records_of(data, "jsonl")
+    assert [r.get(Col.REASON) for r in rows] == [None, "malformed_row", "malformed_row", "missing_url"]
+    assert json.loads(rows[0][Col.EXTRA]) == {"n": 3}
+
+
+def test_over_long_jsonl_line_is_skipped_without_holding_it():
+    long_line = b'{"url": "http://h/a.jpg", "caption": "' + b"x" * 5000 + b'"}\n'
+    rows = records_of(long_line + b'{"url": "http://h/b.jpg", "caption": "fine"}\n', "jsonl", max_field_bytes=1024)
+    assert [r.get(Col.REASON) for r in rows] == ["malformed_row", None]
+
+
+def test_beam_reads_globs_gzip_and_parquet(tmp_path):
+    (tmp_path / "a.csv.gz").write_bytes(gzip.compress(b"url,caption\nhttp://h/1.jpg,one\nhttp://h/2.jpg,two\n"))
+    pq.write_table(pa.table({"url": ["http://h/3.jpg"], "caption": ["three"], "score": [0.5]}), tmp_path / "b.parquet")
+    (tmp_path / "c.jsonl").write_text('{"url": "http://h/4.jpg", "caption": "four"}\n')
+    config = build_config(input=f"{tmp_path}/*.csv.gz,{tmp_path}/*.parquet,{tmp_path}/*.jsonl")
+    with in_process_pipeline() as p:
+        captions = p | ReadRows(config) | beam.Map(lambda r: r[Col.CAPTION])
+        assert_that(captions, equal_to(["one", "two", "three", "four"]))
+
+
+def test_webdataset_input_skips_download(tmp_path):
+    path = tmp_path / "00000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "000000001", "jpg": b"\xff\xd8\xffdata", "txt": "a cat", "json": {"url": "http://h/c.jpg", "x": 1}})
+        sink.write({"__key__": "000000002", "txt": "no image here"})
+    rows = records_of(path.read_bytes(), "webdataset")
+    assert rows[0][Col.IMAGE_BYTES] == b"\xff\xd8\xffdata" and rows[0][Col.CAPTION] == "a cat"
+    assert rows[0][Col.UID] == make_uid("http://h/c.jpg", "a cat")
+    assert json.loads(rows[0][Col.EXTRA])["source_key"] == "000000001"
+    assert rows[1][Col.REASON] == DropReason.SOURCE_MISSING_IMAGE.value
+    assert records_of(b"not a tar at all" * 100, "webdataset")[0][Col.REASON] == DropReason.MALFORMED_ROW.value
+
+
+def test_row_to_record_sets_uid_from_cleaned_fields():
+    record = row_to_record({"url": " http://h/a.jpg ", "caption": "x"}, "f", 0, "url", "caption")
+    assert record[Col.URL] == "http://h/a.jpg" and record[Col.UID] == make_uid("http://h/a.jpg", "x")
