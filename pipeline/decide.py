@@ -11,7 +11,8 @@ import apache_beam as beam
 
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
-from schemas import DECISIONS_SCHEMA, Col, DropReason, Status
+from schemas import DECISIONS_SCHEMA, Col, Status
+from transforms.caption import language_drop_reason
 from transforms.write_output import WriteTable
 
 # Columns the decide phase reads from the features table (never image bytes).
@@ -43,6 +44,12 @@ def _without(uid_and_groups):
         yield groups["alive"][0]
 
 
+def _language_drop(record: dict, config: CurateConfig):
+    reason = language_drop_reason(record.get(Col.LANG), config)
+    if reason is not None:
+        yield {Col.UID: record[Col.UID], Col.REASON: reason.value}
+
+
 def read_alive_features(pipeline: beam.Pipeline, layout: Layout):
     features = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob(), columns=DECIDE_COLUMNS)
     return features | "Alive" >> beam.Filter(lambda r: r[Col.STATUS] == Status.KEPT)
@@ -52,12 +59,7 @@ def filter_drops(alive, config: CurateConfig) -> list:
     """Per-sample filters: each returns a PCollection of {uid, reason}."""
     drops = []
     if config.languages:
-        wanted = frozenset(config.languages)
-        drops.append(
-            alive
-            | "LanguageFilter" >> beam.Filter(lambda r: (r.get(Col.LANG) or "und") not in wanted)
-            | "LanguageDrop" >> beam.Map(lambda r: {Col.UID: r[Col.UID], Col.REASON: DropReason.LANGUAGE_NOT_WANTED.value})
-        )
+        drops.append(alive | "LanguageFilter" >> beam.FlatMap(_language_drop, config=config))
     return drops
 
 

@@ -16,6 +16,7 @@ from pipeline.config import CurateConfig
 from pipeline.layout import Layout
 from schemas import FEATURES_SCHEMA, Col, DropReason
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
+from transforms.caption import CaptionStage
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
 from transforms.read_input import ReadRows
@@ -69,9 +70,12 @@ def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     split = rows | "SplitMalformed" >> beam.Partition(lambda r, _: int(is_dropped(r)), 2)
     alive, dropped_early = split[0], split[1]
     unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows()
-    fetched = unique[KEPT] | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
+    # Caption rules are cheap and static: applied before download so no bandwidth is spent on
+    # rows that would be dropped anyway.
+    captioned = unique[KEPT] | "Caption" >> CaptionStage(config)
+    fetched = captioned.kept | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
     survivors = fetched[KEPT]
-    dropped = [dropped_early, unique[DROPPED], fetched[DROPPED]]
+    dropped = [dropped_early, unique[DROPPED], captioned.dropped, fetched[DROPPED]]
 
     all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
     (

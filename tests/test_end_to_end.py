@@ -48,7 +48,7 @@ EXPECTED = {
     "truncated": "decode_error", "bomb": "decompression_bomb", "tiny": "too_small", "blank": "blank_image",
     "aspect": "bad_aspect_ratio", "svg": "not_an_image", "missing_url": "missing_url",
     "ftp": "unsupported_scheme", "javascript": "unsupported_scheme", "file": "unsupported_scheme",
-    "redirect_ok": None, "retry_ok": None,
+    "redirect_ok": None, "retry_ok": None, "boilerplate": "caption_boilerplate", "too_short": "caption_too_short",
 }
 
 
@@ -126,3 +126,20 @@ def test_existing_webdataset_shards_are_valid_input(demo_output, tmp_path):
 def test_cli_rejects_unknown_config_keys(tmp_path):
     with pytest.raises(ValueError, match="unknown config keys"):
         run_cli("run", "--input", "x.csv", "--output", str(tmp_path), "--set", "no_such_key=1")
+
+
+def test_rerunning_decide_with_a_language_filter_downloads_nothing(demo_output, tmp_path):
+    import shutil
+
+    out = tmp_path / "redecide"
+    shutil.copytree(demo_output, out)
+    assert run_cli("decide", "--output", str(out), "--set", "languages=en") == 0
+    assert run_cli("write", "--output", str(out), "--set", "languages=en", "--set", "samples_per_shard=16") == 0
+    rows = ledger_rows(out)
+    assert len(rows) == len(ledger_rows(demo_output))
+    for row in rows:
+        kind = json.loads(row[Col.EXTRA])["expect"] if row[Col.EXTRA] else None
+        if kind in ("lang_de", "lang_fr", "lang_es"):
+            assert row[Col.REASON] == DropReason.LANGUAGE_NOT_WANTED.value and row[Col.LANG] == kind[-2:]
+        elif row[Col.STATUS] == Status.KEPT:
+            assert row[Col.LANG] == "en"

@@ -1,0 +1,92 @@
+"""Helpers shared by the benchmarks: a local server, photo-like images, process-tree timing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth random colour fields plus grain: compresses like a photo, unlike flat clip art."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    field = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    grain = rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(field, np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            with open(f"/proc/{current}/statm") as handle:
+                total += int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+        stack.extend(_children(current))
+    return total
+
+
+def run_measured(command: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 3600) -> dict:
+    """Wall time and peak RSS summed over the whole process tree (img2dataset forks workers)."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, _tree_rss_bytes(process.pid))
+        if time.monotonic() - started > timeout:
+            process.kill()
+            raise TimeoutError(" ".join(command))
+        time.sleep(0.2)
+    output = process.stdout.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({process.returncode}):\n{output[-3000:]}")
+    return {"seconds": time.monotonic() - started, "peak_rss_mb": peak / 2**20, "output": output}
+
+
+class BenchServer:
+    def __init__(self, root: Path, latency_ms: float):
+        root.mkdir(parents=True, exist_ok=True)
+        port_file = root / "port"
+        port_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.demo", "serve", "--root", str(root), "--port-file", str(port_file),
+             "--latency-ms", str(latency_ms)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(300):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)

@@ -1,0 +1,590 @@
+"""CLIP scoring: image and caption embeddings plus their cosine (fetch phase), and the CLIP filter
+(decide phase).
+
+Fetch phase: `ClipScoring` runs Beam's RunInference with `OpenClipModelHandler`, so the open_clip
+model loads once per worker process (RunInference keeps it in a per-process `Shared` handle that
+all the process's threads use), never at pickling time and never per element. Each element is
+decoded, preprocessed and tokenised on its own inside the handler before the batch tensor is
+stacked, so a corrupt image costs that row (DECODE_ERROR on `.dropped`), never its batch.
+
+Speed, without changing what is computed:
+- text is padded to the longest caption of the batch, not to the context length (77). For a causal
+  text tower (OpenAI-style CLIP: causal mask, EOT/argmax pooling) no token attends to the padding
+  after it, so the embedding is the same; other text towers keep full-length padding.
+- `torch.inference_mode`, channels_last for convolutional towers, fp16 on CUDA, bf16 autocast on
+  CPUs with native bf16 (AVX512-BF16 / AMX), and elsewhere on CPU int8 dynamic quantisation of the
+  Linear layers (attention projections included). int8 is used only if, at load time, it agrees
+  with the fp32 model on a probe batch (mean cosine >= `INT8_MIN_FIDELITY`); otherwise fp32.
+
+Decide phase: `ClipScoreFilter` turns `clip_score` into LOW_CLIP_SCORE drops: an absolute
+threshold, per-language thresholds, or the global top X% (Beam ApproximateQuantiles over the whole
+dataset, as a side input: never per shard). Scores stay in the features table for dropped rows.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, Optional
+
+import apache_beam as beam
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+from apache_beam.metrics import Metrics
+
+from schemas import Col, DropReason
+from transforms.base import DROPPED, KEPT, mark_dropped
+
+log = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "clip_score"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+INT8_MIN_FIDELITY = 0.995
+EMBEDDING_DTYPE = np.float16  # the features table stores list<float16>
+
+# Counts model loads in this process: the tests use it to prove one load per process.
+LOAD_COUNT = 0
+_LOAD_LOCK = threading.Lock()
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers (no Beam)
+# ------------------------------------------------------------------------------------------------
+
+
+def model_id(config) -> str:
+    """What the run metadata records about the scoring model: `name:tag` or `name@checkpoint`."""
+    if getattr(config, "clip_checkpoint", ""):
+        return f"{config.clip_model}@{config.clip_checkpoint}"
+    return f"{config.clip_model}:{config.clip_pretrained or 'random-init'}"
+
+
+def select_device(requested: str = "auto") -> str:
+
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"clip device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 only pays on CPUs that compute it natively; elsewhere oneDNN emulates it, slower than fp32."""
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"clip precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "int8"
+
+
+def supports_dynamic_text_length(model) -> bool:
+    """True for open_clip `CLIP` text towers whose pooled token never sees the padding after it."""
+    import open_clip
+
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "attn_mask", None) is not None  # causal mask
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos", "first")
+    )
+
+
+def trim_tokens(tokens: np.ndarray) -> np.ndarray:
+    """Drop the trailing pad ids (0) after EOT; a caption always ends in EOT, so real tokens stay."""
+    nonzero = np.flatnonzero(tokens)
+    return tokens[: int(nonzero[-1]) + 1] if nonzero.size else tokens[:1]
+
+
+def pad_tokens(sequences: Sequence[np.ndarray], length: Optional[int] = None):
+    """Stack token id sequences into a [batch, length] tensor, zero padded (the tokenizer's pad id)."""
+
+    length = length or max(len(s) for s in sequences)
+    batch = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        batch[row, : len(sequence)] = torch.as_tensor(sequence[:length], dtype=torch.long)
+    return batch
+
+
+def encode_text_dynamic(model, tokens):
+    """open_clip `CLIP.encode_text` for a [batch, L] token tensor with L <= context length.
+
+    Same computation as open_clip's, except the positional embedding and the causal mask are cut
+    to L instead of always spanning the full context.
+    """
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return x
+
+
+def split_preprocess(preprocess):
+    """Split open_clip's eval transform into its PIL part and its (ToTensor, Normalize) tail.
+
+    The PIL part runs per element and yields a small uint8 array; the tail runs once per batch as
+    tensor ops. `ToTensor` on uint8 is `/255`, so the result is the same as the full transform.
+    Returns (pil_fn, mean, std), or (preprocess, None, None) if the transform has another shape.
+    """
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    to_tensor = next((i for i, s in enumerate(steps) if isinstance(s, T.ToTensor)), None)
+    if to_tensor is None or to_tensor + 2 != len(steps) or not isinstance(steps[-1], T.Normalize):
+        return preprocess, None, None
+    normalize = steps[-1]
+    return T.Compose(steps[:to_tensor]), tuple(normalize.mean), tuple(normalize.std)
+
+
+def decode_image(image_bytes: bytes):
+    """Decode fully (a truncated JPEG fails here, not later) and convert to RGB."""
+    from PIL import Image
+
+    if not image_bytes:
+        raise ValueError("no image bytes")
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+class ClipInput(NamedTuple):
+    """One element for the handler: encoded image bytes and the caption to score against it."""
+
+    image_bytes: bytes
+    caption: str
+
+
+# ------------------------------------------------------------------------------------------------
+# the loaded model (one per worker process)
+# ------------------------------------------------------------------------------------------------
+
+
+class SdpaAttention(nn.Module):
+    """nn.MultiheadAttention's maths with nn.Linear projections, so int8 can quantise them too."""
+
+    def __init__(self, source: nn.MultiheadAttention):
+        super().__init__()
+        dim = source.embed_dim
+        self.num_heads = source.num_heads
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=source.in_proj_bias is not None)
+        self.in_proj.weight.data.copy_(source.in_proj_weight.data)
+        if source.in_proj_bias is not None:
+            self.in_proj.bias.data.copy_(source.in_proj_bias.data)
+        self.out_proj = nn.Linear(dim, dim, bias=source.out_proj.bias is not None)
+        self.out_proj.weight.data.copy_(source.out_proj.weight.data)
+        if source.out_proj.bias is not None:
+            self.out_proj.bias.data.copy_(source.out_proj.bias.data)
+
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
+        # open_clip calls attn(q, k, v) with k = v = q for self-attention blocks
+        batch, length, dim = query.shape
+        heads = self.num_heads
+        qkv = self.in_proj(query).view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, dim)), None
+
+
+def _quantize_int8(model):
+    """int8 dynamic quantisation of every Linear (weights int8, activations quantised per batch)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    for module in model.modules():
+        if (
+            isinstance(module, ResidualAttentionBlock)
+            and isinstance(module.attn, nn.MultiheadAttention)
+            and module.attn.batch_first
+            and module.attn._qkv_same_embed_dim
+            and not hasattr(module, "ln_1_kv")  # self-attention only
+        ):
+            module.attn = SdpaAttention(module.attn)
+    with warnings.catch_warnings():  # torch marks eager quantisation deprecated; it still ships
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+class LoadedClip:
+    """An open_clip model plus what scoring needs; `embed` is thread safe (read-only model)."""
+
+    def __init__(self, model, preprocess, tokenizer, device: str, precision: str, name: str):
+
+        self.model = model
+        self.pil_preprocess, mean, std = split_preprocess(preprocess)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) if mean else None
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) if std else None
+        self.tokenizer = tokenizer
+        self.device = device
+        self.precision = precision
+        self.name = name
+        self.dynamic_text = supports_dynamic_text_length(model)
+        self.context_length = int(getattr(model, "context_length", 0) or getattr(tokenizer, "context_length", 77))
+        self.channels_last = _has_conv_tower(model)
+
+    # per element --------------------------------------------------------------------------------
+    def prepare(self, example: ClipInput) -> tuple[np.ndarray, np.ndarray]:
+        """Decode + preprocess one image and tokenise its caption; raises on corrupt bytes."""
+        image = self.pil_preprocess(decode_image(example.image_bytes))
+        pixels = np.asarray(image, dtype=np.uint8) if self.mean is not None else image.numpy()
+        tokens = self.tokenizer([example.caption or ""])[0].numpy()
+        return pixels, trim_tokens(tokens) if self.dynamic_text else tokens
+
+    # per batch ----------------------------------------------------------------------------------
+    def pixels_tensor(self, pixels: Sequence[np.ndarray]):
+
+        if self.mean is None:  # unrecognised transform: elements are already normalised floats
+            batch = torch.from_numpy(np.stack(pixels)).to(self.device)
+        else:  # uint8 HWC -> float NCHW, the ToTensor + Normalize tail for the whole batch at once
+            batch = torch.from_numpy(np.stack(pixels)).to(self.device).permute(0, 3, 1, 2).float()
+            batch = (batch / 255.0 - self.mean) / self.std
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch.half() if self.precision == "fp16" else batch
+
+    def embed(self, pixels: Sequence[np.ndarray], tokens: Sequence[np.ndarray], full_length: bool = False):
+        """L2-normalised fp32 image and text embeddings, as numpy [batch, dim] arrays."""
+
+        images = self.pixels_tensor(pixels)
+        text = pad_tokens(tokens, None if self.dynamic_text and not full_length else self.context_length)
+        text = text.to(self.device)
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if self.precision == "bf16" and self.device == "cpu"
+            else _null_context()
+        )
+        with torch.inference_mode(), autocast:
+            image_features = self.model.encode_image(images)
+            if self.dynamic_text and not full_length:
+                text_features = encode_text_dynamic(self.model, text)
+            else:
+                text_features = self.model.encode_text(text)
+            image_features = F.normalize(image_features.float(), dim=-1)
+            text_features = F.normalize(text_features.float(), dim=-1)
+        return image_features.cpu().numpy(), text_features.cpu().numpy()
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _has_conv_tower(model) -> bool:
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return isinstance(getattr(model, "visual", None), ModifiedResNet)
+
+
+def _probe_inputs(count: int = 8) -> list[ClipInput]:
+    from pipeline import synthetic
+
+    return [
+        ClipInput(synthetic.encode_jpeg(image), attrs.caption())
+        for attrs, image in synthetic.iter_samples(count, size=224, seed=7)
+    ]
+
+
+def _int8_fidelity(reference: LoadedClip, candidate: LoadedClip) -> float:
+    prepared = [reference.prepare(example) for example in _probe_inputs()]
+    pixels, tokens = zip(*prepared)
+    ref_image, ref_text = reference.embed(pixels, tokens)
+    got_image, got_text = candidate.embed(pixels, tokens)
+    cosines = np.concatenate([(ref_image * got_image).sum(1), (ref_text * got_text).sum(1)])
+    return float(cosines.mean())
+
+
+def load_open_clip(
+    model_name: str,
+    pretrained: str = "",
+    checkpoint_path: str = "",
+    device: str = "auto",
+    precision: str = "auto",
+) -> LoadedClip:
+    """Load an open_clip model for scoring: hub `pretrained` tag, or a local checkpoint file.
+
+    A checkpoint may ship its architecture as `<checkpoint stem>.json` beside it (an open_clip model
+    config, as the project's tiny model does); it is registered under that stem's name.
+    """
+    global LOAD_COUNT
+    import copy
+
+    import open_clip
+
+    with _LOAD_LOCK:
+        LOAD_COUNT += 1
+    device = select_device(device)
+    precision = resolve_precision(precision, device)
+    if checkpoint_path:
+        from pipeline.tiny_clip import register_config
+
+        registered = register_config(checkpoint_path)
+        if registered and model_name not in open_clip.list_models():
+            model_name = registered
+    weights = checkpoint_path or pretrained or None
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=weights, device=device, precision="fp16" if precision == "fp16" else "fp32"
+    )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    if _has_conv_tower(model):
+        model.visual.to(memory_format=torch.channels_last)
+    loaded = LoadedClip(model, preprocess, tokenizer, device, precision, model_name)
+    if precision == "int8":
+        candidate = LoadedClip(_quantize_int8(copy.deepcopy(model)), preprocess, tokenizer, device, "int8", model_name)
+        fidelity = _int8_fidelity(loaded, candidate)
+        if fidelity >= INT8_MIN_FIDELITY:
+            loaded = candidate
+        else:
+            log.warning("int8 CLIP agrees with fp32 at only %.4f; scoring in fp32", fidelity)
+            loaded.precision = "fp32"
+        loaded.int8_fidelity = fidelity
+    log.info("loaded CLIP %s (%s) on %s in %s", model_name, weights, device, loaded.precision)
+    return loaded
+
+
+# ------------------------------------------------------------------------------------------------
+# Beam: model handler and the fetch-phase transform
+# ------------------------------------------------------------------------------------------------
+
+
+class OpenClipModelHandler(ModelHandler):
+    """RunInference handler: ClipInput(image_bytes, caption) -> PredictionResult with a dict of
+    `image_embedding`, `text_embedding` (float16, L2-normalised), `clip_score`; or `error`."""
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str = "",
+        checkpoint_path: str = "",
+        device: str = "auto",
+        min_batch_size: int = 8,
+        max_batch_size: int = 64,
+        precision: str = "auto",
+        share_across_processes: bool = False,
+        max_batch_duration_secs: Optional[int] = None,
+    ):
+        super().__init__(
+            min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size,
+            max_batch_duration_secs=max_batch_duration_secs,
+        )
+        if not (pretrained or checkpoint_path):
+            log.warning("CLIP %s has no weights (no pretrained tag, no checkpoint): random scores", model_name)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.checkpoint_path = checkpoint_path
+        self.device = device
+        self.precision = precision
+        # Off by default: RunInference already shares one model per process between its threads;
+        # this also shares one across the processes of a machine (for big models on small VMs).
+        self._share_across_processes = share_across_processes
+
+    def load_model(self) -> LoadedClip:
+        return load_open_clip(self.model_name, self.pretrained, self.checkpoint_path, self.device, self.precision)
+
+    def run_inference(
+        self, batch: Sequence[ClipInput], model: LoadedClip, inference_args: Optional[dict[str, Any]] = None
+    ) -> Iterable[PredictionResult]:
+        prepared: list = []
+        for example in batch:  # per element: one corrupt image must not fail the batch
+            try:
+                prepared.append(model.prepare(example))
+            except Exception as error:  # noqa: BLE001 - untrusted bytes fail in many ways
+                prepared.append(f"{type(error).__name__}: {error}")
+        good = [i for i, item in enumerate(prepared) if not isinstance(item, str)]
+        outputs: dict[int, dict] = {}
+        if good:
+            pixels, tokens = zip(*(prepared[i] for i in good))
+            image, text = model.embed(pixels, tokens, full_length=bool((inference_args or {}).get("full_length")))
+            scores = (image * text).sum(axis=1)
+            for row, index in enumerate(good):
+                outputs[index] = {
+                    "image_embedding": image[row].astype(EMBEDDING_DTYPE),
+                    "text_embedding": text[row].astype(EMBEDDING_DTYPE),
+                    "clip_score": float(scores[row]),
+                }
+        return [
+            PredictionResult(example, outputs.get(i, {"error": prepared[i]}), model_id=model.name)
+            for i, example in enumerate(batch)
+        ]
+
+    def get_num_bytes(self, batch: Sequence[ClipInput]) -> int:
+        return sum(len(e.image_bytes or b"") + len((e.caption or "").encode()) for e in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
+
+    def validate_inference_args(self, inference_args: Optional[dict[str, Any]]):
+        unknown = set(inference_args or {}) - {"full_length"}
+        if unknown:
+            raise ValueError(f"unknown CLIP inference args: {sorted(unknown)}")
+
+    def share_model_across_processes(self) -> bool:
+        return self._share_across_processes
+
+
+def handler_from_config(config) -> OpenClipModelHandler:
+    return OpenClipModelHandler(
+        model_name=config.clip_model,
+        pretrained="" if config.clip_checkpoint else config.clip_pretrained,
+        checkpoint_path=config.clip_checkpoint,
+        device=config.clip_device,
+        min_batch_size=config.clip_min_batch_size,
+        max_batch_size=config.clip_max_batch_size,
+        precision=getattr(config, "clip_precision", "auto"),
+    )
+
+
+def to_clip_input(record: dict) -> tuple[dict, ClipInput]:
+    caption = record.get(Col.CAPTION_CLEAN)
+    if caption is None:
+        caption = record.get(Col.CAPTION)
+    return record, ClipInput(record.get(Col.IMAGE_BYTES) or b"", caption or "")
+
+
+def attach_scores(record: dict, result: PredictionResult) -> dict:
+    """Copy one prediction into its record, or mark the record DECODE_ERROR."""
+    inference = result.inference
+    if "error" in inference:
+        return mark_dropped(record, DropReason.DECODE_ERROR, f"clip: {inference['error']}")
+    record[Col.IMAGE_EMBEDDING] = inference["image_embedding"]
+    record[Col.TEXT_EMBEDDING] = inference["text_embedding"]
+    record[Col.CLIP_SCORE] = inference["clip_score"]
+    return record
+
+
+class _AttachDoFn(beam.DoFn):
+    def __init__(self):
+        self._scored = Metrics.counter(METRICS_NAMESPACE, "scored")
+        self._dropped = Metrics.counter(METRICS_NAMESPACE, f"dropped_{DropReason.DECODE_ERROR.value}")
+
+    def process(self, keyed):
+        record, result = keyed
+        record = attach_scores(record, result)
+        if Col.CLIP_SCORE in record and record.get(Col.CLIP_SCORE) is not None:
+            self._scored.inc()
+            yield record
+        else:
+            self._dropped.inc()
+            record.pop(Col.IMAGE_BYTES, None)  # dead letters never carry image bytes
+            yield beam.pvalue.TaggedOutput(DROPPED, record)
+
+
+class ClipScoring(beam.PTransform):
+    """records -> `.kept` (with embeddings and clip_score) and `.dropped` (DECODE_ERROR), like ApplyStage."""
+
+    def __init__(self, config, handler: Optional[OpenClipModelHandler] = None, label: str = "ClipScoring"):
+        super().__init__(label=label)
+        self._handler = handler or handler_from_config(config)
+
+    def expand(self, records):
+        return (
+            records
+            | "ToClipInput" >> beam.Map(to_clip_input)
+            | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
+            | "Attach" >> beam.ParDo(_AttachDoFn()).with_outputs(DROPPED, main=KEPT)
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# decide phase: the CLIP filter
+# ------------------------------------------------------------------------------------------------
+
+
+def threshold_for(lang: Optional[str], default: float, per_lang: Optional[dict]) -> float:
+    if per_lang and lang is not None and lang in per_lang:
+        return float(per_lang[lang])
+    return float(default)
+
+
+def is_low_score(score: Optional[float], threshold: float) -> bool:
+    """Below the threshold drops; a missing score never does (that row was dropped for another reason)."""
+    return score is not None and float(score) < threshold
+
+
+def quantile_cutoff(quantiles: Sequence[float], keep_top_percent: float) -> float:
+    """Score at the (100 - keep_top_percent) percentile from ApproximateQuantiles' 101 cut points."""
+    if not quantiles:
+        return float("-inf")
+    if len(quantiles) == 1:
+        return float(quantiles[0])
+    position = (100.0 - keep_top_percent) / 100.0 * (len(quantiles) - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, len(quantiles) - 1)
+    fraction = position - low
+    return float(quantiles[low] * (1 - fraction) + quantiles[high] * fraction)
+
+
+def _drop_row(uid: str) -> dict:
+    return {Col.UID: uid, Col.REASON: DropReason.LOW_CLIP_SCORE.value}
+
+
+class ClipScoreFilter(beam.PTransform):
+    """feature records -> {uid, reason: low_clip_score} for each uid the CLIP rule drops.
+
+    Modes, from the config: `clip_keep_top_percent` (global percentile, DataComp style) wins when
+    set; otherwise `clip_thresholds_per_lang` with `clip_threshold` as the fallback (LAION style).
+    """
+
+    QUANTILES = 1000  # cut points for top-percent: 0.1% resolution
+
+    def __init__(self, config, label: str = "ClipScoreFilter"):
+        super().__init__(label=label)
+        self._threshold = float(config.clip_threshold)
+        self._per_lang = dict(config.clip_thresholds_per_lang or {})
+        self._top_percent = config.clip_keep_top_percent
+        if self._top_percent is not None and not 0 < float(self._top_percent) <= 100:
+            raise ValueError(f"clip_keep_top_percent must be in (0, 100], got {self._top_percent}")
+
+    def expand(self, features):
+        scored = features | "Scored" >> beam.Filter(lambda r: r.get(Col.CLIP_SCORE) is not None)
+        dropped = Metrics.counter(METRICS_NAMESPACE, f"dropped_{DropReason.LOW_CLIP_SCORE.value}")
+
+        if self._top_percent is not None:
+            top = float(self._top_percent)
+            # one global distribution over the whole dataset, never per shard or per bundle
+            cutoff = (
+                scored
+                | "Scores" >> beam.Map(lambda r: float(r[Col.CLIP_SCORE]))
+                | "Quantiles" >> beam.ApproximateQuantiles.Globally(self.QUANTILES + 1)
+                | "Cutoff" >> beam.Map(lambda q: quantile_cutoff(q, top))
+            )
+
+            def below_cutoff(record, threshold):
+                if is_low_score(record[Col.CLIP_SCORE], threshold):
+                    dropped.inc()
+                    yield _drop_row(record[Col.UID])
+
+            return scored | "DropBelowPercentile" >> beam.FlatMap(
+                below_cutoff, threshold=beam.pvalue.AsSingleton(cutoff, default_value=float("-inf"))
+            )
+
+        default, per_lang = self._threshold, self._per_lang
+
+        def below_threshold(record):
+            if is_low_score(record[Col.CLIP_SCORE], threshold_for(record.get(Col.LANG), default, per_lang)):
+                dropped.inc()
+                yield _drop_row(record[Col.UID])
+
+        return scored | "DropBelowThreshold" >> beam.FlatMap(below_threshold)
