@@ -7,18 +7,21 @@ Our own flags are parsed here; everything else (--runner, --project, --region, -
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import sys
 import time
 from typing import Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.config import build_config
+from pipeline.config import build_config, phase_fingerprint
 from pipeline.decide import build_decide
 from pipeline.fetch import build_fetch
-from pipeline.layout import Layout
+from pipeline.layout import PHASES, Layout
 from pipeline.report import AccountingError, account, funnel_text, write_report
 from pipeline.write import build_write
 
@@ -43,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-host", dest="allow_hosts", action="append", default=[], metavar="HOST:PORT",
         help="admit one loopback host:port the SSRF guard would refuse (demo and tests only)",
     )
+    parser.add_argument("--force", action="store_true", help="`run`: re-run phases that are up to date")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -69,8 +73,35 @@ def _metrics(result) -> dict:
     return dict(sorted(counters.items()))
 
 
+def input_signature(config) -> str:
+    """Paths, sizes and modification times of the input files: a changed file re-runs fetch."""
+    if not config.input:
+        return ""
+    patterns = [p.strip() for p in config.input.split(",") if p.strip()]
+    entries = sorted(
+        (m.path, m.size_in_bytes, m.last_updated_in_seconds)
+        for result in FileSystems.match(patterns)
+        for m in result.metadata_list
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def fingerprint(config, phase: str) -> str:
+    extra = input_signature(config) if phase == "fetch" else ""
+    return phase_fingerprint(config, phase) + extra
+
+
+def phase_is_current(phase: str, config, layout: Layout) -> bool:
+    """A finished phase whose inputs and config keys are unchanged need not run again."""
+    info = layout.read_phase_info(phase)
+    return bool(info) and info.get("fingerprint") == fingerprint(config, phase)
+
+
 def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
     started = time.time()
+    later = PHASES[PHASES.index(phase):]
+    for stale in later:  # a crash from here on must not leave a marker that says "done"
+        layout.clear(layout.phase_marker(stale))
     for directory in {"fetch": [layout.features, layout.raw_shards], "decide": [layout.decisions],
                       "write": [layout.shards, layout.ledger]}[phase]:
         layout.clear(directory)
@@ -78,7 +109,8 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
     PHASE_BUILDERS[phase](pipeline, config, layout)
     result = pipeline.run()
     result.wait_until_finish()
-    info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json()}
+    info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
+            "fingerprint": fingerprint(config, phase)}
     layout.write_phase_info(phase, info)
     if not quiet:
         print(f"[curate] {phase} finished in {info['seconds']:.1f}s", file=sys.stderr)
@@ -121,8 +153,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("curate: --input is required", file=sys.stderr)
         return 2
     options = beam_options(beam_args)
-    phases = ("fetch", "decide", "write") if args.command == "run" else (args.command,)
+    phases = PHASES if args.command == "run" else (args.command,)
+    rerun = args.force or args.command != "run"
     for phase in phases:
+        if not rerun and phase_is_current(phase, config, layout):
+            if not args.quiet:
+                print(f"[curate] {phase} is up to date, skipped (--force re-runs it)", file=sys.stderr)
+            continue
+        rerun = True  # every phase after one that ran must run too
         run_phase(phase, config, layout, options, args.quiet)
     if args.command in ("run", "write"):
         try:

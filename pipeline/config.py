@@ -8,6 +8,7 @@ not hours into a Dataflow job.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import typing
 from typing import Any, Optional
@@ -94,6 +95,12 @@ class CurateConfig:
     # ---- hard negatives ------------------------------------------------------------------
     negatives_k: int = 3
     negatives_ceiling: float = 0.95
+    negatives_exact_max: int = 50_000  # up to this many samples: one exact faiss search
+    negatives_centroids: int = 0  # partitioned path: k-means centroids; 0 = ceil(n / negatives_group_size)
+    negatives_group_size: int = 1000  # target samples per centroid when negatives_centroids is 0
+    negatives_probe: int = 3  # each sample is a candidate in the groups of its nearest c centroids
+    negatives_sample: int = 65_536  # k-means training sample (smallest uid hashes: same every run)
+    negatives_captions: bool = True  # rule-based one-edit caption negatives (swap/attribute/object)
 
     # ---- write ---------------------------------------------------------------------------
     samples_per_shard: int = 1000
@@ -117,6 +124,28 @@ class CurateConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CurateConfig)}
+
+# Which phase each key feeds: a finished phase is re-run by `curate run` only when one of its
+# keys changed (so a new threshold re-runs decide + write and downloads nothing).
+_DECIDE_PREFIXES = ("dedup_", "negatives_")
+_DECIDE_KEYS = frozenset({"languages", "clip_threshold", "clip_thresholds_per_lang", "clip_keep_top_percent"})
+_WRITE_KEYS = frozenset({"samples_per_shard", "ledger_rows_per_file"})
+_NO_PHASE_KEYS = frozenset({"output"})
+
+
+def phase_of_key(key: str) -> str:
+    if key in _NO_PHASE_KEYS:
+        return ""
+    if key in _WRITE_KEYS:
+        return "write"
+    if key in _DECIDE_KEYS or key.startswith(_DECIDE_PREFIXES):
+        return "decide"
+    return "fetch"
+
+
+def phase_fingerprint(config: CurateConfig, phase: str) -> str:
+    values = {k: v for k, v in dataclasses.asdict(config).items() if phase_of_key(k) == phase}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -76,6 +76,6 @@ class Layout:
             return json.loads(handle.read().decode())
 
     def clear(self, directory: str) -> None:
-        """Remove a phase's previous outputs so stale files never mix with new ones."""
+        """Remove a previous output (folder or file) so stale files never mix with new ones."""
         if FileSystems.exists(directory):
             FileSystems.delete([directory])

@@ -34,10 +34,19 @@ def join_path(*parts: str) -> str:
     return FileSystems.join(*parts) if "://" in parts[0] else posixpath.join(*parts)
 
 
+def ensure_directory(directory: str) -> None:
+    """mkdir -p that tolerates other workers creating the same folder at the same moment."""
+    try:
+        FileSystems.mkdirs(directory)
+    except (IOError, OSError):
+        if not FileSystems.exists(directory):
+            raise
+
+
 def write_atomically(path: str, payload: bytes) -> None:
     """Write to a temporary sibling, then rename over `path`."""
     directory = posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
-    FileSystems.mkdirs(directory) if not FileSystems.exists(directory) else None
+    ensure_directory(directory)
     temporary = join_path(directory, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     with FileSystems.create(temporary) as handle:
         handle.write(payload)
