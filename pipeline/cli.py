@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.config import build_config, phase_fingerprint
 from pipeline.decide import build_decide
-from pipeline.fetch import build_fetch
+from pipeline.fetch import build_fetch, build_retry
 from pipeline.layout import PHASES, Layout
 from pipeline.report import AccountingError, account, funnel_text, write_report
 from pipeline.write import build_write
@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
         help="admit one loopback host:port the SSRF guard would refuse (demo and tests only)",
     )
     parser.add_argument("--force", action="store_true", help="`run`: re-run phases that are up to date")
+    parser.add_argument(
+        "--retry-failed", action="store_true",
+        help="`run`/`fetch`: re-fetch only rows whose earlier failure was transient (timeout, 5xx, 429, ...)",
+    )
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -117,6 +121,29 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
     return info
 
 
+def retry_failed(config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
+    """Re-fetch the rows whose failure was transient; everything else of the fetch phase stays."""
+    previous = layout.read_phase_info("fetch")
+    if previous is None:
+        raise SystemExit("curate: --retry-failed needs a finished fetch phase in --output")
+    started = time.time()
+    round_number = int(previous.get("retry_rounds", 0)) + 1
+    for stale in PHASES:
+        layout.clear(layout.phase_marker(stale))
+    layout.clear(layout.features_staging)
+    pipeline = beam.Pipeline(options=options)
+    build_retry(pipeline, config, layout, round_number)
+    result = pipeline.run()
+    result.wait_until_finish()
+    layout.replace(layout.features, layout.features_staging)
+    info = dict(previous, retry_rounds=round_number, retry_seconds=round(time.time() - started, 3),
+                retry_metrics=_metrics(result))
+    layout.write_phase_info("fetch", info)
+    if not quiet:
+        print(f"[curate] retry round {round_number} finished in {info['retry_seconds']:.1f}s", file=sys.stderr)
+    return info
+
+
 def report(layout: Layout, quiet: bool = False) -> dict:
     phases = {phase: layout.read_phase_info(phase) for phase in ("fetch", "decide", "write")}
     summary = account(layout)
@@ -155,6 +182,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = beam_options(beam_args)
     phases = PHASES if args.command == "run" else (args.command,)
     rerun = args.force or args.command != "run"
+    if args.retry_failed:
+        if args.command not in ("run", "fetch"):
+            print("curate: --retry-failed goes with `run` or `fetch`", file=sys.stderr)
+            return 2
+        retry_failed(config, layout, options, args.quiet)
+        phases = tuple(p for p in phases if p != "fetch")
+        rerun = True
     for phase in phases:
         if not rerun and phase_is_current(phase, config, layout):
             if not args.quiet:

@@ -14,7 +14,7 @@ import imagehash
 
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
-from schemas import FEATURES_SCHEMA, Col, DropReason
+from schemas import FEATURES_SCHEMA, Col, DropReason, Status
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
 from transforms.caption import CaptionStage
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
@@ -65,6 +65,24 @@ def _without_bytes(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != Col.IMAGE_BYTES}
 
 
+def process_rows(rows, config: CurateConfig):
+    """The per-sample chain of the fetch phase. Returns (survivors with bytes, [dropped...])."""
+    captioned = rows | "Caption" >> CaptionStage(config)
+    fetched = captioned.kept | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
+    return fetched[KEPT], [captioned.dropped, fetched[DROPPED]]
+
+
+def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir: str, raw_dir: str, raw_prefix: str):
+    all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
+    (
+        all_rows
+        | "NoBytes" >> beam.Map(_without_bytes)
+        | "WriteFeatures" >> WriteTable(features_dir, "features", FEATURES_SCHEMA, config.ledger_rows_per_file)
+    )
+    survivors | "WriteRawShards" >> WriteHashedShards(raw_dir, config.raw_shards, raw_prefix)
+    return all_rows
+
+
 def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     rows = pipeline | "Read" >> ReadRows(config)
     split = rows | "SplitMalformed" >> beam.Partition(lambda r, _: int(is_dropped(r)), 2)
@@ -72,16 +90,37 @@ def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows()
     # Caption rules are cheap and static: applied before download so no bandwidth is spent on
     # rows that would be dropped anyway.
-    captioned = unique[KEPT] | "Caption" >> CaptionStage(config)
-    fetched = captioned.kept | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
-    survivors = fetched[KEPT]
-    dropped = [dropped_early, unique[DROPPED], captioned.dropped, fetched[DROPPED]]
-
-    all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
-    (
-        all_rows
-        | "NoBytes" >> beam.Map(_without_bytes)
-        | "WriteFeatures" >> WriteTable(layout.features, "features", FEATURES_SCHEMA, config.ledger_rows_per_file)
+    survivors, dropped = process_rows(unique[KEPT], config)
+    return _write_outputs(
+        survivors, [dropped_early, unique[DROPPED]] + dropped, config, layout.features, layout.raw_shards, ""
     )
-    survivors | "WriteRawShards" >> WriteHashedShards(layout.raw_shards, config.raw_shards)
-    return all_rows
+
+
+_INPUT_COLUMNS = (Col.UID, Col.SOURCE_FILE, Col.SOURCE_ROW, Col.URL, Col.CAPTION, Col.EXTRA)
+
+
+def _is_transient_failure(record: dict) -> bool:
+    reason = record.get(Col.REASON)
+    return record[Col.STATUS] == Status.DROPPED and reason is not None and DropReason(reason).is_transient
+
+
+def _as_fresh_row(record: dict) -> dict:
+    fresh = {name: record.get(name) for name in _INPUT_COLUMNS}
+    fresh[Col.STATUS] = Status.KEPT
+    return fresh
+
+
+def build_retry(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout, round_number: int):
+    """Re-fetch only the rows whose last failure was transient (timeouts, 5xx, 429, ...).
+
+    Reads the current features table, writes the merged table to a staging folder (the caller
+    swaps it into place) and the new survivors to raw shards of their own (`retryN-NNNNN.tar`).
+    """
+    old = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob())
+    split = old | "SplitTransient" >> beam.Partition(lambda r, _: int(_is_transient_failure(r)), 2)
+    unchanged, transient = split[0], split[1]
+    fresh = transient | "Fresh" >> beam.Map(_as_fresh_row)
+    survivors, dropped = process_rows(fresh, config)
+    return _write_outputs(
+        survivors, [unchanged] + dropped, config, layout.features_staging, layout.raw_shards, f"retry{round_number}-"
+    )

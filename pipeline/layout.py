@@ -26,6 +26,11 @@ class Layout:
         return self._dir("features")
 
     @property
+    def features_staging(self) -> str:
+        """Where `--retry-failed` writes the merged features before swapping them into place."""
+        return self._dir("features.staging")
+
+    @property
     def raw_shards(self) -> str:
         return self._dir("raw")
 
@@ -74,6 +79,11 @@ class Layout:
             return None
         with FileSystems.open(path) as handle:
             return json.loads(handle.read().decode())
+
+    def replace(self, directory: str, staging: str) -> None:
+        """Swap a fully written staging folder into place."""
+        self.clear(directory)
+        FileSystems.rename([staging], [directory])
 
     def clear(self, directory: str) -> None:
         """Remove a previous output (folder or file) so stale files never mix with new ones."""

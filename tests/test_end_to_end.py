@@ -166,3 +166,31 @@ def test_rerun_skips_up_to_date_phases_and_reruns_what_a_changed_key_feeds(serve
     assert after["fetch"] == before["fetch"] and after["decide"] == before["decide"]
     assert after["write"] != before["write"]
     assert len(glob.glob(f"{out}/shards/*.tar")) > len(glob.glob(f"{demo_output}/shards/*.tar"))
+
+
+def test_retry_failed_refetches_only_transient_failures(server, tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text(
+        "url,caption\n"
+        f"{server.base_url}/flaky/503/retry-e2e?fail=2&after=0&to=good_0005.jpg,a shape that fails twice at first\n"
+        f"{server.base_url}/status/404,a shape that is simply not there\n"
+        f"{server.base_url}/files/good_0006.jpg,a shape that is always there fine\n"
+    )
+    out = tmp_path / "out"
+    common = ["--input", str(rows), "--output", str(out), "--allow-host", server.allow,
+              "--set", "retries=1", "--set", "backoff_base_s=0.05"]
+    assert run_cli("run", *common) == 0
+    first = {r[Col.URL].rsplit("/", 1)[1]: r for r in ledger_rows(out)}
+    assert first["good_0006.jpg"][Col.STATUS] == Status.KEPT
+    assert first["404"][Col.REASON] == DropReason.HTTP_CLIENT_ERROR.value
+    flaky = next(r for k, r in first.items() if k.startswith("retry-e2e"))
+    assert flaky[Col.REASON] == DropReason.HTTP_SERVER_ERROR.value and flaky[Col.ATTEMPTS] == 2
+
+    assert run_cli("run", *common, "--retry-failed") == 0
+    second = {r[Col.URL].rsplit("/", 1)[1]: r for r in ledger_rows(out)}
+    flaky = next(r for k, r in second.items() if k.startswith("retry-e2e"))
+    assert flaky[Col.STATUS] == Status.KEPT and flaky[Col.ATTEMPTS] == 1  # only this row was fetched again
+    assert second["404"][Col.REASON] == DropReason.HTTP_CLIENT_ERROR.value and second["404"][Col.ATTEMPTS] == 1
+    assert len(second) == 3 and sum(r[Col.STATUS] == Status.KEPT for r in second.values()) == 2
+    assert glob.glob(f"{out}/raw/retry1-*.tar")
+    assert Layout(str(out)).read_phase_info("fetch")["retry_rounds"] == 1

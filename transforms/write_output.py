@@ -174,18 +174,19 @@ def write_shard(directory: str, name: str, records: list[dict], with_parquet: bo
     return name
 
 
-def _write_raw_shard(bucket_and_records, directory: str) -> str:
+def _write_raw_shard(bucket_and_records, directory: str, prefix: str) -> str:
     bucket, records = bucket_and_records
-    return write_shard(directory, f"{bucket:05d}", sorted(records, key=sort_key), with_parquet=False)
+    return write_shard(directory, f"{prefix}{bucket:05d}", sorted(records, key=sort_key), with_parquet=False)
 
 
 class WriteHashedShards(beam.PTransform):
     """Raw shards of the fetch phase: uid-hash buckets, each sorted by uid (tar only)."""
 
-    def __init__(self, directory: str, shards: int):
+    def __init__(self, directory: str, shards: int, prefix: str = ""):
         super().__init__()
         self._directory = directory
         self._shards = shards
+        self._prefix = prefix
 
     def expand(self, records):
         shards = self._shards
@@ -193,7 +194,7 @@ class WriteHashedShards(beam.PTransform):
             records
             | "Bucket" >> beam.Map(lambda r: (bucket_of(r[Col.UID], shards), r))
             | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.Map(_write_raw_shard, self._directory)
+            | "Write" >> beam.Map(_write_raw_shard, self._directory, self._prefix)
         )
 
 
