@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["schemas", "schemas.*", "transforms", "transforms.*", "pipeline", "pipeline.*"]),
     include_package_data=True,
-    package_data={"pipeline": ["*.yaml"], "transforms": ["data/*"]},
+    package_data={"pipeline": ["*.yaml", "assets/*"], "transforms": ["data/*"]},
     install_requires=[
         "apache-beam>=2.60,<3",
         "pyarrow>=14,<26",
