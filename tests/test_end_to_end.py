@@ -194,3 +194,14 @@ def test_retry_failed_refetches_only_transient_failures(server, tmp_path):
     assert len(second) == 3 and sum(r[Col.STATUS] == Status.KEPT for r in second.values()) == 2
     assert glob.glob(f"{out}/raw/retry1-*.tar")
     assert Layout(str(out)).read_phase_info("fetch")["retry_rounds"] == 1
+
+
+def test_multi_process_direct_runner_gives_the_same_bytes(server, demo_output, tmp_path):
+    out = tmp_path / "multi"
+    code = run_cli(
+        "run", "--input", str(server.root / "rows.csv"), "--output", str(out), "--allow-host", server.allow,
+        "--set", "request_deadline_s=3", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
+        "--direct_num_workers", "2", "--direct_running_mode", "multi_processing",
+    )
+    assert code == 0
+    assert _digests(out) == _digests(demo_output)
