@@ -18,11 +18,12 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import progress
 from pipeline.config import build_config, phase_fingerprint
 from pipeline.decide import build_decide
 from pipeline.fetch import build_fetch, build_retry
 from pipeline.layout import PHASES, Layout
-from pipeline.report import AccountingError, account, funnel_text, write_report
+from pipeline.report import AccountingError, account, funnel_text, phase_infos, write_report
 from pipeline.write import build_write
 
 log = logging.getLogger("curate")
@@ -110,9 +111,16 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
                       "write": [layout.shards, layout.ledger]}[phase]:
         layout.clear(directory)
     pipeline = beam.Pipeline(options=options)
-    PHASE_BUILDERS[phase](pipeline, config, layout)
-    result = pipeline.run()
-    result.wait_until_finish()
+    rows = PHASE_BUILDERS[phase](pipeline, config, layout)
+    # Terminal progress only where the DoFns run in this process (the local in-memory runner).
+    if not quiet and progress.is_local_runner(options):
+        progress.watch(rows, phase)
+        progress.start_phase(phase, progress.phase_total(phase, config, layout))
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        progress.finish_phase()
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
             "fingerprint": fingerprint(config, phase)}
     layout.write_phase_info(phase, info)
@@ -145,9 +153,8 @@ def retry_failed(config, layout: Layout, options: PipelineOptions, quiet: bool =
 
 
 def report(layout: Layout, quiet: bool = False) -> dict:
-    phases = {phase: layout.read_phase_info(phase) for phase in ("fetch", "decide", "write")}
     summary = account(layout)
-    path = write_report(layout, summary, {k: (v or {}).get("seconds") for k, v in phases.items()})
+    path = write_report(layout, summary, phase_infos(layout))
     if not quiet:
         print(funnel_text(summary))
         print(f"shards:  {layout.shards}/  ({summary['shards']} tar + parquet)")

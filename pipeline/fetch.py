@@ -14,6 +14,7 @@ import imagehash
 
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
+from pipeline.progress import ReportProgress
 from schemas import FEATURES_SCHEMA, Col, DropReason, Status
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
 from transforms.caption import CaptionStage
@@ -73,6 +74,8 @@ def process_rows(rows, config: CurateConfig):
 
 
 def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir: str, raw_dir: str, raw_prefix: str):
+    for index, done in enumerate(dropped + [survivors]):
+        done | f"ProgressDone{index}" >> ReportProgress("fetch", "rows done")
     all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
     (
         all_rows
@@ -85,6 +88,7 @@ def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir:
 
 def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     rows = pipeline | "Read" >> ReadRows(config)
+    rows | "ProgressRead" >> ReportProgress("fetch", "rows read")
     split = rows | "SplitMalformed" >> beam.Partition(lambda r, _: int(is_dropped(r)), 2)
     alive, dropped_early = split[0], split[1]
     unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows()

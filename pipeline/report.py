@@ -1,24 +1,39 @@
-"""Accounting and the run report: read the ledger back, check nothing was lost, summarise.
+"""Accounting and the run report: read the outputs back, check nothing was lost, explain the rest.
 
 The accounting check is the pipeline's promise made executable: every input row is exactly one
 ledger row, kept or dropped with a reason from the closed enum, and the kept rows are exactly the
 samples in the shards. A run that breaks it fails loudly instead of shipping a silent hole.
+
+The report (`report/summary.json` + `report/index.html`) is built from the ledger, the shards'
+Parquet, `run/*.json` and a few images from `raw/` and `shards/`; it never downloads anything.
+- summary.json holds every figure the page shows. Apart from its `timings` block (wall clock,
+  copied from run/*.json) it depends only on the ledger, the shards and the config, so it is
+  byte-stable for identical inputs; re-running `curate report` on one folder rewrites it byte for
+  byte.
+- index.html is self-contained: plots are matplotlib PNGs and thumbnails small JPEGs, both inlined
+  as data: URIs; no script, no external stylesheet, and URLs from the input are shown as text,
+  never as links (they are untrusted: `javascript:` and friends are in the corpus on purpose).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import html
+import io
 import json
-from typing import Optional
+import math
+from typing import Any, Iterable, Optional
+from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.layout import Layout
+from pipeline.layout import PHASES, Layout
 from schemas import REASON_DESCRIPTIONS, Col, DropReason, Status
-from transforms.write_output import join_path, write_atomically
+from transforms.write_output import bucket_of, join_path, read_tar_samples, write_atomically
 
 
 class AccountingError(RuntimeError):
@@ -34,8 +49,17 @@ def read_table(pattern: str, columns: Optional[list[str]] = None) -> Optional[pa
     tables = []
     for path in _glob(pattern):
         with FileSystems.open(path) as handle:
-            tables.append(pq.read_table(pa.BufferReader(handle.read()), columns=columns))
-    return pa.concat_tables(tables) if tables else None
+            data = pa.BufferReader(handle.read())
+        if columns is not None:
+            # Columns another stage has not landed yet (older outputs) are simply absent.
+            present = set(pq.read_schema(data).names)
+            data.seek(0)
+            tables.append(pq.read_table(data, columns=[c for c in columns if c in present]))
+        else:
+            tables.append(pq.read_table(data))
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def account(layout: Layout) -> dict:
@@ -76,6 +100,54 @@ def account(layout: Layout) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------------------------------------
+# Stages of the funnel: every drop reason belongs to the stage that drops it, in pipeline order.
+# ---------------------------------------------------------------------------------------------
+
+R = DropReason
+FUNNEL_STAGES: list[tuple[str, str, tuple[DropReason, ...]]] = [
+    ("input", "input rows parsed", (R.MALFORMED_ROW, R.MISSING_URL, R.INVALID_URL, R.UNSUPPORTED_SCHEME,
+                                   R.DUPLICATE_ROW)),
+    ("captions", "caption rules", (R.CAPTION_TOO_SHORT, R.CAPTION_TOO_LONG, R.CAPTION_BOILERPLATE)),
+    ("fetch", "downloaded", (R.SSRF_BLOCKED, R.DNS_ERROR, R.CONNECTION_ERROR, R.TIMEOUT, R.TOO_MANY_REDIRECTS,
+                             R.HTTP_CLIENT_ERROR, R.HTTP_SERVER_ERROR, R.RATE_LIMITED, R.BODY_TOO_LARGE,
+                             R.ROBOTS_NOAI, R.NOT_AN_IMAGE, R.SOURCE_MISSING_IMAGE)),
+    ("decode", "decoded, image rules", (R.DECODE_ERROR, R.DECOMPRESSION_BOMB, R.TOO_SMALL, R.BAD_ASPECT_RATIO,
+                                        R.BLANK_IMAGE)),
+    ("filters", "decide filters (language, CLIP)", (R.LANGUAGE_NOT_WANTED, R.LOW_CLIP_SCORE)),
+    ("dedup", "deduplicated", (R.DUPLICATE_EXACT, R.DUPLICATE_NEAR)),
+    # A stage that raised can be any of the above; counted last so the stages above stay exact.
+    ("errors", "internal errors", (R.INTERNAL_ERROR,)),
+]
+REASON_STAGE: dict[str, str] = {r.value: stage for stage, _, reasons in FUNNEL_STAGES for r in reasons}
+OTHER_STAGE = "errors"  # a reason added to the enum but not mapped here still gets counted
+FETCH_ERROR_STAGES = ("fetch",)
+DUPLICATE_REASONS = (R.DUPLICATE_EXACT.value, R.DUPLICATE_NEAR.value)
+SHOW_SURVIVOR_REASONS = DUPLICATE_REASONS + (R.DUPLICATE_ROW.value,)
+IMAGE_NEGATIVE_KINDS = ("image",)
+CAPTION_NEGATIVE_KINDS = ("swap", "attribute", "object", "text")  # preferred first
+
+EXAMPLES_PER_REASON = 4
+HARD_NEGATIVE_TRIPLES = 4
+THUMBNAIL_PX = 96
+TOP_LANGUAGES = 15
+TOP_DOMAINS = 10
+STATS_DIGITS = 4
+
+LEDGER_REPORT_COLUMNS = [
+    Col.UID, Col.URL, Col.CAPTION, Col.STATUS, Col.REASON, Col.ERROR_DETAIL, Col.DUPLICATE_OF, Col.SHARD,
+    Col.HTTP_STATUS, Col.WIDTH, Col.HEIGHT, Col.ORIGINAL_WIDTH, Col.ORIGINAL_HEIGHT, Col.LANG, Col.LANG_SCORE,
+    Col.CLIP_SCORE,
+]
+
+
+_ENUM_VALUES = {r.value for r in DropReason}
+
+
+def reason_stage(reason: str) -> str:
+    return REASON_STAGE.get(reason, OTHER_STAGE)
+
+
 def funnel_text(summary: dict) -> str:
     lines = [f"rows in:  {summary['rows_in']}", f"kept:     {summary['kept']}", f"dropped:  {summary['dropped']}"]
     for reason, count in summary["drop_reasons"].items():
@@ -83,20 +155,946 @@ def funnel_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(layout: Layout, summary: dict, phases: dict) -> str:
-    summary = dict(summary, phases=phases)
-    write_atomically(join_path(layout.report, "summary.json"), json.dumps(summary, indent=2, sort_keys=True).encode())
-    rows = "".join(
-        f"<tr><td>{html.escape(reason)}</td><td>{count}</td>"
-        f"<td>{html.escape(REASON_DESCRIPTIONS[DropReason(reason)])}</td></tr>"
+# ---------------------------------------------------------------------------------------------
+# Figures (pure: ledger columns in, JSON-ready dicts out)
+# ---------------------------------------------------------------------------------------------
+
+
+def _r(value: Optional[float]) -> Optional[float]:
+    return None if value is None or not math.isfinite(value) else round(float(value), STATS_DIGITS)
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, STATS_DIGITS) if whole else 0.0
+
+
+def _stats(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {"count": 0}
+    q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"count": int(values.size), "min": _r(values.min()), "p05": _r(q[0]), "p25": _r(q[1]),
+            "median": _r(q[2]), "p75": _r(q[3]), "p95": _r(q[4]), "max": _r(values.max()),
+            "mean": _r(values.mean())}
+
+
+def _counts(values: Iterable, top: Optional[int] = None) -> dict:
+    ordered = sorted(collections.Counter(values).items(), key=lambda kv: (-kv[1], str(kv[0])))
+    return {str(k): v for k, v in (ordered[:top] if top else ordered)}
+
+
+def funnel(rows_in: int, drop_reasons: dict) -> list[dict]:
+    remaining, steps = rows_in, []
+    for stage, label, reasons in FUNNEL_STAGES:
+        mapped = {r.value for r in reasons}
+        if stage == OTHER_STAGE:
+            mapped |= {r for r in drop_reasons if r not in REASON_STAGE}
+        here = {r: c for r, c in drop_reasons.items() if r in mapped}
+        dropped = sum(here.values())
+        remaining -= dropped
+        steps.append({"stage": stage, "label": label, "dropped": dropped, "remaining": remaining,
+                      "reasons": dict(sorted(here.items(), key=lambda kv: (-kv[1], kv[0])))})
+    return steps
+
+
+def reason_table(summary: dict) -> list[dict]:
+    return [
+        {"reason": reason, "stage": reason_stage(reason), "count": count,
+         "share_of_rows": _share(count, summary["rows_in"]), "share_of_dropped": _share(count, summary["dropped"]),
+         "description": REASON_DESCRIPTIONS[DropReason(reason)] if reason in _ENUM_VALUES else ""}
         for reason, count in summary["drop_reasons"].items()
+    ]
+
+
+def _threshold_info(config: dict) -> dict:
+    return {
+        "threshold": config.get("clip_threshold"),
+        "thresholds_per_lang": dict(sorted((config.get("clip_thresholds_per_lang") or {}).items())),
+        "keep_top_percent": config.get("clip_keep_top_percent"),
+        "enabled": config.get("clip_enabled"),
+    }
+
+
+HIST_BINS = 40
+
+
+def _histogram(groups: dict[str, np.ndarray], bins: np.ndarray) -> dict:
+    return {"edges": [_r(e) for e in bins],
+            **{name: np.histogram(values, bins=bins)[0].astype(int).tolist() for name, values in groups.items()}}
+
+
+def clip_figures(rows: dict, config: dict) -> dict:
+    scores = rows[Col.CLIP_SCORE]
+    kept_mask = rows["_kept"]
+    present = ~np.isnan(scores)
+    info = {"available": bool(present.any()), "scored_rows": int(present.sum()), **_threshold_info(config)}
+    if not info["available"]:
+        return info
+    kept, dropped = scores[present & kept_mask], scores[present & ~kept_mask]
+    low = scores[present & np.array([r == R.LOW_CLIP_SCORE.value for r in rows["_reason"]], dtype=bool)]
+    info.update(kept=_stats(kept), dropped=_stats(dropped), dropped_low_clip=_stats(low))
+    if info["keep_top_percent"]:
+        # A percentile cut has no fixed threshold; the lowest kept score is where it fell.
+        info["effective_threshold"] = _r(kept.min()) if kept.size else None
+    else:
+        info["effective_threshold"] = info["threshold"]
+    lo, hi = float(scores[present].min()), float(scores[present].max())
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.01, hi + 0.01
+    info["histogram"] = _histogram({"kept": kept, "dropped": dropped}, np.linspace(lo, hi, HIST_BINS + 1))
+    return info
+
+
+def language_figures(rows: dict) -> dict:
+    langs = [lang if lang else "unknown" for lang in rows[Col.LANG]]
+    by_lang: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for lang, kept in zip(langs, rows["_kept"]):
+        by_lang[lang]["kept" if kept else "dropped"] += 1
+    ordered = sorted(by_lang.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    table = {lang: {"kept": c["kept"], "dropped": c["dropped"]} for lang, c in ordered[:TOP_LANGUAGES]}
+    rest = ordered[TOP_LANGUAGES:]
+    if rest:
+        table["(other)"] = {"kept": sum(c["kept"] for _, c in rest), "dropped": sum(c["dropped"] for _, c in rest)}
+    scores = rows[Col.LANG_SCORE]
+    return {"languages": table, "distinct": len(by_lang),
+            "kept_languages": _counts(lang for lang, k in zip(langs, rows["_kept"]) if k),
+            "lang_score": _stats(scores[~np.isnan(scores)])}
+
+
+SIDE_BUCKETS = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def _bucket_label(value: float, edges: list[int]) -> str:
+    for low, high in zip(edges, edges[1:]):
+        if value < high:
+            return f"{low}-{high - 1}"
+    return f">={edges[-1]}"
+
+
+def image_size_figures(rows: dict) -> dict:
+    w, h = rows[Col.ORIGINAL_WIDTH], rows[Col.ORIGINAL_HEIGHT]
+    known = ~np.isnan(w) & ~np.isnan(h)
+    shorter = np.minimum(w[known], h[known])
+    longer = np.maximum(w[known], h[known])
+    kept = rows["_kept"][known]
+    aspect = np.where(shorter > 0, longer / np.maximum(shorter, 1), np.nan)
+    out_w, out_h = rows[Col.WIDTH], rows[Col.HEIGHT]
+    final = [f"{int(a)}x{int(b)}" for a, b in zip(out_w, out_h) if not (np.isnan(a) or np.isnan(b))]
+    return {
+        "measured_rows": int(known.sum()),
+        "shorter_side_kept": _stats(shorter[kept]),
+        "shorter_side_dropped": _stats(shorter[~kept]),
+        "shorter_side_buckets": {label: {"kept": int(np.sum(kept & (labels == label))),
+                                         "dropped": int(np.sum(~kept & (labels == label)))}
+                                 for labels in [np.array([_bucket_label(s, SIDE_BUCKETS) for s in shorter], dtype=object)]
+                                 for label in _ordered_labels(SIDE_BUCKETS) if np.any(labels == label)},
+        "aspect_ratio": _stats(aspect[~np.isnan(aspect)]),
+        "megapixels": _stats((w[known] * h[known]) / 1e6),
+        "output_sizes": _counts(final, top=10),
+    }
+
+
+def _ordered_labels(edges: list[int]) -> list[str]:
+    return [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]}"]
+
+
+CAPTION_BUCKETS = [0, 1, 10, 20, 50, 100, 200, 500, 1000]
+
+
+def caption_figures(rows: dict) -> dict:
+    chars = rows["_caption_chars"]
+    words = rows["_caption_words"]
+    kept = rows["_kept"]
+    labels = np.array([_bucket_label(c, CAPTION_BUCKETS) for c in chars], dtype=object)
+    return {
+        "chars_kept": _stats(chars[kept]), "chars_dropped": _stats(chars[~kept]),
+        "words_kept": _stats(words[kept]), "words_dropped": _stats(words[~kept]),
+        "char_buckets": {label: {"kept": int(np.sum(kept & (labels == label))),
+                                 "dropped": int(np.sum(~kept & (labels == label)))}
+                         for label in _ordered_labels(CAPTION_BUCKETS) if np.any(labels == label)},
+    }
+
+
+def duplicate_figures(rows: dict) -> dict:
+    clusters: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    row_dups = collections.Counter()
+    for reason, survivor in zip(rows["_reason"], rows[Col.DUPLICATE_OF]):
+        if survivor and reason in DUPLICATE_REASONS:
+            clusters[survivor][reason] += 1
+        elif survivor and reason == R.DUPLICATE_ROW.value:
+            row_dups[survivor] += 1
+    sizes = collections.Counter(1 + sum(c.values()) for c in clusters.values())
+    largest = sorted(clusters.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:5]
+    return {
+        "clusters": len(clusters),
+        "duplicates": sum(sum(c.values()) for c in clusters.values()),
+        "cluster_sizes": {str(size): count for size, count in sorted(sizes.items())},
+        "largest": [{"survivor": uid, "size": 1 + sum(c.values()), "members": dict(sorted(c.items()))}
+                    for uid, c in largest],
+        "duplicate_row_groups": len(row_dups),
+        "duplicate_row_sizes": {str(s): n for s, n in sorted(collections.Counter(1 + c for c in row_dups.values()).items())},
+    }
+
+
+def _domain(url: Optional[str]) -> str:
+    try:
+        host = urlsplit(url or "").hostname
+    except ValueError:
+        host = None
+    return host or "(none)"
+
+
+def download_figures(rows: dict) -> dict:
+    stages = [reason_stage(r) if r else None for r in rows["_reason"]]
+    failed = np.array([s in FETCH_ERROR_STAGES for s in stages], dtype=bool)
+    # Domains are counted over rows that reached the download (input-stage drops never did).
+    attempted = np.array([s not in ("input", "captions") for s in stages], dtype=bool)
+    domains = [_domain(u) for u in rows[Col.URL]]
+    per_domain: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for domain, fail, tried, reason in zip(domains, failed, attempted, rows["_reason"]):
+        if tried:
+            per_domain[domain]["rows"] += 1
+        if fail:
+            per_domain[domain]["failures"] += 1
+            per_domain[domain]["reason:" + reason] += 1
+    top = sorted(((d, c) for d, c in per_domain.items() if c["failures"]), key=lambda kv: (-kv[1]["failures"], kv[0]))
+    statuses = [int(s) for s in rows[Col.HTTP_STATUS] if not np.isnan(s)]
+    return {
+        "attempted": int(attempted.sum()),
+        "failed": int(failed.sum()),
+        "error_classes": _counts(r for r, f in zip(rows["_reason"], failed) if f),
+        "http_status": _counts(statuses),
+        "top_failing_domains": [
+            {"domain": d, "failures": c["failures"], "rows": c["rows"], "failure_share": _share(c["failures"], c["rows"]),
+             "reasons": {k[7:]: v for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])) if k.startswith("reason:")}}
+            for d, c in top[:TOP_DOMAINS]
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading what the report needs
+# ---------------------------------------------------------------------------------------------
+
+
+def _float_array(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return np.array([np.nan if v is None else float(v) for v in table.column(name).to_pylist()], dtype=float)
+
+
+def _str_list(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def ledger_columns(layout: Layout) -> tuple[pa.Table, dict]:
+    table = read_table(layout.ledger_glob(), LEDGER_REPORT_COLUMNS)
+    if table is None:
+        table = pa.table({Col.UID: pa.array([], pa.string())})
+    table = table.sort_by([(Col.UID, "ascending")]) if table.num_rows else table
+    captions = [c or "" for c in _str_list(table, Col.CAPTION)]
+    rows = {
+        Col.UID: _str_list(table, Col.UID),
+        Col.URL: _str_list(table, Col.URL),
+        Col.LANG: _str_list(table, Col.LANG),
+        Col.DUPLICATE_OF: _str_list(table, Col.DUPLICATE_OF),
+        "_reason": [r or "" for r in _str_list(table, Col.REASON)],
+        "_kept": np.array([s == Status.KEPT for s in _str_list(table, Col.STATUS)], dtype=bool),
+        "_caption_chars": np.array([len(c) for c in captions], dtype=float),
+        "_caption_words": np.array([len(c.split()) for c in captions], dtype=float),
+    }
+    for name in (Col.CLIP_SCORE, Col.LANG_SCORE, Col.WIDTH, Col.HEIGHT, Col.ORIGINAL_WIDTH, Col.ORIGINAL_HEIGHT,
+                 Col.HTTP_STATUS):
+        rows[name] = _float_array(table, name)
+    return table, rows
+
+
+def phase_infos(layout: Layout) -> dict:
+    return {phase: layout.read_phase_info(phase) for phase in PHASES}
+
+
+def _config_of(info: Optional[dict]) -> dict:
+    config = (info or {}).get("config")
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            config = None
+    return config if isinstance(config, dict) else {}
+
+
+def run_config(infos: dict) -> tuple[dict, list[str]]:
+    """The config of the latest phase that ran, and the keys whose values differed across phases."""
+    configs = {p: _config_of(infos.get(p)) for p in PHASES}
+    latest = next((configs[p] for p in reversed(PHASES) if configs[p]), {})
+    differing = sorted({k for c in configs.values() if c for k in set(c) | set(latest)
+                        if c.get(k) != latest.get(k)})
+    return latest, differing
+
+
+def model_ids(config: dict) -> dict:
+    keys = ("clip_enabled", "clip_model", "clip_pretrained", "clip_checkpoint", "clip_device", "langid_backend")
+    found = {k: config[k] for k in keys if k in config}
+    found.update({k: v for k, v in config.items() if "model" in k and k not in found})
+    return dict(sorted(found.items()))
+
+
+def phase_figures(infos: dict, summary: dict, alive: int) -> tuple[dict, dict]:
+    """(phases, timings): counters are deterministic; seconds and throughput are not."""
+    rows = {"fetch": summary["rows_in"], "decide": alive, "write": summary["rows_in"]}
+    phases, timings = {}, {}
+    for phase in PHASES:
+        info = infos.get(phase) or {}
+        phases[phase] = {"ran": bool(info), "rows": rows[phase], "counters": info.get("metrics") or {}}
+        seconds = info.get("seconds")
+        timings[phase] = {
+            "seconds": seconds, "finished_at": info.get("finished_at"),
+            "rows_per_s": round(rows[phase] / seconds, 1) if seconds else None,
+        }
+    return phases, timings
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: a few thumbnails, read from the tars where they already are (never downloaded)
+# ---------------------------------------------------------------------------------------------
+
+
+def thumbnail_uri(image: bytes, size: int = THUMBNAIL_PX) -> Optional[str]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
+            thumb = img.convert("RGB")
+            thumb.thumbnail((size, size))
+            buffer = io.BytesIO()
+            thumb.save(buffer, "JPEG", quality=75)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    except Exception:  # noqa: BLE001 - a bad image costs one placeholder, not the report
+        return None
+
+
+def _read_from_tars(wanted_by_path: dict[str, set]) -> dict[str, str]:
+    """uid -> thumbnail. Our tars are sorted by uid, so each is read only up to its last wanted uid."""
+    found = {}
+    for path, uids in sorted(wanted_by_path.items()):
+        if not FileSystems.exists(path):
+            continue
+        last = max(uids)
+        with FileSystems.open(path) as handle:
+            for key, image, _ in read_tar_samples(handle):
+                if key in uids and image:
+                    uri = thumbnail_uri(image)
+                    if uri:
+                        found[key] = uri
+                if key >= last:
+                    break
+    return found
+
+
+def load_thumbnails(layout: Layout, table: pa.Table, uids: set, raw_shards: Optional[int]) -> dict[str, str]:
+    """Kept samples come from their final shard (bounded size); the others from raw/."""
+    if not uids or not table.num_rows:
+        return {}
+    shard_col = _str_list(table, Col.SHARD)
+    width_col = _str_list(table, Col.WIDTH)
+    index: dict[str, int] = {}
+    for i, uid in enumerate(table.column(Col.UID).to_pylist()):
+        # Repeated input rows share a uid: the row that has an image (in a shard, or decoded) wins.
+        rank = (bool(shard_col[i]), width_col[i] is not None)
+        if uid not in index or rank > (bool(shard_col[index[uid]]), width_col[index[uid]] is not None):
+            index[uid] = i
+    raw_paths = _glob(layout.raw_glob())
+    by_path: dict[str, set] = collections.defaultdict(set)
+    for uid in uids:
+        i = index.get(uid)
+        if i is None:
+            continue
+        if shard_col[i]:
+            by_path[join_path(layout.shards, f"{shard_col[i]}.tar")].add(uid)
+        elif width_col[i] is not None:  # decoded in fetch, so it is in a raw shard
+            if raw_shards:
+                by_path[join_path(layout.raw_shards, f"{bucket_of(uid, raw_shards):05d}.tar")].add(uid)
+            else:
+                for path in raw_paths:
+                    by_path[path].add(uid)
+    return _read_from_tars(by_path)
+
+
+def _clip_text(text: Optional[str], limit: int = 160) -> Optional[str]:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def pick_examples(table: pa.Table, rows: dict, summary: dict) -> dict[str, list[dict]]:
+    """The lowest uids of each reason: deterministic, and early in every uid-sorted tar."""
+    examples: dict[str, list[dict]] = {r: [] for r in summary["drop_reasons"]}
+    columns = {name: _str_list(table, name) for name in (Col.CAPTION, Col.ERROR_DETAIL, Col.WIDTH, Col.HTTP_STATUS,
+                                                         Col.CLIP_SCORE, Col.LANG)}
+    for i, reason in enumerate(rows["_reason"]):  # rows are in uid order
+        bucket = examples.get(reason)
+        if bucket is None or len(bucket) >= EXAMPLES_PER_REASON or rows["_kept"][i]:
+            continue
+        clip = columns[Col.CLIP_SCORE][i]
+        bucket.append({
+            "uid": rows[Col.UID][i], "url": _clip_text(rows[Col.URL][i]), "caption": _clip_text(columns[Col.CAPTION][i]),
+            "detail": _clip_text(columns[Col.ERROR_DETAIL][i]), "http_status": columns[Col.HTTP_STATUS][i],
+            "lang": columns[Col.LANG][i], "clip_score": _r(clip) if clip is not None else None,
+            "duplicate_of": rows[Col.DUPLICATE_OF][i], "image_stored": columns[Col.WIDTH][i] is not None,
+        })
+    return examples
+
+
+def pick_hard_negatives(layout: Layout) -> tuple[dict, list[dict]]:
+    table = read_table(join_path(layout.shards, "*.parquet"), [Col.KEY, Col.CAPTION, Col.HARD_NEGATIVES])
+    stats = {"available": False, "anchors_with_negatives": 0, "negatives_by_kind": {}}
+    if table is None or Col.HARD_NEGATIVES not in table.column_names or not table.num_rows:
+        return stats, []
+    table = table.sort_by([(Col.KEY, "ascending")])
+    kinds = collections.Counter()
+    triples = []
+    for key, caption, negatives in zip(table.column(Col.KEY).to_pylist(), table.column(Col.CAPTION).to_pylist(),
+                                       table.column(Col.HARD_NEGATIVES).to_pylist()):
+        if not negatives:
+            continue
+        stats["anchors_with_negatives"] += 1
+        kinds.update(n.get(Col.NEGATIVE_KIND) or "unknown" for n in negatives)
+        if len(triples) >= HARD_NEGATIVE_TRIPLES:
+            continue
+
+        def first(accepted):
+            for kind in accepted:
+                for n in negatives:
+                    if n.get(Col.NEGATIVE_KIND) == kind:
+                        return {"uid": n.get(Col.NEGATIVE_UID), "caption": _clip_text(n.get(Col.NEGATIVE_CAPTION)),
+                                "score": _r(n[Col.NEGATIVE_SCORE]) if n.get(Col.NEGATIVE_SCORE) is not None else None,
+                                "kind": kind}
+            return None
+
+        image_negative, caption_negative = first(IMAGE_NEGATIVE_KINDS), first(CAPTION_NEGATIVE_KINDS)
+        if image_negative or caption_negative:
+            triples.append({"anchor": {"uid": key, "caption": _clip_text(caption)},
+                            "image_negative": image_negative, "caption_negative": caption_negative})
+    stats["available"] = stats["anchors_with_negatives"] > 0
+    stats["negatives_by_kind"] = _counts(kinds)
+    return stats, triples
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary (every figure of the page)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_summary(layout: Layout, accounting: dict, infos: dict) -> tuple[dict, pa.Table, dict, dict]:
+    """(summary, ledger table, ledger columns, config): everything the page shows is in summary."""
+    table, rows = ledger_columns(layout)
+    config, differing = run_config(infos)
+    alive = int(np.sum(rows["_kept"] | np.array([reason_stage(r) in ("filters", "dedup") for r in rows["_reason"]],
+                                                 dtype=bool))) if table.num_rows else 0
+    phases, timings = phase_figures(infos, accounting, alive)
+    negatives_stats, triples = pick_hard_negatives(layout)
+    summary = dict(accounting)
+    summary.update(
+        report_version=2,
+        funnel=funnel(accounting["rows_in"], accounting["drop_reasons"]),
+        drop_reason_table=reason_table(accounting),
+        clip=clip_figures(rows, config),
+        languages=language_figures(rows),
+        image_sizes=image_size_figures(rows),
+        caption_lengths=caption_figures(rows),
+        duplicates=duplicate_figures(rows),
+        downloads=download_figures(rows),
+        phases=phases,
+        timings=timings,
+        config=config,
+        config_keys_differing_between_phases=differing,
+        models=model_ids(config),
+        examples=pick_examples(table, rows, accounting),
+        hard_negatives=dict(negatives_stats, triples=triples),
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>curate report</title></head>
-<body><h1>Curation report</h1>
-<p>rows in: {summary['rows_in']} &middot; kept: {summary['kept']} &middot; dropped: {summary['dropped']}
-&middot; shards: {summary['shards']}</p>
-<table border="1"><tr><th>reason</th><th>rows</th><th>meaning</th></tr>{rows}</table>
-</body></html>"""
+    return summary, table, rows, config
+
+
+def summary_json(summary: dict) -> bytes:
+    return (json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg canvas; no pyplot so no global state is touched)
+# ---------------------------------------------------------------------------------------------
+
+KEPT_COLOUR, DROPPED_COLOUR, ACCENT = "#2b8a3e", "#c92a2a", "#1c7ed6"
+STAGE_COLOURS = {"input": "#868e96", "captions": "#f08c00", "fetch": "#c92a2a", "decode": "#9c36b5",
+                 "filters": "#1c7ed6", "dedup": "#0c8599", "errors": "#212529"}
+
+
+def _figure(width: float = 7.0, height: float = 3.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _integer_counts(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _plain_log(axis) -> None:
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    # Pixel sizes read better as 200, 500, 1000 than as 2x10^2.
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    # No "Software" text chunk: identical inputs give identical bytes across matplotlib patches.
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_funnel(steps: list[dict], rows_in: int) -> str:
+    labels = ["rows in"] + [f"after {s['label']}" for s in steps]
+    values = [rows_in] + [s["remaining"] for s in steps]
+    fig = _figure(7.0, 0.45 * len(labels) + 0.8)
+    ax = fig.add_subplot()
+    y = np.arange(len(labels))[::-1]
+    ax.barh(y, values, color=[ACCENT] + [STAGE_COLOURS.get(s["stage"], ACCENT) for s in steps])
+    ax.set_yticks(y, labels)
+    for yi, v, s in zip(y, values, [None] + steps):
+        note = f"{v:,}" + (f"  (-{s['dropped']:,})" if s and s["dropped"] else "")
+        ax.text(v, yi, " " + note, va="center", fontsize=8)
+    ax.set_xlim(0, max(values + [1]) * 1.25)
+    ax.set_xlabel("rows")
+    ax.set_title("Funnel: rows remaining after each stage")
+    return _png(fig)
+
+
+def plot_reasons(table: list[dict]) -> Optional[str]:
+    if not table:
+        return None
+    fig = _figure(7.0, 0.28 * len(table) + 1.0)
+    ax = fig.add_subplot()
+    y = np.arange(len(table))[::-1]
+    ax.barh(y, [r["count"] for r in table], color=[STAGE_COLOURS.get(r["stage"], ACCENT) for r in table])
+    ax.set_yticks(y, [r["reason"] for r in table], fontsize=8)
+    _integer_counts(ax.xaxis)
+    ax.set_xlabel("rows dropped")
+    ax.set_title("Drop reasons (colour = stage)")
+    return _png(fig)
+
+
+def plot_clip(clip: dict) -> Optional[str]:
+    if not clip.get("available"):
+        return None
+    hist = clip["histogram"]
+    edges = np.array(hist["edges"], dtype=float)
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = np.diff(edges)
+    ax.bar(edges[:-1], hist["kept"], width=width, align="edge", alpha=0.6, color=KEPT_COLOUR, label="kept")
+    ax.bar(edges[:-1], hist["dropped"], width=width, align="edge", alpha=0.6, color=DROPPED_COLOUR, label="dropped")
+    threshold = clip.get("effective_threshold")
+    if threshold is not None:
+        label = "cutoff (top %s%%)" % clip["keep_top_percent"] if clip.get("keep_top_percent") else f"threshold {threshold}"
+        ax.axvline(threshold, color="black", linestyle="--", label=label)
+    for lang, value in (clip.get("thresholds_per_lang") or {}).items():
+        ax.axvline(float(value), color="grey", linestyle=":", linewidth=1)
+        ax.text(float(value), ax.get_ylim()[1] * 0.95, f" {lang}", fontsize=7, color="grey")
+    ax.set_xlabel("CLIP image-caption similarity")
+    ax.set_ylabel("rows")
+    ax.set_title("CLIP score: kept vs dropped")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_languages(languages: dict) -> Optional[str]:
+    table = languages["languages"]
+    if not table:
+        return None
+    names = list(table)
+    fig = _figure(7.0, 0.28 * len(names) + 1.0)
+    ax = fig.add_subplot()
+    y = np.arange(len(names))[::-1]
+    kept = [table[n]["kept"] for n in names]
+    ax.barh(y, kept, color=KEPT_COLOUR, label="kept")
+    ax.barh(y, [table[n]["dropped"] for n in names], left=kept, color=DROPPED_COLOUR, label="dropped")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("rows")
+    ax.set_title("Caption languages")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_image_sizes(rows: dict) -> Optional[str]:
+    w, h = rows[Col.ORIGINAL_WIDTH], rows[Col.ORIGINAL_HEIGHT]
+    known = ~np.isnan(w) & ~np.isnan(h) & (w > 0) & (h > 0)
+    if not known.any():
+        return None
+    kept = rows["_kept"][known]
+    w, h = w[known], h[known]
+    fig = _figure(8.0, 3.4)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.scatter(w[kept], h[kept], s=8, alpha=0.5, color=KEPT_COLOUR, label="kept")
+    ax1.scatter(w[~kept], h[~kept], s=14, alpha=0.8, color=DROPPED_COLOUR, marker="x", label="dropped")
+    if max(w.max(), h.max()) > 20 * min(w.min(), h.min()):  # log axes only when sizes span decades
+        ax1.set_xscale("log")
+        ax1.set_yscale("log")
+        _plain_log(ax1.xaxis)
+        _plain_log(ax1.yaxis)
+    ax1.set_xlabel("original width (px)")
+    ax1.set_ylabel("original height (px)")
+    ax1.legend(fontsize=8)
+    shorter = np.minimum(w, h)
+    bins = np.logspace(math.log10(shorter.min() / 1.2), math.log10(shorter.max() * 1.2), 30)
+    ax2.hist([shorter[kept], shorter[~kept]], bins=bins, stacked=True, color=[KEPT_COLOUR, DROPPED_COLOUR],
+             label=["kept", "dropped"])
+    ax2.set_xscale("log")
+    _plain_log(ax2.xaxis)
+    _integer_counts(ax2.yaxis)
+    ax2.set_xlabel("shorter side (px)")
+    ax2.set_ylabel("rows")
+    fig.suptitle("Image sizes (as downloaded)")
+    return _png(fig)
+
+
+def plot_captions(rows: dict) -> Optional[str]:
+    chars = rows["_caption_chars"]
+    if chars.size == 0:
+        return None
+    kept = rows["_kept"]
+    # Linear bins up to the 99th percentile; the long tail is folded into the last bin.
+    top = max(float(np.quantile(chars, 0.99)), 10.0)
+    bins = np.linspace(0, top, 41)
+    clipped = np.minimum(chars, top)
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.hist([clipped[kept], clipped[~kept]], bins=bins, stacked=True, color=[KEPT_COLOUR, DROPPED_COLOUR],
+            label=["kept", "dropped"])
+    ax.set_xlabel(f"caption length (characters; last bin: >= {top:.0f})")
+    ax.set_ylabel("rows")
+    ax.set_title("Caption lengths")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_duplicates(duplicates: dict) -> Optional[str]:
+    sizes = duplicates["cluster_sizes"]
+    if not sizes:
+        return None
+    fig = _figure(6.0, 3.0)
+    ax = fig.add_subplot()
+    ax.bar([str(s) for s in sizes], list(sizes.values()), color=ACCENT)
+    _integer_counts(ax.yaxis)
+    ax.set_xlabel("cluster size (survivor + duplicates)")
+    ax.set_ylabel("clusters")
+    ax.set_title("Duplicate image clusters")
+    return _png(fig)
+
+
+def plot_downloads(downloads: dict) -> Optional[str]:
+    classes, statuses = downloads["error_classes"], downloads["http_status"]
+    if not classes and not statuses:
+        return None
+    fig = _figure(8.0, 3.2)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    if classes:
+        y = np.arange(len(classes))[::-1]
+        ax1.barh(y, list(classes.values()), color=DROPPED_COLOUR)
+        ax1.set_yticks(y, list(classes), fontsize=8)
+    _integer_counts(ax1.xaxis)
+    ax1.set_title("Download error classes", fontsize=10)
+    ax1.set_xlabel("rows")
+    if statuses:
+        ax2.bar(list(statuses), list(statuses.values()),
+                color=[KEPT_COLOUR if s.startswith("2") else DROPPED_COLOUR for s in statuses])
+    ax2.set_title("HTTP status of the final response", fontsize=10)
+    ax2.set_ylabel("rows")
+    return _png(fig)
+
+
+def plot_timings(timings: dict) -> Optional[str]:
+    phases = [p for p in PHASES if timings[p]["seconds"] is not None]
+    if not phases:
+        return None
+    fig = _figure(6.0, 2.4)
+    ax = fig.add_subplot()
+    y = np.arange(len(phases))[::-1]
+    seconds = [timings[p]["seconds"] for p in phases]
+    ax.barh(y, seconds, color=ACCENT)
+    ax.set_yticks(y, phases)
+    for yi, p, s in zip(y, phases, seconds):
+        rate = timings[p]["rows_per_s"]
+        ax.text(s, yi, f" {s:.1f}s" + (f", {rate:,.1f} rows/s" if rate else ""), va="center", fontsize=8)
+    ax.set_xlim(0, max(seconds) * 1.5 or 1)
+    ax.set_xlabel("seconds")
+    ax.set_title("Time per phase")
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#212529;background:#fff}
+header{background:#1c7ed6;color:#fff;padding:14px 24px}header h1{margin:0;font-size:22px}
+nav{padding:8px 24px;background:#f1f3f5;position:sticky;top:0;font-size:13px}nav a{margin-right:12px;color:#1864ab}
+main{padding:0 24px 40px;max-width:1200px}section{margin-top:28px}h2{border-bottom:2px solid #dee2e6;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f8f9fa}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #dee2e6;border-radius:6px;padding:8px 14px;min-width:110px}
+.card b{display:block;font-size:22px}.ok{color:#2b8a3e}.bad{color:#c92a2a}
+img.plot{max-width:100%;height:auto;border:1px solid #f1f3f5}
+.examples{display:flex;gap:10px;flex-wrap:wrap;margin:6px 0 14px}
+.ex{width:210px;border:1px solid #dee2e6;border-radius:6px;padding:6px;font-size:12px;overflow-wrap:anywhere}
+.ex img,.ph{width:96px;height:96px;object-fit:contain;background:#f8f9fa;display:block}
+.ph{display:flex;align-items:center;justify-content:center;text-align:center;color:#868e96;font-size:11px;border:1px dashed #adb5bd}
+.pair{display:flex;gap:6px}.muted{color:#868e96}code{font-size:12px}
+.triple{display:flex;gap:10px;margin:8px 0;flex-wrap:wrap}.triple .ex{width:240px}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _img(uri: Optional[str], alt: str) -> str:
+    if not uri:
+        return '<div class="ph">no image stored</div>'
+    return f'<img src="{uri}" alt="{_e(alt)}" width="96" height="96">'
+
+
+def _plot(uri: Optional[str], alt: str, empty: str) -> str:
+    return f'<img class="plot" src="{uri}" alt="{_e(alt)}">' if uri else f'<p class="muted">{_e(empty)}</p>'
+
+
+def _table(headers: list[str], rows: list[list], numeric: Iterable[int] = ()) -> str:
+    numeric = set(numeric)
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td{" class=n" if i in numeric else ""}>{_e(c)}</td>' for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _stats_rows(named: dict) -> list[list]:
+    keys = ("count", "min", "p05", "median", "p95", "max", "mean")
+    return [[name] + [stats.get(k, "") for k in keys] for name, stats in named.items()]
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def render_html(summary: dict, rows: dict, thumbs: dict[str, str]) -> str:
+    s = summary
+    parts = []
+    add = parts.append
+    sections = [("funnel", "Funnel"), ("reasons", "Drop reasons"), ("examples", "Examples"), ("clip", "CLIP score"),
+                ("languages", "Languages"), ("sizes", "Image sizes"), ("captions", "Captions"),
+                ("duplicates", "Duplicates"), ("downloads", "Downloads"), ("negatives", "Hard negatives"),
+                ("time", "Time"), ("config", "Config")]
+    add("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+        f"<title>curate report: {s['kept']:,} kept of {s['rows_in']:,}</title><style>{CSS}</style></head><body>")
+    add(f"<header><h1>Curation report</h1><div>{_e(s['config'].get('output', ''))}</div></header>")
+    add("<nav>" + "".join(f'<a href="#{k}">{_e(v)}</a>' for k, v in sections) + "</nav><main>")
+
+    ok = s["accounting_ok"]
+    add('<section id="funnel"><h2>Funnel</h2><div class="cards">'
+        f'<div class="card">rows in<b>{s["rows_in"]:,}</b></div>'
+        f'<div class="card">kept<b class="ok">{s["kept"]:,}</b>{_pct(s["kept"] / s["rows_in"]) if s["rows_in"] else ""}</div>'
+        f'<div class="card">dropped<b class="bad">{s["dropped"]:,}</b>{_pct(s["dropped"] / s["rows_in"]) if s["rows_in"] else ""}</div>'
+        f'<div class="card">shards<b>{s["shards"]:,}</b>{s["shard_samples"]:,} samples</div>'
+        f'<div class="card">accounting<b class="{"ok" if ok else "bad"}">{"OK" if ok else "FAILED"}</b>'
+        "in = kept + dropped</div></div>")
+    add(_plot(plot_funnel(s["funnel"], s["rows_in"]), "funnel", ""))
+    add(_table(["stage", "dropped", "remaining after", "reasons"],
+               [[f["label"], f["dropped"], f["remaining"], ", ".join(f"{r} {c}" for r, c in f["reasons"].items())]
+                for f in s["funnel"]], numeric=(1, 2)))
+    add("</section>")
+
+    add('<section id="reasons"><h2>Drop reasons</h2>')
+    add(_plot(plot_reasons(s["drop_reason_table"]), "drop reasons", "Nothing was dropped."))
+    add(_table(["reason", "stage", "rows", "share of rows", "share of dropped", "meaning"],
+               [[r["reason"], r["stage"], r["count"], _pct(r["share_of_rows"]), _pct(r["share_of_dropped"]),
+                 r["description"]] for r in s["drop_reason_table"]], numeric=(2, 3, 4)))
+    add("</section>")
+
+    add(f'<section id="examples"><h2>Examples of each drop reason</h2><p class="muted">Up to {EXAMPLES_PER_REASON} '
+        "rows per reason (lowest uids). Rows dropped before decoding have no stored image; their URL and caption "
+        "are shown instead. URLs are untrusted and shown as text only.</p>")
+    for reason, examples in s["examples"].items():
+        add(f"<h3>{_e(reason)} <span class=\"muted\">({s['drop_reasons'].get(reason, 0):,} rows)</span></h3>"
+            '<div class="examples">')
+        for ex in examples:
+            if reason == R.DUPLICATE_ROW.value:  # same uid as its survivor: one image for both rows
+                pair = _img(thumbs.get(ex["duplicate_of"]), "the surviving row's image")
+            else:
+                pair = _img(thumbs.get(ex["uid"]) if ex["image_stored"] else None, ex["caption"] or ex["uid"])
+            if ex.get("duplicate_of") and reason in DUPLICATE_REASONS:
+                pair += _img(thumbs.get(ex["duplicate_of"]), "survivor")
+            facts = [f"<code>{_e(ex['uid'][:12])}</code>"]
+            if ex.get("duplicate_of"):
+                facts.append(f"dup of <code>{_e(ex['duplicate_of'][:12])}</code>")
+            for key in ("http_status", "lang", "clip_score"):
+                if ex.get(key) is not None:
+                    facts.append(f"{key}={_e(ex[key])}")
+            add(f'<div class="ex"><div class="pair">{pair}</div><div>{" &middot; ".join(facts)}</div>'
+                f'<div>&ldquo;{_e(ex["caption"])}&rdquo;</div><div class="muted">{_e(ex["url"])}</div>'
+                + (f'<div class="muted">{_e(ex["detail"])}</div>' if ex.get("detail") else "") + "</div>")
+        add("</div>")
+    add("</section>")
+
+    clip = s["clip"]
+    add('<section id="clip"><h2>CLIP score</h2>')
+    if clip.get("available"):
+        add(_plot(plot_clip(clip), "clip score histogram", ""))
+        thr = f"threshold {clip['threshold']}"
+        if clip.get("keep_top_percent"):
+            thr = f"keep top {clip['keep_top_percent']}% (effective cutoff {clip['effective_threshold']})"
+        if clip.get("thresholds_per_lang"):
+            thr += "; per language: " + ", ".join(f"{k}={v}" for k, v in clip["thresholds_per_lang"].items())
+        add(f"<p>{_e(thr)}. {clip['scored_rows']:,} rows scored.</p>")
+        add(_table(["", "count", "min", "p05", "median", "p95", "max", "mean"],
+                   _stats_rows({"kept": clip["kept"], "dropped (any reason)": clip["dropped"],
+                                "dropped low_clip_score": clip["dropped_low_clip"]}), numeric=range(1, 8)))
+    else:
+        add('<p class="muted">No CLIP scores in this run (CLIP stage disabled or not run).</p>')
+    add("</section>")
+
+    langs = s["languages"]
+    add('<section id="languages"><h2>Languages</h2>')
+    add(_plot(plot_languages(langs), "languages", "No language tags."))
+    add(_table(["language", "kept", "dropped"], [[k, v["kept"], v["dropped"]] for k, v in langs["languages"].items()],
+               numeric=(1, 2)))
+    add(f"<p>{langs['distinct']} distinct tags; language score: median {langs['lang_score'].get('median')}</p>")
+    add("</section>")
+
+    sizes = s["image_sizes"]
+    add('<section id="sizes"><h2>Image sizes</h2>')
+    add(_plot(plot_image_sizes(rows), "image sizes", "No decoded images."))
+    add(_table(["shorter side (px)", "kept", "dropped"],
+               [[k, v["kept"], v["dropped"]] for k, v in sizes["shorter_side_buckets"].items()], numeric=(1, 2)))
+    add(_table(["", "count", "min", "p05", "median", "p95", "max", "mean"],
+               _stats_rows({"shorter side, kept": sizes["shorter_side_kept"],
+                            "shorter side, dropped": sizes["shorter_side_dropped"],
+                            "aspect ratio": sizes["aspect_ratio"], "megapixels": sizes["megapixels"]}),
+               numeric=range(1, 8)))
+    add("<p>Stored sizes: " + _e(", ".join(f"{k} ({v:,})" for k, v in sizes["output_sizes"].items())) + "</p>")
+    add("</section>")
+
+    caps = s["caption_lengths"]
+    add('<section id="captions"><h2>Caption lengths</h2>')
+    add(_plot(plot_captions(rows), "caption lengths", "No captions."))
+    add(_table(["", "count", "min", "p05", "median", "p95", "max", "mean"],
+               _stats_rows({"characters, kept": caps["chars_kept"], "characters, dropped": caps["chars_dropped"],
+                            "words, kept": caps["words_kept"], "words, dropped": caps["words_dropped"]}),
+               numeric=range(1, 8)))
+    add("</section>")
+
+    dups = s["duplicates"]
+    add('<section id="duplicates"><h2>Duplicate clusters</h2>')
+    add(f"<p>{dups['clusters']:,} image clusters ({dups['duplicates']:,} duplicates dropped, exact + near); "
+        f"{dups['duplicate_row_groups']:,} groups of repeated input rows.</p>")
+    add(_plot(plot_duplicates(dups), "duplicate cluster sizes", "No image duplicates in this run."))
+    if dups["largest"]:
+        add(_table(["survivor", "size", "members"],
+                   [[c["survivor"], c["size"], ", ".join(f"{k} {v}" for k, v in c["members"].items())]
+                    for c in dups["largest"]], numeric=(1,)))
+    add("</section>")
+
+    dl = s["downloads"]
+    add('<section id="downloads"><h2>Downloads</h2>')
+    add(f"<p>{dl['attempted']:,} rows reached the downloader; {dl['failed']:,} failed there.</p>")
+    add(_plot(plot_downloads(dl), "download errors", "No download errors."))
+    add("<h3>Domains with most failures</h3>")
+    add(_table(["domain", "failures", "rows", "failure share", "reasons"],
+               [[d["domain"], d["failures"], d["rows"], _pct(d["failure_share"]),
+                 ", ".join(f"{k} {v}" for k, v in d["reasons"].items())] for d in dl["top_failing_domains"]],
+               numeric=(1, 2, 3)))
+    add("</section>")
+
+    neg = s["hard_negatives"]
+    add('<section id="negatives"><h2>Hard negatives</h2>')
+    if neg["triples"]:
+        add(f"<p>{neg['anchors_with_negatives']:,} kept samples carry negatives; by kind: "
+            + _e(", ".join(f"{k} {v:,}" for k, v in neg["negatives_by_kind"].items())) + "</p>")
+        for t in neg["triples"]:
+            # (title, item, show a picture): a caption negative is text only, paired with the anchor's image.
+            cells = [("anchor", t["anchor"], True)]
+            if t["image_negative"]:
+                cells.append(("image negative", t["image_negative"], True))
+            if t["caption_negative"]:
+                cells.append((f"caption negative ({t['caption_negative']['kind']})", t["caption_negative"], False))
+            add('<div class="triple">')
+            for title, item, pictured in cells:
+                picture = _img(thumbs.get(item.get("uid") or ""), item["caption"] or "") if pictured else ""
+                score = f" &middot; score {_e(item['score'])}" if item.get("score") is not None else ""
+                add(f'<div class="ex"><b>{_e(title)}</b>{score}{picture}<div>&ldquo;{_e(item["caption"])}&rdquo;</div></div>')
+            add("</div>")
+    else:
+        add('<p class="muted">No hard negatives in this run.</p>')
+    add("</section>")
+
+    add('<section id="time"><h2>Time and throughput per phase</h2>')
+    add(_plot(plot_timings(s["timings"]), "time per phase", "No phase timings recorded."))
+    add(_table(["phase", "seconds", "rows", "rows/s", "finished at (UTC)"],
+               [[p, s["timings"][p]["seconds"], s["phases"][p]["rows"], s["timings"][p]["rows_per_s"],
+                 s["timings"][p]["finished_at"]] for p in PHASES], numeric=(1, 2, 3)))
+    counters = [[p, name, value] for p in PHASES for name, value in s["phases"][p]["counters"].items()]
+    if counters:
+        add("<details><summary>Beam counters</summary>" + _table(["phase", "counter", "value"], counters, numeric=(2,))
+            + "</details>")
+    add("</section>")
+
+    add('<section id="config"><h2>Config and models</h2>')
+    add(_table(["model setting", "value"], [[k, json.dumps(v)] for k, v in s["models"].items()]))
+    if s["config_keys_differing_between_phases"]:
+        add("<p>Keys that differed between phases (shown: the latest phase's): "
+            + _e(", ".join(s["config_keys_differing_between_phases"])) + "</p>")
+    add("<details open><summary>Full config</summary>"
+        + _table(["key", "value"], [[k, json.dumps(v, sort_keys=True)] for k, v in sorted(s["config"].items())])
+        + "</details></section>")
+    add("</main></body></html>")
+    return "\n".join(parts)
+
+
+def _thumbnail_uids(summary: dict) -> set:
+    uids = set()
+    for reason, examples in summary["examples"].items():
+        for ex in examples:
+            if ex["image_stored"]:
+                uids.add(ex["uid"])
+            if ex.get("duplicate_of") and reason in SHOW_SURVIVOR_REASONS:
+                uids.add(ex["duplicate_of"])
+    for t in summary["hard_negatives"]["triples"]:
+        uids.add(t["anchor"]["uid"])
+        if t["image_negative"] and t["image_negative"].get("uid"):
+            uids.add(t["image_negative"]["uid"])
+    return uids
+
+
+def write_report(layout: Layout, summary: dict, phases: Optional[dict] = None) -> str:
+    """Write report/summary.json and report/index.html; returns the page's path.
+
+    `summary` is what `account()` returned; `phases` maps phase -> its run/{phase}.json (read
+    from the layout when None or when given as bare seconds).
+    """
+    infos = phases if phases and all(isinstance(v, dict) or v is None for v in phases.values()) else phase_infos(layout)
+    full, table, rows, config = build_summary(layout, summary, infos)
+    thumbs = load_thumbnails(layout, table, _thumbnail_uids(full), config.get("raw_shards"))
+    write_atomically(join_path(layout.report, "summary.json"), summary_json(full))
+    page = render_html(full, rows, thumbs)
     path = join_path(layout.report, "index.html")
     write_atomically(path, page.encode("utf-8"))
     return path

@@ -1,0 +1,356 @@
+"""Terminal progress for local runs: rows processed, rate and ETA of the phase in progress.
+
+How it fits together:
+- the CLI calls `start_phase(phase, total_rows)` before running a phase and `finish_phase()`
+  after it; that starts one reporter thread in the launching process, which prints a line to
+  stderr every `interval_s` seconds;
+- a phase builder wraps the PCollections worth counting with `ReportProgress(phase, stage)`, a
+  pass-through ParDo that adds to the reporter of the process it runs in.
+
+On the in-process DirectRunner (the local default) the DoFns run in the launching process, so the
+counts reach the reporter. On Dataflow (or DirectRunner multi_processing) the DoFns run in other
+processes where no reporter was started: the transform then only passes elements through (no
+output, no cost beyond a function call), and the launcher prints nothing because it has no counts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import IO, Optional
+
+import apache_beam as beam
+
+DEFAULT_INTERVAL_S = 2.0
+_RATE_WINDOW_S = 15.0  # rate over the recent past: reacts to slow-downs, ignores start-up
+_FLUSH_EVERY = 64  # elements a DoFn counts locally before taking the reporter's lock...
+_FLUSH_AFTER_S = 0.5  # ...or seconds since its last flush, whichever comes first
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressReporter:
+    """Counts per stage of one phase; a daemon thread prints them with rate and ETA."""
+
+    def __init__(self, phase: str, total_rows: Optional[int], stream: IO[str] = None,
+                 interval_s: float = DEFAULT_INTERVAL_S, clock=time.monotonic):
+        self.phase = phase
+        self.total_rows = total_rows
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._totals: dict[str, Optional[int]] = {}
+        self._history: list[tuple[float, int]] = []  # (time, count of the ETA stage)
+        self._started = clock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        # Overwrite one line on a terminal; append lines to a file or a pipe (CI logs, tests).
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    # -- counting (called from DoFns, any thread) ---------------------------------------------
+    def add(self, stage: str, count: int, total_rows: Optional[int] = None) -> None:
+        with self._lock:
+            if stage not in self._counts:
+                self._counts[stage] = 0
+                self._totals[stage] = total_rows if total_rows is not None else self.total_rows
+            self._counts[stage] += count
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    # -- rendering -----------------------------------------------------------------------------
+    def _eta_stage(self) -> Optional[str]:
+        """The stage furthest behind among those with a known total: it decides when we finish."""
+        known = [(self._counts[s] / t, s) for s, t in self._totals.items() if t]
+        return min(known)[1] if known else (next(reversed(self._counts)) if self._counts else None)
+
+    def line(self) -> str:
+        now = self._clock()
+        with self._lock:
+            stage = self._eta_stage()
+            counts = dict(self._counts)
+            totals = dict(self._totals)
+        elapsed = now - self._started
+        if stage is None:
+            return f"[curate] {self.phase}: starting ({_duration(elapsed)} elapsed)"
+        done = counts[stage]
+        self._history.append((now, done))
+        while len(self._history) > 2 and now - self._history[0][0] > _RATE_WINDOW_S:
+            self._history.pop(0)
+        then, before = self._history[0]
+        rate = (done - before) / (now - then) if now - then > 0.5 else (done / elapsed if elapsed > 0 else 0.0)
+        total = totals.get(stage)
+        if total:
+            remaining = max(total - done, 0)
+            eta = _duration(remaining / rate) if rate > 0 else ("0s" if remaining == 0 else "unknown")
+            progress = f"{done:,}/{total:,} rows ({100.0 * done / total:.0f}%)"
+        else:
+            eta, progress = "unknown", f"{done:,} rows (total unknown)"
+        others = ", ".join(f"{s} {c:,}" for s, c in counts.items() if s != stage)
+        return (
+            f"[curate] {self.phase}: {stage} {progress}, {rate:,.1f} rows/s, ETA {eta}, "
+            f"{_duration(elapsed)} elapsed" + (f" [{others}]" if others else "")
+        )
+
+    def _emit(self, text: str, final: bool = False) -> None:
+        try:
+            if self._tty:
+                self.stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed stream must never fail the pipeline
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._emit(self.line())
+
+    def start(self) -> "ProgressReporter":
+        self._thread = threading.Thread(target=self._loop, name=f"curate-progress-{self.phase}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.counts():
+            self._emit(self.line(), final=True)
+
+
+_REPORTER: Optional[ProgressReporter] = None
+_REPORTER_LOCK = threading.Lock()
+
+
+def current() -> Optional[ProgressReporter]:
+    return _REPORTER
+
+
+def start_phase(phase: str, total_rows: Optional[int] = None, stream: IO[str] = None,
+                interval_s: Optional[float] = None) -> ProgressReporter:
+    """Start reporting a phase in this process (stops the previous phase's reporter)."""
+    global _REPORTER
+    if interval_s is None:
+        interval_s = float(os.environ.get("CURATE_PROGRESS_INTERVAL_S", DEFAULT_INTERVAL_S))
+    with _REPORTER_LOCK:
+        if _REPORTER is not None:
+            _REPORTER.stop()
+        _REPORTER = ProgressReporter(phase, total_rows, stream=stream, interval_s=interval_s).start()
+        return _REPORTER
+
+
+def finish_phase() -> None:
+    global _REPORTER
+    with _REPORTER_LOCK:
+        if _REPORTER is not None:
+            _REPORTER.stop()
+        _REPORTER = None
+
+
+class _CountDoFn(beam.DoFn):
+    def __init__(self, phase: str, stage: str, total_rows: Optional[int]):
+        self._phase = phase
+        self._stage = stage
+        self._total = total_rows
+        self._pending = 0
+
+    def start_bundle(self):
+        self._pending = 0
+        self._flushed_at = time.monotonic()
+
+    def _flush(self) -> None:
+        # Looked up at run time, never captured: a pickled copy on a remote worker finds None.
+        reporter = _REPORTER
+        if reporter is not None and self._pending and reporter.phase == self._phase:
+            reporter.add(self._stage, self._pending, self._total)
+        self._pending = 0
+        self._flushed_at = time.monotonic()
+
+    def process(self, element):
+        self._pending += 1
+        # Batched for fast stages, but never held back longer than a moment for slow ones.
+        if self._pending >= _FLUSH_EVERY or time.monotonic() - self._flushed_at > _FLUSH_AFTER_S:
+            self._flush()
+        yield element
+
+    def finish_bundle(self):
+        self._flush()
+
+
+class ReportProgress(beam.PTransform):
+    """Pass-through that counts elements for the terminal progress line of `phase`.
+
+    `total_rows` is what the stage is expected to reach (for the ETA); None means "the phase's
+    total" as given to `start_phase` by the CLI (unknown when that is None too).
+    """
+
+    def __init__(self, phase: str, stage: str, total_rows: Optional[int] = None):
+        super().__init__()
+        self._phase = phase
+        self._stage = stage
+        self._total = total_rows
+
+    def expand(self, pcoll):
+        # Remembered on the pipeline so the CLI's fallback `watch` does not count the phase twice.
+        wired = getattr(pcoll.pipeline, "_curate_progress_phases", set())
+        pcoll.pipeline._curate_progress_phases = wired | {self._phase}
+        return pcoll | "Count" >> beam.ParDo(_CountDoFn(self._phase, self._stage, self._total))
+
+
+# What each phase builder returns, counted for the progress line (one element per row).
+PHASE_STAGES = {"fetch": "rows fetched", "decide": "rows decided", "write": "ledger rows"}
+
+
+def watch(rows, phase: str, stage: Optional[str] = None) -> None:
+    """Fallback for a phase whose builder wired no ReportProgress: count what the builder returned
+    (a side branch; the graph is otherwise unchanged). Coarser: a Flatten or a join before it makes
+    the count move in steps."""
+    if not isinstance(rows, beam.pvalue.PCollection):
+        return
+    if phase in getattr(rows.pipeline, "_curate_progress_phases", set()):
+        return
+    rows | f"Progress{phase.capitalize()}" >> ReportProgress(phase, stage or PHASE_STAGES.get(phase, "rows"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cheap totals for the ETA (local files only: never worth a remote scan)
+# ---------------------------------------------------------------------------------------------
+
+_MAX_COUNT_BYTES = 2_000_000_000  # counting newlines in more than this costs more than it tells
+
+
+def _local_paths(pattern_list: str) -> Optional[list[str]]:
+    import glob
+
+    paths = []
+    for pattern in (p.strip() for p in pattern_list.split(",")):
+        if not pattern:
+            continue
+        if "://" in pattern:
+            return None
+        paths.extend(sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern])
+    return paths
+
+
+def _count_file_rows(path: str, fmt: str) -> Optional[int]:
+    import gzip
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt == "webdataset":
+        import tarfile
+
+        # Distinct keys = samples; tarfile seeks past member data, so this reads headers only.
+        with tarfile.open(path, "r:") as archive:
+            return len({m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in archive if m.isfile()})
+    if path.endswith((".bz2", ".zst", ".zstd", ".deflate")):
+        return None
+    opener = gzip.open if path.endswith(".gz") else open
+    lines, last = 0, b"\n"
+    with opener(path, "rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            if not block:
+                break
+            lines += block.count(b"\n")
+            last = block[-1:]
+    lines += last != b"\n"  # a last line without a newline
+    # CSV/TSV have a header; a quoted caption spanning lines makes this an estimate (ETA only).
+    return max(lines - 1, 0) if fmt in ("csv", "tsv") else lines
+
+
+def count_input_rows(config) -> Optional[int]:
+    """Rows in the local input files (None when remote, too big, or not countable)."""
+    from transforms.read_input import detect_format
+
+    try:
+        paths = _local_paths(config.input or "")
+        if not paths or sum(os.path.getsize(p) for p in paths) > _MAX_COUNT_BYTES:
+            return None
+        total = 0
+        for path in paths:
+            fmt = config.input_format if config.input_format != "auto" else detect_format(path)
+            count = _count_file_rows(path, fmt)
+            if count is None:
+                return None
+            total += count
+        return total
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def count_table_rows(pattern: str) -> Optional[int]:
+    """Rows of a Parquet table from the footers only (features/ for decide and write)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        total = 0
+        for metadata in FileSystems.match([pattern])[0].metadata_list:
+            with FileSystems.open(metadata.path) as handle:
+                total += pq.ParquetFile(pa.BufferReader(handle.read())).metadata.num_rows
+        return total
+    except Exception:  # noqa: BLE001 - a total is a nicety; never fail a phase over it
+        return None
+
+
+def count_alive_rows(pattern: str) -> Optional[int]:
+    """Rows of the features table that survived fetch (what decide decides on): one column read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from schemas import Col, Status
+
+    try:
+        total = 0
+        for metadata in FileSystems.match([pattern])[0].metadata_list:
+            with FileSystems.open(metadata.path) as handle:
+                status = pq.read_table(pa.BufferReader(handle.read()), columns=[Col.STATUS]).column(Col.STATUS)
+                total += pc.sum(pc.equal(status, Status.KEPT)).as_py() or 0
+        return total
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def phase_total(phase: str, config, layout) -> Optional[int]:
+    """The rows a phase will process, as cheaply as can be known before it starts:
+    fetch: input rows; decide: rows that survived fetch; write: ledger rows (= features rows)."""
+    if phase == "fetch":
+        return count_input_rows(config)
+    if phase == "decide":
+        return count_alive_rows(layout.features_glob())
+    return count_table_rows(layout.features_glob())
+
+
+def is_local_runner(beam_args_or_options) -> bool:
+    """Progress only makes sense where the DoFns run in this process (in-memory DirectRunner)."""
+    try:
+        from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+        options = beam_args_or_options
+        runner = options.view_as(StandardOptions).runner or "DirectRunner"
+        mode = options.view_as(DirectOptions).direct_running_mode
+        name = runner if isinstance(runner, str) else type(runner).__name__
+        return name.endswith(("DirectRunner", "FnApiRunner")) and mode in (None, "in_memory", "multi_threading")
+    except Exception:  # noqa: BLE001
+        return False

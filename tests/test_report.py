@@ -1,0 +1,341 @@
+"""The run report: figures equal the ledger, the page is self-contained and renders in a real browser,
+and the terminal progress prints rate and ETA."""
+
+from __future__ import annotations
+
+import collections
+import html.parser
+import io
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import progress
+from pipeline.layout import Layout
+from pipeline.report import (
+    EXAMPLES_PER_REASON,
+    FUNNEL_STAGES,
+    REASON_STAGE,
+    account,
+    funnel,
+    reason_stage,
+)
+from schemas import LEDGER_SCHEMA, SHARD_SCHEMA, Col, DropReason, Status
+from tests.conftest import in_process_pipeline, run_cli
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _ledger(out: Path) -> list[dict]:
+    return pq.read_table(sorted((out / "ledger").glob("*.parquet"))).to_pylist()
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "report" / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# An output with every optional section populated: CLIP scores, image duplicates, hard negatives.
+# The demo run has none of those yet (other stages land them), so a copy of it is edited the way
+# those stages will write it: scores on every decoded row, decide-phase drops, negatives in shards.
+# ---------------------------------------------------------------------------------------------
+
+THRESHOLD = 0.28
+
+
+def _score(uid: str) -> float:
+    return round(0.25 + (int(uid[:6], 16) % 1000) / 1000 * 0.15, 4)  # ~20% below THRESHOLD
+
+
+@pytest.fixture(scope="module")
+def enriched_output(demo_output, tmp_path_factory):
+    out = tmp_path_factory.mktemp("enriched") / "out"
+    shutil.copytree(demo_output, out, ignore=shutil.ignore_patterns("report"))
+    enrich(out)
+    assert run_cli("report", str(out)) == 0
+    return out
+
+
+def enrich(out: Path) -> None:
+    ledger_path = sorted((out / "ledger").glob("*.parquet"))
+    rows = [r for p in ledger_path for r in pq.read_table(p).to_pylist()]
+    kept = sorted((r for r in rows if r[Col.STATUS] == Status.KEPT), key=lambda r: r[Col.UID])
+    for row in rows:
+        if row[Col.WIDTH] is not None:
+            row[Col.CLIP_SCORE] = _score(row[Col.UID])
+    high = [r for r in kept if r[Col.CLIP_SCORE] >= THRESHOLD]
+    survivor_a, survivor_b = high[0], high[1]
+    drops = {high[2][Col.UID]: (DropReason.DUPLICATE_NEAR, survivor_a), high[3][Col.UID]: (DropReason.DUPLICATE_NEAR, survivor_a),
+             high[4][Col.UID]: (DropReason.DUPLICATE_EXACT, survivor_b)}
+    for row in kept:
+        if row[Col.UID] in drops:
+            reason, survivor = drops[row[Col.UID]]
+            row.update({Col.STATUS: Status.DROPPED, Col.REASON: reason.value, Col.DUPLICATE_OF: survivor[Col.UID],
+                        Col.SHARD: None})
+        elif row[Col.CLIP_SCORE] < THRESHOLD:
+            row.update({Col.STATUS: Status.DROPPED, Col.REASON: DropReason.LOW_CLIP_SCORE.value, Col.SHARD: None})
+    for path in ledger_path:
+        path.unlink()
+    pq.write_table(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), ledger_path[0])
+    still_kept = [r[Col.UID] for r in kept if r[Col.STATUS] == Status.KEPT]
+    next_kept = {u: still_kept[(i + 1) % len(still_kept)] for i, u in enumerate(still_kept)}
+    captions = {r[Col.UID]: r[Col.CAPTION] for r in kept}
+    for path in sorted((out / "shards").glob("*.parquet")):
+        shard = [r for r in pq.read_table(path).to_pylist() if r[Col.KEY] in next_kept]
+        for r in shard:
+            other = next_kept[r[Col.KEY]]
+            r[Col.HARD_NEGATIVES] = [
+                {"uid": other, "caption": captions[other], "score": 0.81, "kind": "image"},
+                {"uid": other, "caption": captions[other], "score": 0.77, "kind": "text"},
+                {"uid": None, "caption": "a purple cross on a navy background", "score": None, "kind": "attribute"},
+            ]
+        pq.write_table(pa.Table.from_pylist(shard, schema=SHARD_SCHEMA), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_reason_has_a_funnel_stage():
+    assert set(REASON_STAGE) == {r.value for r in DropReason}
+    assert len(REASON_STAGE) == sum(len(reasons) for _, _, reasons in FUNNEL_STAGES)  # one stage each
+
+
+def test_funnel_steps_add_up():
+    steps = funnel(100, {"malformed_row": 2, "timeout": 3, "duplicate_near": 4, "not_a_known_reason": 1})
+    assert [s["remaining"] for s in steps] == [98, 98, 95, 95, 95, 91, 90]
+    assert reason_stage("not_a_known_reason") == "errors"
+
+
+def test_summary_matches_the_ledger(demo_output):
+    summary = _summary(demo_output)
+    rows = _ledger(demo_output)
+    kept = [r for r in rows if r[Col.STATUS] == Status.KEPT]
+    reasons = collections.Counter(r[Col.REASON] for r in rows if r[Col.STATUS] == Status.DROPPED)
+    assert summary["rows_in"] == len(rows) and summary["kept"] == len(kept)
+    assert summary["drop_reasons"] == dict(reasons)
+    assert summary["funnel"][-1]["remaining"] == len(kept)
+    assert sum(step["dropped"] for step in summary["funnel"]) == summary["dropped"]
+    table = {r["reason"]: r for r in summary["drop_reason_table"]}
+    assert {k: v["count"] for k, v in table.items()} == dict(reasons)
+    assert table["duplicate_row"]["share_of_rows"] == round(reasons["duplicate_row"] / len(rows), 4)
+    langs = summary["languages"]["languages"]
+    assert sum(v["kept"] + v["dropped"] for v in langs.values()) == len(rows)
+    assert langs["en"]["kept"] == sum(1 for r in kept if r[Col.LANG] == "en")
+    fetch_reasons = {r.value for stage, _, rs in FUNNEL_STAGES if stage == "fetch" for r in rs}
+    failures = [r for r in rows if r[Col.REASON] in fetch_reasons]
+    assert summary["downloads"]["error_classes"] == dict(collections.Counter(r[Col.REASON] for r in failures))
+    domains = collections.Counter(urlsplit(r[Col.URL]).hostname for r in failures)
+    top = summary["downloads"]["top_failing_domains"][0]
+    assert top["failures"] == max(domains.values()) and domains[top["domain"]] == top["failures"]
+    statuses = collections.Counter(str(r[Col.HTTP_STATUS]) for r in rows if r[Col.HTTP_STATUS] is not None)
+    assert summary["downloads"]["http_status"] == dict(statuses)
+    assert summary["image_sizes"]["shorter_side_kept"]["count"] == sum(1 for r in kept if r[Col.ORIGINAL_WIDTH])
+    assert summary["caption_lengths"]["chars_kept"]["max"] == max(len(r[Col.CAPTION]) for r in kept)
+    for reason, examples in summary["examples"].items():
+        assert 1 <= len(examples) <= EXAMPLES_PER_REASON
+        uids = sorted(r[Col.UID] for r in rows if r[Col.REASON] == reason)
+        assert [e["uid"] for e in examples] == uids[:EXAMPLES_PER_REASON]  # lowest uids
+    assert summary["models"]["clip_model"] and "clip_threshold" in summary["config"]
+    assert set(summary["timings"]) == {"fetch", "decide", "write"}
+    assert summary["timings"]["fetch"]["seconds"] > 0 and summary["timings"]["fetch"]["rows_per_s"] > 0
+    assert summary["clip"]["available"] is (any(r[Col.CLIP_SCORE] is not None for r in rows))
+
+
+def test_optional_sections_appear_when_their_data_exists(enriched_output):
+    summary = _summary(enriched_output)
+    rows = _ledger(enriched_output)
+    assert account(Layout(str(enriched_output)))["accounting_ok"]
+    clip = summary["clip"]
+    scored = [r for r in rows if r[Col.CLIP_SCORE] is not None]
+    assert clip["available"] and clip["scored_rows"] == len(scored) and clip["effective_threshold"] == THRESHOLD
+    assert clip["kept"]["count"] == sum(1 for r in scored if r[Col.STATUS] == Status.KEPT)
+    assert sum(clip["histogram"]["kept"]) == clip["kept"]["count"]
+    assert sum(clip["histogram"]["dropped"]) == clip["dropped"]["count"]
+    assert clip["kept"]["min"] >= THRESHOLD
+    assert summary["duplicates"]["clusters"] == 2 and summary["duplicates"]["cluster_sizes"] == {"2": 1, "3": 1}
+    assert summary["funnel"][[s["stage"] for s in summary["funnel"]].index("dedup")]["dropped"] == 3
+    negatives = summary["hard_negatives"]
+    assert negatives["available"] and negatives["triples"]
+    triple = negatives["triples"][0]
+    assert triple["image_negative"]["kind"] == "image" and triple["caption_negative"]["kind"] == "attribute"
+    page = (enriched_output / "report" / "index.html").read_text()
+    assert clip["dropped_low_clip"]["count"] == summary["drop_reasons"][DropReason.LOW_CLIP_SCORE.value]
+    for text in ("threshold 0.28", "2 image clusters (3 duplicates dropped", "image negative",
+                 "caption negative (attribute)", "a purple cross on a navy background"):
+        assert text in page, text
+    # Decide-phase drops have their image in raw/: thumbnails, not placeholders.
+    low = summary["examples"][DropReason.LOW_CLIP_SCORE.value]
+    assert all(e["image_stored"] for e in low)
+    assert page.count("data:image/jpeg;base64,") >= len(low) + 2 * len(negatives["triples"])
+
+
+def test_report_is_deterministic(demo_output, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(demo_output, out)
+    before = [(out / "report" / name).read_bytes() for name in ("summary.json", "index.html")]
+    assert run_cli("report", str(out)) == 0
+    after = [(out / "report" / name).read_bytes() for name in ("summary.json", "index.html")]
+    assert before == after
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], collections.Counter()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] += 1
+        self.refs += [(tag, name, value or "") for name, value in attrs if name in ("src", "href", "srcset", "data")]
+
+
+def _check_self_contained(page: str) -> _Links:
+    links = _Links()
+    links.feed(page)
+    for tag, name, value in links.refs:
+        assert value.startswith(("data:image/png;base64,", "data:image/jpeg;base64,", "#")), (tag, name, value[:80])
+    assert not links.tags["script"] and not links.tags["link"] and not links.tags["iframe"]
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", page)  # nothing fetched from CSS either
+    return links
+
+
+def test_page_is_self_contained(demo_output, enriched_output):
+    for out in (demo_output, enriched_output):
+        page = (out / "report" / "index.html").read_text(encoding="utf-8")
+        links = _check_self_contained(page)
+        assert links.tags["img"] >= 5
+        assert (out / "report" / "index.html").stat().st_size < 3_000_000  # bounded: a few examples per reason
+    # Input URLs (javascript:, file:, ...) are shown as escaped text, never as links.
+    page = (demo_output / "report" / "index.html").read_text()
+    assert "javascript:alert" in page and 'href="javascript' not in page
+
+
+_CHECK_SCRIPT = """<script>window.addEventListener("load", function () {
+  var imgs = [].slice.call(document.images);
+  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.alt; });
+  var out = document.createElement("pre"); out.id = "curate-check";
+  out.textContent = JSON.stringify({images: imgs.length, broken: broken, height: document.body.scrollHeight});
+  document.body.appendChild(out);
+});</script>"""
+
+
+def _chromium(*args: str, timeout: int = 90) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", f"--user-data-dir={profile}", *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)")
+def test_page_renders_in_headless_chromium(enriched_output, tmp_path):
+    from PIL import Image, ImageStat
+
+    page = (enriched_output / "report" / "index.html").read_text(encoding="utf-8")
+    expected_images = page.count("<img ")
+    # A copy with a checker script: the report itself carries no script.
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    found = re.search(r'<pre id="curate-check">([^<]*)</pre>', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    assert check["images"] == expected_images >= 10
+    assert check["broken"] == []
+    assert check["height"] > 3000  # every section laid out, not an error page
+
+    shot = tmp_path / "report.png"
+    _chromium("--window-size=1280,2400", f"--screenshot={shot}", (enriched_output / "report" / "index.html").as_uri())
+    assert shot.exists()
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 2400)
+    small = image.resize((320, 600))
+    colours = len(small.getcolors(maxcolors=1 << 20))
+    stddev = sum(ImageStat.Stat(small).stddev) / 3
+    assert colours > 200 and stddev > 20, (colours, stddev)  # plots and text, not a blank page
+    # The header band is the report's blue: the page rendered our CSS, not a browser error page.
+    r, g, b = image.getpixel((640, 10))
+    assert b > 150 and r < 100, (r, g, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal progress
+# ---------------------------------------------------------------------------------------------
+
+
+def _slow(x):
+    time.sleep(0.002)
+    return x
+
+
+def test_progress_prints_rate_and_eta_for_a_small_run():
+    stream = io.StringIO()
+    progress.start_phase("fetch", total_rows=1500, stream=stream, interval_s=0.2)
+    try:
+        with in_process_pipeline() as pipeline:
+            (pipeline | beam.Create(list(range(1500)), reshuffle=False)
+             | "Work" >> beam.Map(_slow)
+             | "Progress" >> progress.ReportProgress("fetch", "fetched"))
+    finally:
+        progress.finish_phase()
+    lines = [line for line in stream.getvalue().splitlines() if line.strip()]
+    assert len(lines) >= 3, lines  # refreshed while running, plus the final line
+    running = [line for line in lines[:-1] if re.search(
+        r"^\[curate\] fetch: fetched \d[\d,]*/1,500 rows \(\d+%\), [\d,.]+ rows/s, ETA (\d+m)?\d+s, ", line)]
+    assert running, lines  # at least one refresh while the work was in progress
+    assert lines[-1].startswith("[curate] fetch: fetched 1,500/1,500 rows (100%)") and "ETA 0s" in lines[-1]
+    assert progress.current() is None
+
+
+def test_progress_is_silent_without_a_reporter_and_says_unknown_without_a_total():
+    with in_process_pipeline() as pipeline:  # no reporter started (a Dataflow worker): pass-through only
+        (pipeline | beam.Create([1, 2, 3]) | progress.ReportProgress("fetch", "rows")
+         | beam.combiners.Count.Globally() | beam.Map(lambda n: n == 3))
+    clock = iter(range(0, 1000, 2))
+    reporter = progress.ProgressReporter("decide", None, stream=io.StringIO(), clock=lambda: next(clock))
+    reporter.add("decided", 40)
+    assert "40 rows (total unknown)" in reporter.line() and "ETA unknown" in reporter.line()
+
+
+def test_input_rows_are_precounted_for_local_files(tmp_path):
+    from pipeline.config import build_config
+
+    (tmp_path / "a.csv").write_text("url,caption\nhttp://x/1,a b c\nhttp://x/2,d e f\n")
+    (tmp_path / "b.jsonl").write_text('{"url": "http://x/3"}\n{"url": "http://x/4"}\n{"url": "http://x/5"}')
+    config = build_config(input=f"{tmp_path}/a.csv,{tmp_path}/*.jsonl")
+    assert progress.count_input_rows(config) == 5
+    assert progress.count_input_rows(build_config(input="gs://bucket/rows/*.csv")) is None
+
+
+def test_clip_section_handles_percentile_and_per_language_thresholds():
+    import numpy as np
+
+    from pipeline.report import clip_figures, plot_clip
+
+    rows = {Col.CLIP_SCORE: np.array([0.1, 0.2, np.nan, 0.3, 0.4]),
+            "_kept": np.array([False, False, False, True, True]),
+            "_reason": ["low_clip_score", "low_clip_score", "timeout", "", ""]}
+    config = {"clip_threshold": 0.28, "clip_keep_top_percent": 40.0, "clip_thresholds_per_lang": {"de": 0.25}}
+    clip = clip_figures(rows, config)
+    assert clip["scored_rows"] == 4 and clip["effective_threshold"] == 0.3
+    assert clip["dropped_low_clip"]["count"] == 2 and clip["thresholds_per_lang"] == {"de": 0.25}
+    assert plot_clip(clip).startswith("data:image/png;base64,")
+    assert clip_figures({**rows, Col.CLIP_SCORE: np.full(5, np.nan)}, {})["available"] is False
