@@ -13,6 +13,7 @@ from pipeline.config import CurateConfig
 from pipeline.layout import Layout
 from schemas import DECISIONS_SCHEMA, Col, Status
 from transforms.caption import language_drop_reason
+from transforms.dedup import Deduplicate
 from transforms.write_output import WriteTable
 
 # Columns the decide phase reads from the features table (never image bytes).
@@ -64,7 +65,10 @@ def filter_drops(alive, config: CurateConfig) -> list:
 
 
 def duplicate_drops(remaining, config: CurateConfig) -> list:
-    return []
+    """Exact and near-duplicate clusters among the samples that passed the filters."""
+    if not (config.dedup_exact or config.dedup_near):
+        return []
+    return [remaining | "Deduplicate" >> Deduplicate(config)]
 
 
 def build_decide(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):

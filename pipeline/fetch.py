@@ -10,7 +10,6 @@ import functools
 import logging
 
 import apache_beam as beam
-import imagehash
 
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
@@ -18,6 +17,7 @@ from pipeline.progress import ReportProgress
 from schemas import FEATURES_SCHEMA, Col, DropReason, Status
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
 from transforms.caption import CaptionStage
+from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
 from transforms.read_input import ReadRows
@@ -35,7 +35,7 @@ def decode_and_describe(record: dict, config: CurateConfig) -> dict:
     except ImageRejected as rejected:
         return mark_dropped(record, rejected.reason, rejected.detail)
     apply_decoded(record, decoded)
-    record[Col.PHASH] = str(imagehash.phash(decoded.rgb))
+    record.update(image_hashes(decoded.rgb, config.blank_std_threshold))
     return record
 
 

@@ -1,0 +1,339 @@
+"""Dedup: pure functions (banding, hamming, union-find, survivor rule, blank, mirror) and the
+Deduplicate PTransform on small hand-made feature records."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image, ImageDraw, ImageOps
+
+from pipeline import synthetic
+from pipeline.config import CurateConfig
+from schemas import Col, DropReason
+from transforms import dedup
+from transforms.dedup import (
+    DESCRIPTOR_BYTES,
+    BucketStats,
+    Deduplicate,
+    UnionFind,
+    band_keys,
+    band_masks,
+    clusters_from_edges,
+    first_agreeing_band,
+    hamming,
+    image_hashes,
+    near_pairs,
+    quality_key,
+    verify_pair,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+
+def natural_image(seed: int, size=(320, 240)) -> Image.Image:
+    """A photo-like image: smooth gradients, a few soft blobs and noise, no uniform border."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.zeros((h, w, 3))
+    for c in range(3):
+        a, b, p = rng.uniform(-1, 1, 3)
+        img[..., c] = 128 + 80 * np.sin(6 * (a * x + b * y) + 6 * p)
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.7), rng.uniform(0.05, 0.2)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+        img += blob[..., None] * rng.uniform(-120, 120, 3)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def phash_int(features: dict) -> int:
+    return int(features[Col.PHASH], 16)
+
+
+def best_distance(a: dict, b: dict) -> int:
+    """Smallest Hamming distance over the hash variants, as the transform searches them."""
+    va = [v for _, v in dedup.hash_variants(a)]
+    vb = [v for _, v in dedup.hash_variants(b)]
+    return min(hamming(x, y) for x in va for y in vb)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hamming():
+    assert hamming(0, 0) == 0
+    assert hamming(0b1011, 0b0001) == 2
+    assert hamming(2**64 - 1, 0) == 64
+
+
+@pytest.mark.parametrize("radius", [0, 3, 8, 10, 15])
+def test_band_masks_partition_the_64_bits(radius):
+    masks = band_masks(radius)
+    assert len(masks) == radius + 1
+    assert sum(masks) == 2**64 - 1  # disjoint and complete
+    for a in masks:
+        for b in masks:
+            assert a == b or a & b == 0
+
+
+def test_pigeonhole_every_pair_within_radius_shares_a_band():
+    rng = random.Random(1)
+    radius = 8
+    masks = band_masks(radius)
+    for _ in range(2000):
+        a = rng.getrandbits(64)
+        b = a
+        for bit in rng.sample(range(64), rng.randint(0, radius)):
+            b ^= 1 << bit
+        shared = set(band_keys(a, masks)) & set(band_keys(b, masks))
+        assert shared, (hex(a), hex(b))
+        assert first_agreeing_band(a, b, masks) < len(masks)
+
+
+def test_band_masks_refuses_more_bands_than_bits():
+    with pytest.raises(ValueError):
+        band_masks(64)
+
+
+def brute(vals, radius):
+    return {
+        (i, j)
+        for i in range(len(vals))
+        for j in range(i + 1, len(vals))
+        if hamming(int(vals[i]), int(vals[j])) <= radius
+    }
+
+
+@pytest.mark.parametrize("max_bucket", [10_000, 40, 7])
+def test_near_pairs_equals_brute_force_even_when_split(max_bucket):
+    """Splitting an oversize set (recursive pigeonhole) finds exactly the brute-force pairs, once each."""
+    rng = random.Random(2)
+    base = [rng.getrandbits(64) for _ in range(30)]
+    vals = []
+    for b in base:  # clusters of near values plus skew: many share the top 16 bits
+        vals.append(b)
+        for _ in range(4):
+            v = b
+            for bit in rng.sample(range(64), rng.randint(1, 9)):
+                v ^= 1 << bit
+            vals.append(v)
+    vals += [(0xABCD << 48) | rng.getrandbits(48) for _ in range(100)]
+    vals = np.array(sorted(set(vals)), dtype=np.uint64)
+    stats = BucketStats()
+    pairs = near_pairs(vals, 8, max_bucket, 0, stats)
+    got = [tuple(p) for p in pairs.tolist()]
+    assert len(got) == len(set(got))  # no pair reported twice
+    assert set(got) == brute(vals, 8)
+    assert (stats.oversize > 0) == (len(vals) > max_bucket)
+
+
+def test_union_find_and_clusters_transitive():
+    uf = UnionFind()
+    uf.union("a", "b")
+    uf.union("b", "c")
+    uf.union("x", "y")
+    assert uf.find("a") == uf.find("c")
+    assert uf.find("a") != uf.find("x")
+    q = {u: (0, 0, 0.0, u) for u in "abcxy"}
+    assert clusters_from_edges([("a", "b"), ("b", "c"), ("x", "y")], q) == [("a", ["b", "c"]), ("x", ["y"])]
+
+
+def test_survivor_rule_resolution_then_clip_then_uid():
+    def rec(uid, w, h, clip):
+        return {Col.UID: uid, Col.ORIGINAL_WIDTH: w, Col.ORIGINAL_HEIGHT: h, Col.CLIP_SCORE: clip}
+
+    records = [rec("c", 100, 100, 0.9), rec("b", 200, 100, 0.1), rec("a", 200, 100, None), rec("d", 200, 100, 0.1)]
+    assert sorted(records, key=quality_key)[0][Col.UID] == "b"  # biggest, clip present, then uid b<d
+    assert [r[Col.UID] for r in sorted(records, key=quality_key)] == ["b", "d", "a", "c"]
+
+
+def test_blank_and_near_uniform_images_stay_out_of_the_hash_space():
+    for image in (
+        Image.new("RGB", (300, 200), (255, 255, 255)),
+        Image.new("RGB", (300, 200), (12, 80, 200)),
+        Image.fromarray(np.clip(np.random.default_rng(0).normal(128, 1, (200, 300, 3)), 0, 255).astype(np.uint8)),
+    ):
+        assert image_hashes(image) == {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
+
+
+def test_image_hashes_shape():
+    features = image_hashes(natural_image(0))
+    assert len(features[Col.PHASH]) == 16 and features[Col.PHASH] == features[Col.PHASH].lower()
+    int(features[Col.PHASH], 16)
+    assert len(features[Col.PHASH_MIRROR]) == 16
+    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 256
+
+
+def test_phash_is_imagehash_phash_for_small_images():
+    import imagehash
+
+    image = natural_image(3, size=(128, 96))
+    assert image_hashes(image)[Col.PHASH] == str(imagehash.phash(image))
+
+
+def test_mirror_invariance_on_a_flipped_image():
+    image = natural_image(1)
+    flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    a, b = image_hashes(image), image_hashes(flipped)
+    assert hamming(phash_int(a), phash_int(b)) > 8  # plain pHash misses the flip...
+    assert hamming(phash_int(a), int(b[Col.PHASH_MIRROR], 16)) <= 2  # ...the mirror hash finds it
+    assert verify_pair((a[Col.DEDUP_DESCRIPTOR], None), (b[Col.DEDUP_DESCRIPTOR], None), True, 0.8, 0.9)
+
+
+def test_padding_is_trimmed_and_edits_stay_close():
+    image = natural_image(2)
+    a = image_hashes(image)
+    padded = ImageOps.expand(image, border=(16, 12), fill=(0, 0, 0))
+    buffer = io.BytesIO()
+    image.resize((160, 120)).save(buffer, format="JPEG", quality=30)
+    recompressed = Image.open(buffer).convert("RGB")
+    for edited in (padded, recompressed):
+        b = image_hashes(edited)
+        assert best_distance(a, b) <= 8
+        assert verify_pair((a[Col.DEDUP_DESCRIPTOR], None), (b[Col.DEDUP_DESCRIPTOR], None), False, 0.8, 0.9)
+
+
+def test_verification_rejects_a_recoloured_image():
+    attrs = synthetic.Attributes("star", "blue", "grey")
+    image = synthetic.render(attrs, seed=0)
+    recoloured = synthetic.render(synthetic.Attributes("star", "yellow", "grey"), seed=0)
+    a, b = image_hashes(image), image_hashes(recoloured)
+    assert not verify_pair((a[Col.DEDUP_DESCRIPTOR], None), (b[Col.DEDUP_DESCRIPTOR], None), False, 0.8, 0.9)
+
+
+def test_verification_prefers_embeddings_when_both_exist():
+    d = bytes(DESCRIPTOR_BYTES)
+    assert verify_pair((d, np.array([1.0, 0.0])), (d, np.array([0.99, 0.1])), False, 0.8, 0.9)
+    assert not verify_pair((d, np.array([1.0, 0.0])), (d, np.array([0.0, 1.0])), False, 0.8, 0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deduplicate PTransform
+# ---------------------------------------------------------------------------------------------
+
+
+def record(uid, image=None, *, sha=None, phash=None, size=(320, 240), clip=None, embedding=None):
+    features = image_hashes(image) if image is not None else {
+        Col.PHASH: phash, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
+    if sha is None:
+        sha = hashlib.sha256(image.tobytes() if image is not None else uid.encode()).hexdigest()
+    return {
+        Col.UID: uid,
+        Col.SHA256: sha,
+        Col.ORIGINAL_WIDTH: size[0],
+        Col.ORIGINAL_HEIGHT: size[1],
+        Col.CLIP_SCORE: clip,
+        Col.IMAGE_EMBEDDING: embedding,
+        **features,
+    }
+
+
+
+
+def decide(records, expected, **config):
+    cfg = CurateConfig(**config)
+    p = TestPipeline(runner=FnApiRunner())
+    out = p | beam.Create(records) | Deduplicate(cfg)
+    assert_that(out, equal_to(expected))
+    return p.run()
+
+
+def drop(uid, of, reason):
+    return {Col.UID: uid, Col.DUPLICATE_OF: of, Col.REASON: reason.value}
+
+
+EXACT, NEAR = DropReason.DUPLICATE_EXACT, DropReason.DUPLICATE_NEAR
+
+
+def test_exact_duplicates_collapse_deterministically():
+    image = natural_image(5)
+    other = natural_image(6)
+    records = [
+        record("u3", image, sha="s1", clip=0.2),
+        record("u1", image, sha="s1", clip=0.3),  # best clip score: survives
+        record("u2", image, sha="s1", clip=None),
+        record("u9", other),
+    ]
+    decide(records, [drop("u3", "u1", EXACT), drop("u2", "u1", EXACT)], dedup_near=False)
+    decide(list(reversed(records)), [drop("u3", "u1", EXACT), drop("u2", "u1", EXACT)])
+
+
+def test_near_duplicate_cluster_with_transitive_chain_and_no_chained_duplicate_of():
+    # hashes: a - b (4 bits) - c (4 more bits): a..c are 8 apart, b..d 9; all one cluster by chain
+    a = 0x0F0F_0F0F_0F0F_0F0F
+    b = a ^ 0b1111
+    c = b ^ (0b1111 << 20)
+    d = c ^ (0b11111 << 40)  # 5 from c, 9 from b, 13 from a: only reachable through c
+    far = a ^ (2**64 - 1)
+    records = [
+        record("ua", phash=f"{a:016x}", size=(100, 100)),
+        record("ub", phash=f"{b:016x}", size=(400, 300)),  # largest: survivor
+        record("uc", phash=f"{c:016x}", size=(100, 100)),
+        record("ud", phash=f"{d:016x}", size=(100, 100)),
+        record("ue", phash=f"{far:016x}", size=(100, 100)),
+        record("uf", sha=None, phash=None),  # blank: no hash, never clustered
+    ]
+    expected = [drop("ua", "ub", NEAR), drop("uc", "ub", NEAR), drop("ud", "ub", NEAR)]
+    decide(records, expected)
+    decide(list(reversed(records)), expected)
+
+
+def test_real_images_flip_pad_recompress_cluster_distinct_images_do_not():
+    base = natural_image(7)
+    buffer = io.BytesIO()
+    base.save(buffer, format="JPEG", quality=30)
+    records = [
+        record("orig", base, size=(320, 240)),
+        record("flip", base.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size=(320, 240), clip=0.1),
+        record("pad", ImageOps.expand(base, border=(16, 12), fill=(255, 255, 255)), size=(352, 264)),
+        record("jpeg", Image.open(buffer).convert("RGB"), size=(320, 240), clip=0.5),
+    ] + [record(f"other{i}", natural_image(100 + i)) for i in range(6)]
+    decide(records, [drop("orig", "pad", NEAR), drop("flip", "pad", NEAR), drop("jpeg", "pad", NEAR)])
+
+
+def test_exact_group_whose_survivor_is_near_dropped_points_to_the_cluster_survivor():
+    a = 0x1234_5678_9ABC_DEF0
+    records = [
+        record("big", phash=f"{a ^ 1:016x}", size=(1000, 1000)),
+        record("s1", sha="same", phash=f"{a:016x}", size=(100, 100), clip=0.9),
+        record("s2", sha="same", phash=f"{a:016x}", size=(100, 100), clip=0.1),
+    ]
+    decide(records, [drop("s1", "big", NEAR), drop("s2", "big", NEAR)])
+
+
+def test_oversize_bucket_is_split_counted_and_nothing_truncated():
+    rng = random.Random(3)
+    top = 0xFF << 56  # every hash shares the top band: one huge bucket
+    records, expected = [], []
+    for i in range(60):
+        value = top | rng.getrandbits(56)
+        records.append(record(f"k{i:03d}", phash=f"{value:016x}", size=(200, 200)))
+        records.append(record(f"z{i:03d}", phash=f"{value ^ 0b101:016x}", size=(100, 100)))
+        expected.append(drop(f"z{i:03d}", f"k{i:03d}", NEAR))
+    result = decide(records, expected, dedup_max_bucket=16)
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    assert counters["oversize_buckets"] >= 1
+    assert counters["near_duplicates"] == 60
+
+
+def test_identical_hashes_are_chained_not_cliqued():
+    value = 0x0123_4567_89AB_CDEF
+    records = [record(f"m{i:02d}", phash=f"{value:016x}", size=(100, 100)) for i in range(30)]
+    expected = [drop(f"m{i:02d}", "m00", NEAR) for i in range(1, 30)]
+    result = decide(records, expected)
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    assert counters["candidate_edges"] == 29  # a path, not 435 clique edges
