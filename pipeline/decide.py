@@ -14,6 +14,7 @@ from pipeline.layout import Layout
 from schemas import DECISIONS_SCHEMA, Col, Status
 from transforms.caption import language_drop_reason
 from transforms.dedup import Deduplicate
+from transforms.negatives import MineHardNegatives
 from transforms.write_output import WriteTable
 
 # Columns the decide phase reads from the features table (never image bytes).
@@ -71,6 +72,37 @@ def duplicate_drops(remaining, config: CurateConfig) -> list:
     return [remaining | "Deduplicate" >> Deduplicate(config)]
 
 
+def _kept_record(uid_and_groups):
+    _, groups = uid_and_groups
+    if groups["decision"] and groups["decision"][0][Col.STATUS] == Status.KEPT:
+        yield groups["alive"][0]
+
+
+def _attach_negatives(uid_and_groups) -> dict:
+    _, groups = uid_and_groups
+    decision = dict(groups["decision"][0])
+    decision[Col.HARD_NEGATIVES] = groups["negatives"][0] if groups["negatives"] else None
+    return decision
+
+
+def with_hard_negatives(decisions, keyed_alive, config: CurateConfig):
+    """Mine negatives among the kept samples only, and attach them to their decisions."""
+    if config.negatives_k <= 0 and not config.negatives_captions:
+        return decisions
+    keyed_decisions = decisions | "KeyDecisions" >> beam.Map(lambda d: (d[Col.UID], d))
+    kept = (
+        {"alive": keyed_alive, "decision": keyed_decisions}
+        | "JoinKept" >> beam.CoGroupByKey()
+        | "KeptRecords" >> beam.FlatMap(_kept_record)
+    )
+    negatives = kept | "HardNegatives" >> MineHardNegatives(config)
+    return (
+        {"decision": keyed_decisions, "negatives": negatives}
+        | "JoinNegatives" >> beam.CoGroupByKey()
+        | "AttachNegatives" >> beam.Map(_attach_negatives)
+    )
+
+
 def build_decide(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     alive = read_alive_features(pipeline, layout)
     keyed_alive = alive | "KeyAlive" >> beam.Map(lambda r: (r[Col.UID], r))
@@ -105,5 +137,6 @@ def build_decide(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
         | "JoinDecisions" >> beam.CoGroupByKey()
         | "Decide" >> beam.Map(_decision)
     )
+    decisions = with_hard_negatives(decisions, keyed_alive, config)
     decisions | "WriteDecisions" >> WriteTable(layout.decisions, "decisions", DECISIONS_SCHEMA, config.ledger_rows_per_file)
     return decisions
