@@ -20,5 +20,8 @@ for _ in $(seq 1 100); do [ -s "$CORPUS/port" ] && break; sleep 0.1; done
 PORT="$(cat "$CORPUS/port")"
 python -m pipeline.demo corpus --root "$CORPUS" --base-url "http://127.0.0.1:$PORT" >/dev/null
 echo "[demo] serving $(($(wc -l <"$CORPUS/rows.csv") - 1)) rows from http://127.0.0.1:$PORT"
+# CLIP: the demo uses the tiny model the project trains itself (pipeline/assets/tiny_clip.pt), since
+# nothing can be downloaded here; real runs use ViT-B-32 laion2b_s34b_b79k or a local checkpoint.
 curate run --input "$CORPUS/rows.csv" --output "$OUTPUT" --allow-host "127.0.0.1:$PORT" \
-  --set request_deadline_s=5 --set samples_per_shard=100
+  --set request_deadline_s=5 --set samples_per_shard=100 \
+  --set clip_model=tiny_clip --set clip_checkpoint=pipeline/assets/tiny_clip.pt

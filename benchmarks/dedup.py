@@ -5,8 +5,9 @@ Images (Debian packages, installed by --install or beforehand with apt-get):
                               near-identical by design), composited on white
   plasma-workspace-wallpapers one picture per theme (a theme ships one picture at many sizes)
   gnome-backgrounds           one picture per theme (light/dark variants count as one theme)
-Each source image gets these variants: resize 50%, JPEG q30, brightness +25%, 5% crop, 10% pad,
-horizontal flip, resize 75% + JPEG q50. A predicted pair is true when both images come from the
+Each source image gets these variants: resize 50%, JPEG q30, brightness +25%, 5% crop (2.5% of
+each side, centred: 5% of width and of height in total), 10% pad (5% of width / height in black on
+each side: 10% in total), horizontal flip, resize 75% + JPEG q50. A predicted pair is true when both images come from the
 same source. Recall per transform = share of (original, variant) pairs predicted. For our
 transform a pair is predicted when both land in the same cluster (transitive, the stricter test).
 

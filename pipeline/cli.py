@@ -25,6 +25,7 @@ from pipeline.fetch import build_fetch, build_retry
 from pipeline.layout import PHASES, Layout
 from pipeline.report import AccountingError, account, funnel_text, phase_infos, write_report
 from pipeline.write import build_write
+from transforms.clip_score import model_id
 
 log = logging.getLogger("curate")
 
@@ -122,6 +123,7 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
     finally:
         progress.finish_phase()
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
+            "clip_model_id": model_id(config) if config.clip_enabled else None,
             "fingerprint": fingerprint(config, phase)}
     layout.write_phase_info(phase, info)
     if not quiet:

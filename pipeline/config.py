@@ -77,8 +77,8 @@ class CurateConfig:
     dedup_max_bucket: int = 5000  # larger (band, value) buckets are split and reported
     dedup_mirror: bool = True  # a horizontally flipped copy is a duplicate
     dedup_min_descriptor_similarity: float = 0.8  # thumbnail correlation a pHash candidate needs
-    dedup_max_descriptor_distance: float = 48.0  # thumbnail mean abs difference (0-255) it may have
-    dedup_min_embedding_cosine: float = 0.9  # CLIP image cosine, used instead when both have one
+    dedup_max_descriptor_distance: float = 16.0  # thumbnail colour residual (0-255) after a global brightness fit
+    dedup_min_embedding_cosine: float = 0.9  # CLIP image cosine, required too when both have one
 
     # ---- CLIP ----------------------------------------------------------------------------
     clip_enabled: bool = True
@@ -86,6 +86,8 @@ class CurateConfig:
     clip_pretrained: str = "laion2b_s34b_b79k"  # open_clip hub tag, used when no checkpoint
     clip_checkpoint: str = ""  # local checkpoint path; wins over clip_pretrained
     clip_device: str = "auto"
+    clip_deterministic_batches: bool = True  # batches formed by uid: byte-identical reruns on any runner
+    clip_precision: str = "auto"  # auto | fp32 | fp16 | bf16 | int8 (auto: fp16 on CUDA, checked int8/bf16 on CPU)
     clip_min_batch_size: int = 8
     clip_max_batch_size: int = 64
     clip_threshold: float = 0.28

@@ -13,6 +13,7 @@ from pipeline.config import CurateConfig
 from pipeline.layout import Layout
 from schemas import DECISIONS_SCHEMA, Col, Status
 from transforms.caption import language_drop_reason
+from transforms.clip_score import ClipScoreFilter
 from transforms.dedup import Deduplicate
 from transforms.negatives import MineHardNegatives
 from transforms.write_output import WriteTable
@@ -62,6 +63,7 @@ def filter_drops(alive, config: CurateConfig) -> list:
     drops = []
     if config.languages:
         drops.append(alive | "LanguageFilter" >> beam.FlatMap(_language_drop, config=config))
+    drops.append(alive | "ClipFilter" >> ClipScoreFilter(config))
     return drops
 
 

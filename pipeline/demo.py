@@ -242,7 +242,7 @@ def make_corpus(root: Path, base_url: str, good: int = 200, seed: int = 7) -> Pa
     combos = synthetic.all_attributes()
     for index, (attrs, image, _) in enumerate(goods[48:63]):  # mismatched captions
         other = next(c for c in combos[rng.randrange(len(combos)):] + combos
-                     if c.shape != attrs.shape and c.colour != attrs.colour)
+                     if c.shape != attrs.shape and c.colour != attrs.colour and c.background != attrs.background)
         mirrored = image.transpose(Image.Transpose.ROTATE_270)
         rows.append((put(f"mismatch_{index:04d}.jpg", _jpeg(mirrored)), other.caption(), "mismatched"))
 

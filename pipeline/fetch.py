@@ -17,6 +17,7 @@ from pipeline.progress import ReportProgress
 from schemas import FEATURES_SCHEMA, Col, DropReason, Status
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
 from transforms.caption import CaptionStage
+from transforms.clip_score import ClipScoring
 from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
@@ -70,7 +71,10 @@ def process_rows(rows, config: CurateConfig):
     """The per-sample chain of the fetch phase. Returns (survivors with bytes, [dropped...])."""
     captioned = rows | "Caption" >> CaptionStage(config)
     fetched = captioned.kept | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
-    return fetched[KEPT], [captioned.dropped, fetched[DROPPED]]
+    if not config.clip_enabled:
+        return fetched[KEPT], [captioned.dropped, fetched[DROPPED]]
+    scored = fetched[KEPT] | "Clip" >> ClipScoring(config)
+    return scored.kept, [captioned.dropped, fetched[DROPPED], scored.dropped]
 
 
 def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir: str, raw_dir: str, raw_prefix: str):

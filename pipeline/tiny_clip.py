@@ -38,11 +38,11 @@ DEFAULT_CHECKPOINT = ASSETS_DIR / f"{TINY_CLIP_NAME}.pt"
 # table keeps the fp16 checkpoint under 10 MB.
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "vision_cfg": {"image_size": 48, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
 
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 150
 BATCH = 120  # half of the 240 attribute combinations: no two samples in a batch share a caption
 TRAIN_SEED = 1
 HELD_OUT_SEED = 2  # different render seeds: new positions, sizes, colour jitter and noise
@@ -55,13 +55,9 @@ def config_path_for(checkpoint: os.PathLike | str) -> Path:
 
 def register_config(checkpoint: os.PathLike | str) -> Optional[str]:
     """Register the sidecar config with open_clip; returns the model name it defines (or None)."""
-    import open_clip
+    from transforms.clip_score import register_sidecar_config
 
-    sidecar = config_path_for(checkpoint)
-    if not sidecar.is_file():
-        return None
-    open_clip.add_model_config(sidecar)
-    return sidecar.stem
+    return register_sidecar_config(str(checkpoint))
 
 
 def _render_pool(count: int, seed: int, preprocess) -> tuple[list, "object"]:
@@ -181,6 +177,8 @@ def train(out: os.PathLike | str, steps: int = DEFAULT_STEPS, seconds: Optional[
         optimizer.step()
         scheduler.step()
         done = step + 1
+        if done % 25 == 0:
+            print(f"step {done}/{steps} loss {float(loss.detach()):.4f} {time.perf_counter() - started:.0f}s", flush=True)
         if seconds is not None and time.perf_counter() - started > seconds:
             break
     model.eval()

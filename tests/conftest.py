@@ -79,10 +79,15 @@ def fast_config(server):
     )
 
 
+TINY_CLIP_ARGS = ["--set", "clip_model=tiny_clip", "--set", f"clip_checkpoint={REPO / 'pipeline/assets/tiny_clip.pt'}"]
+
+
 def run_cli(*args: str) -> int:
+    """`curate ...` in-process. Tests score with the tiny CLIP the project trains itself (no hub here)."""
     from pipeline.cli import main
 
-    return main(list(args) + ["--quiet"])
+    clip_args = [] if any(a.startswith(("clip_enabled", "clip_checkpoint")) for a in args) else TINY_CLIP_ARGS
+    return main(list(args) + clip_args + ["--quiet"])
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,12 @@ import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from pipeline import synthetic
 from pipeline.config import CurateConfig
 from schemas import Col, DropReason
+from tests.conftest import in_process_pipeline
 from transforms import dedup
 from transforms.dedup import (
     DESCRIPTOR_BYTES,
@@ -337,3 +338,93 @@ def test_identical_hashes_are_chained_not_cliqued():
     result = decide(records, expected)
     counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
     assert counters["candidate_edges"] == 29  # a path, not 435 clique edges
+
+
+# ---------------------------------------------------------------------------------------------
+# regression: the demo corpus (flat shapes on flat backgrounds) merged distinct pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def _fetched(uid: str, image: Image.Image, quality: int = 90) -> dict:
+    """A feature record as the fetch phase builds it: JPEG bytes -> decoded RGB -> image_hashes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    data = buffer.getvalue()
+    decoded = Image.open(io.BytesIO(data)).convert("RGB")
+    return {
+        Col.UID: uid,
+        Col.SHA256: hashlib.sha256(data).hexdigest(),
+        Col.ORIGINAL_WIDTH: decoded.width,
+        Col.ORIGINAL_HEIGHT: decoded.height,
+        Col.CLIP_SCORE: None,
+        Col.IMAGE_EMBEDDING: None,
+        **image_hashes(decoded),
+    }
+
+
+def _recolour(image: Image.Image, old: tuple, new: tuple, tol: int = 40) -> Image.Image:
+    """The same picture with every pixel near `old` painted `new` (same layout, other colour)."""
+    pixels = np.asarray(image).astype(np.int16)
+    near = np.abs(pixels - np.array(old)).max(axis=2) <= tol
+    out = pixels.copy()
+    out[near] = new
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def test_synthetic_shapes_distinct_pictures_stay_apart_edited_copies_merge():
+    size = 448
+    base_attrs = synthetic.Attributes("triangle", "red", "beige")
+    base = synthetic.render(base_attrs, size=size, seed=3)
+    w, h = base.size
+    dx, dy = round(w * 0.025), round(h * 0.025)  # 5 % crop in total, 2.5 % per side
+    px, py = round(w * 0.05), round(h * 0.05)  # 10 % pad in total, 5 % per side
+    copies = {
+        "copy_resized_jpeg": _fetched("copy_resized_jpeg", base.resize((w * 3 // 4, h * 3 // 4)), quality=60),
+        "copy_bright": _fetched("copy_bright", ImageEnhance.Brightness(base).enhance(1.25)),
+        "copy_flip": _fetched("copy_flip", base.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+        "copy_crop": _fetched("copy_crop", base.crop((dx, dy, w - dx, h - dy))),
+        "copy_pad": _fetched("copy_pad", ImageOps.expand(base, border=(px, py), fill=(0, 0, 0))),
+    }
+    # a red square placed well off-centre, so that a quarter turn moves it elsewhere
+    square_attrs = synthetic.Attributes("square", "red", "grey")
+    square_seed = next(
+        s for s in range(200)
+        if abs(np.mean(np.nonzero(np.asarray(synthetic.render(square_attrs, size=size, seed=s))[..., 1] < 60)[1]) - size / 2)
+        > size * 0.12
+    )
+    square = synthetic.render(square_attrs, size=size, seed=square_seed)
+    background = synthetic.BACKGROUNDS["beige"]
+    distinct = {
+        "base": base,
+        # same picture (same layout), another background or another shape colour
+        "recoloured_background_grey": _recolour(base, background, synthetic.BACKGROUNDS["grey"]),
+        "recoloured_background_pink": _recolour(base, background, synthetic.BACKGROUNDS["pink"]),
+        "recoloured_shape_orange": _recolour(base, synthetic.COLOURS["red"], synthetic.COLOURS["orange"]),
+        # what the demo corpus merged: same shape + colour on other backgrounds, other colours
+        **{
+            f"triangle_red_{bg}": synthetic.render(synthetic.Attributes("triangle", "red", bg), size=size, seed=3)
+            for bg in ("grey", "pink", "teal", "navy")
+        },
+        **{
+            f"triangle_{c}_beige": synthetic.render(synthetic.Attributes("triangle", c, "beige"), size=size, seed=3)
+            for c in ("orange", "purple", "blue")
+        },
+        "star_black_grey": synthetic.render(synthetic.Attributes("star", "black", "grey"), size=size, seed=1),
+        "star_black_beige": synthetic.render(synthetic.Attributes("star", "black", "beige"), size=size, seed=1),
+        "circle_green_grey": synthetic.render(synthetic.Attributes("circle", "green", "grey"), size=size, seed=2),
+        "circle_green_beige": synthetic.render(synthetic.Attributes("circle", "green", "beige"), size=size, seed=2),
+        "square_orange_pink": synthetic.render(synthetic.Attributes("square", "orange", "pink"), size=size, seed=4),
+        "square_red_navy": synthetic.render(synthetic.Attributes("square", "red", "navy"), size=size, seed=4),
+        "cross_yellow_teal": synthetic.render(synthetic.Attributes("cross", "yellow", "teal"), size=size, seed=5),
+        "cross_orange_navy": synthetic.render(synthetic.Attributes("cross", "orange", "navy"), size=size, seed=5),
+        "square_red_grey": square,
+        "square_red_grey_rotated": square.transpose(Image.Transpose.ROTATE_90),
+    }
+    records = [_fetched(uid, image) for uid, image in distinct.items()] + list(copies.values())
+    assert all(r[Col.PHASH] is not None for r in records)
+    # the padded copy is the largest: it survives, every other copy of the base points to it
+    expected = [drop(uid, "copy_pad", NEAR) for uid in ("base", "copy_resized_jpeg", "copy_bright", "copy_flip", "copy_crop")]
+    p = in_process_pipeline()
+    out = p | beam.Create(records) | Deduplicate(CurateConfig())
+    assert_that(out, equal_to(expected))
+    p.run()

@@ -3,24 +3,32 @@
 Fetch phase: `image_hashes` turns one decoded image into three small columns:
   - PHASH: imagehash's 64-bit pHash (computed on a 128-px box-filtered copy, for speed),
   - PHASH_MIRROR: the pHash of the horizontally flipped image (so a flipped copy is found),
-  - DEDUP_DESCRIPTOR (208 bytes): the pHash and mirror pHash of the image with uniform borders
-    trimmed (padding, letterboxing and the flat background of clip art do not move them), and an
-    8x8 RGB thumbnail of that trimmed image: the second look that verifies pHash candidates
-    (pHash is colour-blind and merges distinct clip art).
+  - DEDUP_DESCRIPTOR (252 bytes): header (version, flags, aspect ratios), the pHash pair of the
+    full image and of its trimmed view, and 6x6 RGB thumbnails of both. The trimmed view is the
+    image with ONE uniform border removed (padding, letterboxing, or the flat background of clip
+    art); it is left out when what remains is a solid block (a square on a flat background), since
+    all solid blocks hash alike.
   Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
 
 Decide phase: `Deduplicate` (features table only, never image bytes):
   1. exact: group by sha256, keep the best sample per group (`quality_key`).
   2. near: every group survivor emits r+1 band keys per hash variant (pHash, mirror, trimmed
-     pHash, trimmed mirror; repeats skipped). By the
-     pigeonhole principle two hashes within Hamming distance r agree on at least one band, so a
-     GroupByKey on (band, value) over (uid, hash, variant, quality) tuples finds every candidate
+     pHash, trimmed mirror; repeats skipped). By the pigeonhole principle two hashes within Hamming
+     distance r agree on at least one band, so a GroupByKey on (band, value) finds every candidate
      without all-pairs comparison. Buckets larger than `dedup_max_bucket` are split again by
      pigeonhole on the remaining bits (recall kept, no truncation) and counted.
-  3. verify: candidate edges are joined with the descriptors (and CLIP image embeddings when both
-     exist) by uid, and only edges that pass are kept.
-  4. union-find over the verified edges; one survivor per cluster by `quality_key`; every other
-     member is dropped with duplicate_of = the survivor (never a dropped uid, no chains).
+  3. verify: candidate edges are joined with the descriptors (and CLIP image embeddings) by uid.
+     An edge passes when every second look both ends have agrees (`verify_pair`): the descriptors
+     must match on one pair of views (full/full, full/trimmed, trimmed/full, never trimmed/trimmed
+     alone) in one orientation, with the aspect ratio, the pHash distance (<= r), the thumbnail
+     layout (correlation) and the thumbnail colour after a global brightness/contrast fit all
+     agreeing; a full/full match of two images with trimmed views also needs the objects (trimmed
+     views) to agree. The embeddings, when both exist, must be close too.
+  4. clusters: union-find over the verified edges gives candidate components; each component is
+     then resolved with its members' payloads so that every dropped member is verified against its
+     own survivor (a direct verified edge, or `verify_pair` again), never only against a
+     neighbour: chains cannot walk from one picture to another. One survivor per cluster by
+     `quality_key`; duplicate_of is always a survivor.
 """
 
 from __future__ import annotations
@@ -37,14 +45,21 @@ from PIL import Image
 from schemas import Col, DropReason
 
 NAMESPACE = "dedup"
-DESCRIPTOR_SIDE = 8
-# descriptor = trimmed pHash (8 bytes) + trimmed mirror pHash (8) + 8x8 RGB thumbnail of the trimmed
-# image (192) = 208 bytes
+DESCRIPTOR_SIDE = 6
 _THUMB_BYTES = DESCRIPTOR_SIDE * DESCRIPTOR_SIDE * 3
-DESCRIPTOR_BYTES = 16 + _THUMB_BYTES
+_HEADER_BYTES = 4  # version, flags, aspect of the full image, aspect of the trimmed image
+_HASHES_OFFSET = _HEADER_BYTES
+_THUMBS_OFFSET = _HASHES_OFFSET + 32
+# descriptor = header (4) + pHash, mirror pHash, trimmed pHash, trimmed mirror pHash (4 x 8) +
+# 6x6 RGB thumbnails of the full and of the trimmed image (2 x 108) = 252 bytes
+DESCRIPTOR_BYTES = _THUMBS_OFFSET + 2 * _THUMB_BYTES
+DESCRIPTOR_VERSION = 2
+_HAS_TRIM = 1
 _WORK_SIDE = 128  # images are box-reduced to at most this before anything else (speed)
 _BORDER_TOL = 24  # max channel difference from the border colour that still counts as border
 _BORDER_UNIFORM = 0.95  # share of border pixels that must match before a border is trimmed
+_TRIM_MIN_STD = 8.0  # a trimmed image flatter than this (std, any channel) is a solid block: no trimmed view
+_ASPECT_SCALE = 32.0  # aspect ratios are stored as round(log2(w / h) * 32) + 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,6 +92,14 @@ def _content_box(small: np.ndarray) -> Optional[tuple[int, int, int, int]]:
     return box
 
 
+def _aspect_byte(width: int, height: int) -> int:
+    return int(min(255, max(0, round(math.log2(max(width, 1) / max(height, 1)) * _ASPECT_SCALE) + 128)))
+
+
+def _hash_bytes(value) -> bytes:
+    return int(str(value), 16).to_bytes(8, "big")
+
+
 def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     """pHash, mirror pHash and verification descriptor of one decoded image (any size).
 
@@ -90,23 +113,42 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     small = image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
     pixels = np.asarray(small)
-    grey = pixels.mean(axis=2)
-    if float(grey.std()) < blank_std_threshold:
+    if float(pixels.mean(axis=2).std()) < blank_std_threshold:
         return {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
-    full = small
-    for _ in range(2):  # padding around a flat background is two borders deep
-        box = _content_box(np.asarray(small))
-        if box is None:
-            break
-        framed = box[0] > 0 and box[1] > 0 and box[2] < small.width and box[3] < small.height
-        small = small.crop(box)
-        if not framed:  # only a frame on all four sides (padding) can hide a second border
-            break
-    plain, plain_mirror = _phash_pair(full)
-    trimmed, trimmed_mirror = _phash_pair(small) if small is not full else (plain, plain_mirror)
-    thumb = small.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX).tobytes()
-    descriptor = int(str(trimmed), 16).to_bytes(8, "big") + int(str(trimmed_mirror), 16).to_bytes(8, "big") + thumb
+    # The trimmed view: one uniform border removed (padding, letterboxing, or the flat background
+    # of clip art). Only one level: a padded copy's trimmed view is the original's full view, while
+    # an object on a flat background is never compared with itself on another background.
+    trimmed = None
+    box = _content_box(pixels)
+    if box is not None:
+        trimmed = small.crop(box)
+        # per channel: a red cross on teal is flat in grey (equal channel means) but not flat
+        if float(np.asarray(trimmed).reshape(-1, 3).std(axis=0).max()) < max(blank_std_threshold, _TRIM_MIN_STD):
+            trimmed = None  # a solid block (a square on a flat background): hashes alike, says nothing
+    plain, plain_mirror = _phash_pair(small)
+    flags = 0
+    header_trim = 128
+    trimmed_hashes = bytes(16)
+    trimmed_thumb = bytes(_THUMB_BYTES)
+    if trimmed is not None:
+        flags |= _HAS_TRIM
+        header_trim = _aspect_byte(*trimmed.size)
+        t, tm = _phash_pair(trimmed)
+        trimmed_hashes = _hash_bytes(t) + _hash_bytes(tm)
+        trimmed_thumb = _thumb(trimmed)
+    descriptor = (
+        bytes((DESCRIPTOR_VERSION, flags, _aspect_byte(image.width, image.height), header_trim))
+        + _hash_bytes(plain)
+        + _hash_bytes(plain_mirror)
+        + trimmed_hashes
+        + _thumb(small)
+        + trimmed_thumb
+    )
     return {Col.PHASH: str(plain), Col.PHASH_MIRROR: str(plain_mirror), Col.DEDUP_DESCRIPTOR: descriptor}
+
+
+def _thumb(image: Image.Image) -> bytes:
+    return image.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX).tobytes()
 
 
 def _phash_pair(image: Image.Image):
@@ -288,32 +330,135 @@ def _hex_to_int(value) -> Optional[int]:
     return int(value, 16)
 
 
-def _thumbs(a: bytes, b: bytes, mirrored: bool):
-    x = np.frombuffer(a[-_THUMB_BYTES:], dtype=np.uint8).astype(np.float32)
-    y = np.frombuffer(b[-_THUMB_BYTES:], dtype=np.uint8).reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3)
-    if mirrored:
-        y = y[:, ::-1]
-    return x, y.astype(np.float32).ravel()
+class Descriptor:
+    """The parsed DEDUP_DESCRIPTOR: per view (0 = full image, 1 = trimmed image, when there is
+    one) its aspect byte, its pHash and mirror pHash, and its RGB thumbnail."""
+
+    __slots__ = ("aspects", "hashes", "thumbs")
+
+    def __init__(self, data: bytes):
+        views = 2 if data[1] & _HAS_TRIM else 1
+        self.aspects = [data[2], data[3]][:views]
+        self.hashes = [
+            (
+                int.from_bytes(data[_HASHES_OFFSET + 16 * v : _HASHES_OFFSET + 16 * v + 8], "big"),
+                int.from_bytes(data[_HASHES_OFFSET + 16 * v + 8 : _HASHES_OFFSET + 16 * v + 16], "big"),
+            )
+            for v in range(views)
+        ]
+        self.thumbs = [
+            np.frombuffer(data, dtype=np.uint8, count=_THUMB_BYTES, offset=_THUMBS_OFFSET + v * _THUMB_BYTES)
+            .reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3)
+            .astype(np.float32)
+            for v in range(views)
+        ]
 
 
-def descriptor_distance(a: bytes, b: bytes, mirrored: bool = False) -> float:
-    """Mean absolute difference (0-255) of two thumbnails after matching their mean brightness:
-    a brightness change costs little, a change of colour (blue vs light-blue map) a lot."""
-    x, y = _thumbs(a, b, mirrored)
-    x = x * (y.mean() / max(float(x.mean()), 1e-3))
-    return float(np.abs(x - y).mean())
+def parse_descriptor(data) -> Optional[Descriptor]:
+    """The descriptor, or None when absent or of another layout (then only the hashes speak)."""
+    if not data or len(data) != DESCRIPTOR_BYTES or data[0] != DESCRIPTOR_VERSION:
+        return None
+    return Descriptor(bytes(data))
 
 
-def descriptor_similarity(a: bytes, b: bytes, mirrored: bool = False) -> float:
-    """Pearson correlation of two thumbnails (b flipped when the match was mirror-wise): ignores a
-    global brightness/contrast change, not a change of layout."""
-    x, y = _thumbs(a, b, mirrored)
-    x = x - x.mean()
-    y = y - y.mean()
+def _fit_residual(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Signed clip(g * x + o) - y per cell and channel, with ONE gain and offset for all three
+    channels fitted on the cells y does not saturate: a global brightness or contrast change."""
+    xs, ys = x.ravel(), y.ravel()
+    fit = (ys > 2) & (ys < 253)
+    if fit.sum() < 8:
+        fit = np.ones_like(fit)
+    xm, ym = xs[fit], ys[fit]
+    var = float(xm.var())
+    gain = float(((xm - xm.mean()) * (ym - ym.mean())).mean() / var) if var > 1e-6 else 1.0
+    gain = min(2.0, max(0.5, gain))
+    offset = float(ym.mean() - gain * xm.mean())
+    return np.clip(gain * x + offset, 0, 255) - y
+
+
+_LUMA_WEIGHT = 0.3  # what a luminance residual costs next to a colour one (clipping leaves some)
+
+
+def colour_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """How far two thumbnails (H x W x 3, 0-255) are apart once a global brightness/contrast change
+    is taken out, mostly in colour: per cell, the worst channel's deviation from the cell's mean
+    residual (grey -> beige, orange -> red) plus a little of that mean residual (what is left of a
+    brightness change clipped at white), averaged over cells; the better of both fit directions."""
+    best = math.inf
+    for residual in (_fit_residual(x, y), _fit_residual(y, x)):
+        luma = residual.mean(axis=2, keepdims=True)
+        chroma = np.abs(residual - luma).max(axis=2)
+        best = min(best, float((chroma + _LUMA_WEIGHT * np.abs(luma[..., 0])).mean()))
+    return best
+
+
+def thumb_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two thumbnails: ignores a global brightness/contrast change, not a
+    change of layout."""
+    x = x.ravel() - x.mean()
+    y = y.ravel() - y.mean()
     denom = float(np.sqrt((x * x).sum() * (y * y).sum()))
     if denom == 0.0:
         return 1.0 if not x.any() and not y.any() else 0.0
     return float((x * y).sum() / denom)
+
+
+# stored aspect bytes may differ by this much (log2 * 32: 3 = 7 %); a 90-degree turn of a
+# non-square image swaps its aspect and fails here
+_ASPECT_TOLERANCE = 3
+# when both images have a trimmed view (an object on a flat background) and their full views
+# match, the objects must agree too, loosely (the trimmed box moves with JPEG and brightness):
+_CONTENT_ASPECT_TOLERANCE = 12  # 30 %
+_CONTENT_DISTANCE_FACTOR = 2.0  # times max_distance
+# ... and when they agree strictly (hash within the radius too), the full views may be this much
+# further apart in pHash (times the radius): two views agreeing are stronger evidence than one
+_TWO_VIEW_RADIUS_FACTOR = 1.75
+
+
+def descriptor_match(
+    a: Descriptor,
+    b: Descriptor,
+    radius: int,
+    max_distance: float,
+    min_similarity: float,
+    mirror: bool = True,
+) -> bool:
+    """Two descriptors show one picture when, for one pair of views (full/full, full/trimmed or
+    trimmed/full; never trimmed/trimmed alone: two objects cut from different backgrounds look
+    alike) in one orientation (b mirrored when `mirror`), the aspect ratios agree, the pHashes are
+    within `radius` and the thumbnails agree in layout (correlation) and in colour
+    (`colour_distance`). A full/full match of two images that both have a trimmed view also needs
+    the trimmed views (the objects) to agree."""
+    two_view_radius = int(radius * _TWO_VIEW_RADIUS_FACTOR)
+    for va in range(len(a.hashes)):
+        for vb in range(len(b.hashes)):
+            if va and vb:
+                continue
+            if abs(int(a.aspects[va]) - int(b.aspects[vb])) > _ASPECT_TOLERANCE:
+                continue
+            content = va == 0 and vb == 0 and len(a.hashes) > 1 and len(b.hashes) > 1
+            for flipped in (False, True) if mirror else (False,):
+                distance = hamming(a.hashes[va][0], b.hashes[vb][int(flipped)])
+                if distance > (two_view_radius if content else radius):
+                    continue
+                x = a.thumbs[va]
+                y = b.thumbs[vb][:, ::-1] if flipped else b.thumbs[vb]
+                if thumb_correlation(x, y) < min_similarity or colour_distance(x, y) > max_distance:
+                    continue
+                if content:
+                    aspect = abs(int(a.aspects[1]) - int(b.aspects[1]))
+                    x, y = a.thumbs[1], (b.thumbs[1][:, ::-1] if flipped else b.thumbs[1])
+                    colour = colour_distance(x, y)
+                    if aspect > _CONTENT_ASPECT_TOLERANCE or colour > _CONTENT_DISTANCE_FACTOR * max_distance:
+                        continue
+                    if distance > radius and (
+                        aspect > _ASPECT_TOLERANCE
+                        or colour > max_distance
+                        or hamming(a.hashes[1][0], b.hashes[1][int(flipped)]) > radius
+                    ):
+                        continue
+                return True
+    return False
 
 
 def embedding_cosine(a, b) -> float:
@@ -326,22 +471,23 @@ def embedding_cosine(a, b) -> float:
 def verify_pair(
     payload_a: tuple,
     payload_b: tuple,
-    mirrored: bool,
+    mirror: bool,
     min_similarity: float,
     min_cosine: float,
-    max_distance: float = 48.0,
+    max_distance: float = 16.0,
+    radius: int = 8,
 ) -> bool:
-    """A hash candidate is a duplicate when the second look agrees: CLIP image embeddings when both
-    have one, else the thumbnail descriptors, else the hash match alone."""
+    """A hash candidate is a duplicate when every second look both sides have agrees: the
+    descriptors (`descriptor_match`) and the CLIP image embeddings (cosine). With neither (hash-only
+    records) the hash match alone decides."""
     desc_a, emb_a = payload_a
     desc_b, emb_b = payload_b
-    if emb_a is not None and emb_b is not None:
-        return embedding_cosine(emb_a, emb_b) >= min_cosine
-    if desc_a and desc_b and len(desc_a) == len(desc_b) == DESCRIPTOR_BYTES:
-        return (
-            descriptor_similarity(desc_a, desc_b, mirrored) >= min_similarity
-            and descriptor_distance(desc_a, desc_b, mirrored) <= max_distance
-        )
+    if emb_a is not None and emb_b is not None and embedding_cosine(emb_a, emb_b) < min_cosine:
+        return False
+    a = desc_a if isinstance(desc_a, Descriptor) else parse_descriptor(desc_a)
+    b = desc_b if isinstance(desc_b, Descriptor) else parse_descriptor(desc_b)
+    if a is not None and b is not None:
+        return descriptor_match(a, b, radius, max_distance, min_similarity, mirror)
     return True
 
 
@@ -354,12 +500,13 @@ def hash_variants(record: dict, mirror: bool = True) -> tuple:
     """The distinct hashes a record is searched under, as ((variant, value), ...).
 
     Variants 0/1: pHash / mirror pHash; 2/3: the same of the border-trimmed image (from the
-    descriptor). An odd and an even variant matching means one image is the other's mirror.
+    descriptor, when the image has a trimmed view that is not a solid block). An odd and an even
+    variant matching means one image is the other's mirror.
     """
     values = [_hex_to_int(record.get(Col.PHASH)), _hex_to_int(record.get(Col.PHASH_MIRROR))]
-    descriptor = record.get(Col.DEDUP_DESCRIPTOR)
-    if descriptor and len(descriptor) == DESCRIPTOR_BYTES:
-        values += [int.from_bytes(descriptor[:8], "big"), int.from_bytes(descriptor[8:16], "big")]
+    descriptor = parse_descriptor(record.get(Col.DEDUP_DESCRIPTOR))
+    if descriptor is not None and len(descriptor.hashes) > 1:
+        values += list(descriptor.hashes[1])
     if values[0] is None:
         return ()
     out, seen = [], set()
@@ -484,52 +631,157 @@ def _attach_first(element):
 
 
 class _Verify(beam.DoFn):
-    def __init__(self, min_similarity: float, min_cosine: float, max_distance: float):
+    """(uid_b, {payload, edges with payload_a}) -> verified edges (main) and, tagged PAYLOADS, the
+    (uid, payload) of both ends of each verified edge (the cluster check needs them again)."""
+
+    PAYLOADS = "payloads"
+
+    def __init__(self, mirror: bool, min_similarity: float, min_cosine: float, max_distance: float, radius: int):
+        self._mirror = mirror
         self._min_similarity = min_similarity
         self._min_cosine = min_cosine
         self._max_distance = max_distance
+        self._radius = radius
         self._passed = Metrics.counter(NAMESPACE, "verified_edges")
         self._rejected = Metrics.counter(NAMESPACE, "rejected_edges")
 
     def process(self, element):
-        _, grouped = element
+        uid_b, grouped = element
         payloads = list(grouped["payload"])
         if not payloads:
             return
-        payload_b = _decode_payload(payloads[0])
-        for edge, payload_a in grouped["edges"]:
+        raw_b = payloads[0]
+        payload_b = _decode_payload(raw_b)
+        emitted_b = False
+        for edge, raw_a in grouped["edges"]:
             if verify_pair(
-                _decode_payload(payload_a),
+                _decode_payload(raw_a),
                 payload_b,
-                edge[4],
+                self._mirror,
                 self._min_similarity,
                 self._min_cosine,
                 self._max_distance,
+                self._radius,
             ):
                 self._passed.inc()
                 yield edge
+                yield beam.pvalue.TaggedOutput(self.PAYLOADS, (edge[0], raw_a))
+                if not emitted_b:
+                    emitted_b = True
+                    yield beam.pvalue.TaggedOutput(self.PAYLOADS, (uid_b, raw_b))
             else:
                 self._rejected.inc()
 
 
-def _components(element):
-    """All verified edges on one worker -> (uid, survivor) for every non-survivor.
+class _Components(beam.DoFn):
+    """All verified edges on one worker -> connected components (union-find, linear in the edges).
 
-    The verified edge set is small (about one edge per duplicate); union-find over it is linear.
+    Main output: (uid, component) for every member, where the component is named by its best
+    member; tagged EDGES: (component, (uid_a, uid_b)). Components are only the candidates for
+    clusters: `_ResolveCluster` decides them with every member's payload at hand.
     """
-    _, edges = element
-    qualities = {}
-    pairs = []
-    for ua, qa, ub, qb, _ in edges:
-        qualities[ua] = qa
-        qualities[ub] = qb
-        pairs.append((ua, ub))
-    clusters = clusters_from_edges(pairs, qualities)
-    Metrics.counter(NAMESPACE, "near_clusters").inc(len(clusters))
-    for survivor, dropped in clusters:
-        Metrics.counter(NAMESPACE, "near_duplicates").inc(len(dropped))
-        for uid in dropped:
-            yield uid, survivor
+
+    EDGES = "edges"
+
+    def process(self, element):
+        _, edges = element
+        qualities = {}
+        pairs = []
+        for ua, qa, ub, qb, _ in edges:
+            qualities[ua] = qa
+            qualities[ub] = qb
+            pairs.append((ua, ub))
+        uf = UnionFind()
+        for a, b in pairs:
+            uf.union(a, b)
+        names = {}
+        for members in uf.components():
+            best = min(members, key=lambda u: qualities[u])
+            for uid in members:
+                names[uid] = best
+                yield uid, (best, qualities[uid])
+        for a, b in pairs:
+            yield beam.pvalue.TaggedOutput(self.EDGES, (names[a], (a, b)))
+
+
+def _member_with_payload(element):
+    uid, grouped = element
+    payloads = list(grouped["payload"])
+    payload = payloads[0] if payloads else (None, None)
+    for component, quality in grouped["member"]:
+        yield component, (uid, quality, payload)
+
+
+def resolve_cluster(members: dict, edges: Iterable[tuple], check) -> list[tuple[str, list[str]]]:
+    """One connected component -> [(survivor, [dropped uids])], so that every dropped member was
+    checked against its own survivor, not only against a neighbour: union-find chains cannot walk
+    from one picture to another through a series of small steps.
+
+    `members` maps uid -> quality key; `check(uid, survivor)` is the second look. The best member
+    not yet placed becomes a survivor; a walk from it over verified edges takes each member it meets
+    that has a verified edge to the survivor or passes `check`, and goes on only through members it
+    took. What is left is resolved the same way, best first. Deterministic (uid order throughout).
+    """
+    adjacency: dict = {uid: set() for uid in members}
+    for a, b in edges:
+        if a in adjacency and b in adjacency and a != b:
+            adjacency[a].add(b)
+            adjacency[b].add(a)
+    placed: dict = {}
+    result = []
+    for survivor in sorted(members, key=lambda u: members[u]):
+        if survivor in placed:
+            continue
+        placed[survivor] = survivor
+        taken, rejected = [], set()
+        frontier = [survivor]
+        while frontier:
+            following = []
+            for uid in frontier:
+                for other in sorted(adjacency[uid]):
+                    if other in placed or other in rejected:
+                        continue
+                    if other in adjacency[survivor] or check(other, survivor):
+                        placed[other] = survivor
+                        taken.append(other)
+                        following.append(other)
+                    else:
+                        rejected.add(other)
+            frontier = following
+        if taken:
+            result.append((survivor, sorted(taken)))
+    return sorted(result)
+
+
+class _ResolveCluster(beam.DoFn):
+    """(component, {members: (uid, quality, payload), edges}) -> (uid, survivor) per dropped uid."""
+
+    def __init__(self, mirror: bool, min_similarity: float, min_cosine: float, max_distance: float, radius: int):
+        self._args = (mirror, min_similarity, min_cosine, max_distance, radius)
+        self._clusters = Metrics.counter(NAMESPACE, "near_clusters")
+        self._duplicates = Metrics.counter(NAMESPACE, "near_duplicates")
+        self._split = Metrics.counter(NAMESPACE, "chain_members_split_off")
+
+    def process(self, element):
+        _, grouped = element
+        qualities, payloads = {}, {}
+        for uid, quality, payload in grouped["members"]:
+            qualities[uid] = quality
+            desc, emb = _decode_payload(payload)
+            payloads[uid] = (parse_descriptor(desc), emb)
+        mirror, min_similarity, min_cosine, max_distance, radius = self._args
+
+        def check(uid, survivor):
+            ok = verify_pair(payloads[uid], payloads[survivor], mirror, min_similarity, min_cosine, max_distance, radius)
+            if not ok:
+                self._split.inc()
+            return ok
+
+        for survivor, dropped in resolve_cluster(qualities, grouped["edges"], check):
+            self._clusters.inc()
+            self._duplicates.inc(len(dropped))
+            for uid in dropped:
+                yield uid, survivor
 
 
 def _final_exact(element):
@@ -560,7 +812,7 @@ class Deduplicate(beam.PTransform):
         self._mirror = bool(getattr(config, "dedup_mirror", True))
         self._min_similarity = float(getattr(config, "dedup_min_descriptor_similarity", 0.8))
         self._min_cosine = float(getattr(config, "dedup_min_embedding_cosine", 0.9))
-        self._max_distance = float(getattr(config, "dedup_max_descriptor_distance", 48.0))
+        self._max_distance = float(getattr(config, "dedup_max_descriptor_distance", 16.0))
         if not 0 <= self._radius <= 31:
             raise ValueError("dedup_radius must be between 0 and 31")
         if self._max_bucket < 2:
@@ -598,13 +850,29 @@ class Deduplicate(beam.PTransform):
             verified = (
                 {"payload": payload, "edges": half}
                 | "JoinSecond" >> beam.CoGroupByKey()
-                | "Verify" >> beam.ParDo(_Verify(self._min_similarity, self._min_cosine, self._max_distance))
+                | "Verify"
+                >> beam.ParDo(
+                    _Verify(self._mirror, self._min_similarity, self._min_cosine, self._max_distance, self._radius)
+                ).with_outputs(_Verify.PAYLOADS, main="edges")
             )
-            near = (
-                verified
+            components = (
+                verified.edges
                 | "OneKey" >> beam.Map(lambda e: (0, e))
                 | "AllEdges" >> beam.GroupByKey()
-                | "Components" >> beam.FlatMap(_components)
+                | "Components" >> beam.ParDo(_Components()).with_outputs(_Components.EDGES, main="members")
+            )
+            cluster_members = (
+                {"payload": verified[_Verify.PAYLOADS], "member": components.members}
+                | "JoinMemberPayload" >> beam.CoGroupByKey()
+                | "ByComponent" >> beam.FlatMap(_member_with_payload)
+            )
+            near = (
+                {"members": cluster_members, "edges": components[_Components.EDGES]}
+                | "GroupComponent" >> beam.CoGroupByKey()
+                | "ResolveClusters"
+                >> beam.ParDo(
+                    _ResolveCluster(self._mirror, self._min_similarity, self._min_cosine, self._max_distance, self._radius)
+                )
             )
         else:
             near = p | "NoNear" >> beam.Create([])

@@ -1,0 +1,258 @@
+"""CLIP scoring and the CLIP filter, with the tiny self-trained open_clip checkpoint (no downloads)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import synthetic
+from pipeline.config import CurateConfig
+from pipeline.tiny_clip import TINY_CLIP_NAME, ensure_tiny_clip
+from schemas import Col, DropReason, Status
+from transforms import clip_score
+from transforms.clip_score import (
+    ClipInput,
+    ClipScoreFilter,
+    ClipScoring,
+    OpenClipModelHandler,
+    load_open_clip,
+    model_id,
+    quantile_cutoff,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> str:
+    return ensure_tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    return load_open_clip(TINY_CLIP_NAME, checkpoint_path=checkpoint, device="cpu", precision="fp32")
+
+
+def _config(checkpoint: str = "", **overrides) -> CurateConfig:
+    base = dict(clip_model=TINY_CLIP_NAME, clip_pretrained="", clip_checkpoint=checkpoint, clip_device="cpu")
+    base.update(overrides)
+    return CurateConfig(**base)
+
+
+def _samples(count: int, seed: int = 11) -> list[tuple[synthetic.Attributes, bytes]]:
+    # 256px JPEGs, as the resize stage hands them over
+    return [(a, synthetic.encode_jpeg(img)) for a, img in synthetic.iter_samples(count, size=256, seed=seed)]
+
+
+def _scores(loaded, pairs: list[ClipInput]) -> np.ndarray:
+    handler = OpenClipModelHandler(TINY_CLIP_NAME)
+    return np.array([r.inference["clip_score"] for r in handler.run_inference(pairs, loaded)])
+
+
+# ---- pure functions ----------------------------------------------------------------------------
+
+
+def test_matching_captions_score_clearly_above_swapped(tiny):
+    samples = _samples(48)
+    captions = [a.caption() for a, _ in samples]
+    swapped = captions[1:] + captions[:1]  # another sample's caption: a shuffled alt-text
+    match = _scores(tiny, [ClipInput(b, c) for (_, b), c in zip(samples, captions)])
+    wrong = _scores(tiny, [ClipInput(b, c) for (_, b), c in zip(samples, swapped)])
+    differs = np.array([c != s for c, s in zip(captions, swapped)])
+    assert match.mean() - wrong[differs].mean() > 0.3
+    assert (match[differs] > wrong[differs]).mean() >= 0.9
+
+
+def test_dynamic_length_text_equals_full_context(tiny):
+    import torch
+
+    captions = ["a red circle on a blue background", "a cat", "a very long and winding caption " * 3]
+    tokens = [tiny.prepare(ClipInput(synthetic.encode_jpeg(synthetic.render(synthetic.all_attributes()[0])), c))[1] for c in captions]
+    assert max(len(t) for t in tokens) < tiny.context_length  # the batch really is shorter than 77
+    full = clip_score.pad_tokens(tokens, tiny.context_length)
+    short = clip_score.pad_tokens(tokens)
+    with torch.inference_mode():
+        reference = tiny.model.encode_text(full)  # open_clip's own full-length path
+        dynamic = clip_score.encode_text_dynamic(tiny.model, short)
+    assert short.shape[1] < full.shape[1]
+    torch.testing.assert_close(dynamic, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_class_token_only_last_block_is_exact(checkpoint, tiny):
+    import open_clip
+    import torch
+
+    plain, _, _ = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=checkpoint)
+    plain.eval()
+    assert isinstance(tiny.model.visual.transformer.resblocks[-1], clip_score.ClassTokenOnlyBlock)
+    pixels = torch.randn(4, 3, 48, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(tiny.model.encode_image(pixels), plain.encode_image(pixels), atol=1e-5, rtol=1e-4)
+
+
+def test_dynamic_length_is_only_used_for_causal_text_towers(tiny):
+    assert clip_score.supports_dynamic_text_length(tiny.model)
+    assert not clip_score.supports_dynamic_text_length(object())
+
+
+def test_corrupt_image_is_an_error_for_that_element_only(tiny):
+    (_, good), (_, other) = _samples(2)
+    batch = [ClipInput(good, "a red circle"), ClipInput(good[: len(good) // 3], "truncated"),
+             ClipInput(b"<html>", "not an image"), ClipInput(other, "a blue square")]
+    results = OpenClipModelHandler(TINY_CLIP_NAME).run_inference(batch, tiny)
+    assert [("error" in r.inference) for r in results] == [False, True, True, False]
+    embedding = results[0].inference["image_embedding"]
+    assert embedding.dtype == np.float16
+    assert abs(float(np.linalg.norm(embedding.astype(np.float32))) - 1.0) < 1e-2
+
+
+def test_int8_cpu_path_agrees_with_fp32(checkpoint, tiny):
+    fast = load_open_clip(TINY_CLIP_NAME, checkpoint_path=checkpoint, device="cpu", precision="int8")
+    samples = _samples(16, seed=3)
+    pairs = [ClipInput(b, a.caption()) for a, b in samples]
+    assert np.abs(_scores(fast, pairs) - _scores(tiny, pairs)).max() < 0.05
+    assert fast.int8_fidelity > 0.98
+
+
+def test_model_id():
+    assert model_id(CurateConfig()) == "ViT-B-32:laion2b_s34b_b79k"
+    assert model_id(_config("/w/tiny_clip.pt")) == "tiny_clip@/w/tiny_clip.pt"
+
+
+def test_quantile_cutoff():
+    quantiles = list(np.linspace(0.0, 1.0, 101))
+    assert quantile_cutoff(quantiles, 30) == pytest.approx(0.70)
+    assert quantile_cutoff(quantiles, 100) == pytest.approx(0.0)
+
+
+# ---- Beam ----------------------------------------------------------------------------------------
+
+
+def _records(samples, captions, corrupt_index=None):
+    records = []
+    for i, ((_, image), caption) in enumerate(zip(samples, captions)):
+        record = {Col.UID: f"u{i:03d}", Col.STATUS: Status.KEPT, Col.CAPTION: caption, Col.CAPTION_CLEAN: caption,
+                  Col.IMAGE_BYTES: image}
+        if i == corrupt_index:
+            record[Col.IMAGE_BYTES] = image[:200]
+        records.append(record)
+    return records
+
+
+def test_clip_scoring_transform_scores_drops_corrupt_and_loads_once(checkpoint):
+    samples = _samples(12, seed=5)
+    captions = [a.caption() for a, _ in samples]
+    captions[1] = captions[0] if captions[0] != captions[1] else captions[2]  # one mismatched pair
+    records = _records(samples, captions, corrupt_index=4)
+    records.append({Col.UID: "u999", Col.STATUS: Status.DROPPED, Col.REASON: DropReason.TOO_SMALL.value})
+    config = _config(checkpoint, clip_min_batch_size=4, clip_max_batch_size=5)
+    loads_before = clip_score.LOAD_COUNT
+
+    def check_kept(kept):
+        assert len(kept) == 11
+        by_uid = {r[Col.UID]: r for r in kept}
+        for record in kept:
+            assert record[Col.IMAGE_BYTES]  # left in place for the write stages
+            assert len(record[Col.IMAGE_EMBEDDING]) == len(record[Col.TEXT_EMBEDDING]) == 64
+            image = np.asarray(record[Col.IMAGE_EMBEDDING], dtype=np.float32)
+            text = np.asarray(record[Col.TEXT_EMBEDDING], dtype=np.float32)
+            assert abs(float(image @ text) - record[Col.CLIP_SCORE]) < 5e-3
+        matched = [r[Col.CLIP_SCORE] for uid, r in by_uid.items() if uid != "u001"]
+        assert by_uid["u001"][Col.CLIP_SCORE] < min(matched)
+
+    def check_dropped(dropped):
+        by_uid = {r[Col.UID]: r for r in dropped}
+        assert sorted(by_uid) == ["u004", "u999"]
+        assert by_uid["u004"][Col.REASON] == DropReason.DECODE_ERROR.value
+        assert by_uid["u004"][Col.STATUS] == Status.DROPPED
+        assert Col.IMAGE_BYTES not in by_uid["u004"]
+        assert by_uid["u999"][Col.REASON] == DropReason.TOO_SMALL.value  # upstream reason stands
+
+    with TestPipeline(runner=FnApiRunner()) as p:
+        result = p | beam.Create(records, reshuffle=False) | ClipScoring(config)
+        assert_that(result.kept, check_kept, label="kept")
+        assert_that(result.dropped, check_dropped, label="dropped")
+    # 3 batches (max 5), one process: one load
+    assert clip_score.LOAD_COUNT - loads_before == 1
+
+
+def _features(scores, langs=None):
+    langs = langs or ["en"] * len(scores)
+    return [{Col.UID: f"f{i:03d}", Col.CLIP_SCORE: s, Col.LANG: lang} for i, (s, lang) in enumerate(zip(scores, langs))]
+
+
+def _dropped_uids(features, config, expected):
+    with TestPipeline(runner=FnApiRunner()) as p:
+        drops = p | beam.Create(features) | ClipScoreFilter(config)
+        assert_that(drops, equal_to([{Col.UID: u, Col.REASON: DropReason.LOW_CLIP_SCORE.value} for u in expected]))
+
+
+def test_filter_absolute_threshold_skips_missing_scores():
+    features = _features([0.35, 0.27, 0.28, None, 0.10])
+    _dropped_uids(features, _config(clip_threshold=0.28), ["f001", "f004"])
+
+
+def test_filter_per_language_thresholds_fall_back_to_default():
+    features = _features([0.22, 0.22, 0.22, 0.30], ["en", "de", None, "fr"])
+    config = _config(clip_threshold=0.25, clip_thresholds_per_lang={"de": 0.20, "fr": 0.31})
+    _dropped_uids(features, config, ["f000", "f002", "f003"])
+
+
+def test_filter_keep_top_percent_is_global():
+    scores = [round(0.01 * i, 2) for i in range(200)]  # 0.00 .. 1.99
+    features = _features(scores)
+    config = _config(clip_keep_top_percent=25.0, clip_threshold=0.0)
+    # global cut at the 75th percentile (~1.49): about 150 of 200 dropped, whatever the sharding
+    expected = [f[Col.UID] for f in features if f[Col.CLIP_SCORE] < 1.4925]
+    with TestPipeline(runner=FnApiRunner()) as p:
+        drops = (
+            p
+            | beam.Create(features)
+            | beam.Reshuffle()  # scatter across bundles: the cut must not be per bundle
+            | ClipScoreFilter(config)
+        )
+
+        def check(rows):
+            uids = sorted(r[Col.UID] for r in rows)
+            assert abs(len(uids) - 150) <= 2
+            assert set(uids) <= set(expected) | {f"f{i:03d}" for i in range(148, 152)}
+
+        assert_that(drops, check)
+
+
+def test_config_fields_exist():
+    names = {f.name for f in dataclasses.fields(CurateConfig)}
+    assert {"clip_model", "clip_pretrained", "clip_checkpoint", "clip_device", "clip_min_batch_size",
+            "clip_max_batch_size", "clip_threshold", "clip_thresholds_per_lang", "clip_keep_top_percent"} <= names
+
+
+def test_scores_do_not_depend_on_arrival_order_or_bundling(checkpoint, tmp_path):
+    """Micro-batches are cut in uid order, so any arrival order gives bitwise the same outputs."""
+    config = CurateConfig(clip_model=TINY_CLIP_NAME, clip_pretrained="", clip_checkpoint=checkpoint,
+                          clip_device="cpu", clip_precision="int8", clip_max_batch_size=4)
+    records = [
+        {Col.UID: f"{index:032x}", Col.STATUS: Status.KEPT, Col.CAPTION_CLEAN: attrs.caption(),
+         Col.IMAGE_BYTES: synthetic.encode_jpeg(image)}
+        for index, (attrs, image) in enumerate(synthetic.iter_samples(11, size=96, seed=3))
+    ]
+
+    def score(order, out):
+        with TestPipeline(runner=FnApiRunner()) as p:
+            result = p | beam.Create([dict(records[i]) for i in order]) | beam.Reshuffle() | ClipScoring(config)
+            _ = (
+                result.kept
+                | beam.Map(lambda r: json.dumps([r[Col.UID], r[Col.CLIP_SCORE],
+                                                 np.asarray(r[Col.IMAGE_EMBEDDING]).tobytes().hex(),
+                                                 np.asarray(r[Col.TEXT_EMBEDDING]).tobytes().hex()]))
+                | beam.io.WriteToText(str(out), shard_name_template="")
+            )
+        return sorted(out.read_text().splitlines())
+
+    forward = score(range(11), tmp_path / "forward.jsonl")
+    backward = score(list(reversed(range(11))), tmp_path / "backward.jsonl")
+    assert len(forward) == 11 and forward == backward
