@@ -65,7 +65,7 @@ class LocalServer:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     local = LocalServer(root)
-    demo.make_corpus(root, local.base_url, good=40)
+    demo.make_corpus(root, local.base_url, good=64)  # enough for every planted kind
     yield local
     local.close()
 

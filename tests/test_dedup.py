@@ -428,3 +428,23 @@ def test_synthetic_shapes_distinct_pictures_stay_apart_edited_copies_merge():
     out = p | beam.Create(records) | Deduplicate(CurateConfig())
     assert_that(out, equal_to(expected))
     p.run()
+
+
+def test_equal_grey_colours_are_hashed_not_treated_as_blank():
+    """Red on teal has (almost) no grey contrast; it must still get hashes, and its resized
+    JPEG copy must land within the radius (the strongest colour channel is hashed)."""
+    import io
+
+    from pipeline.synthetic import Attributes, render
+
+    image = render(Attributes("cross", "red", "teal"), size=320, seed=5)
+    copy = image.resize((240, 240))
+    buffer = io.BytesIO()
+    copy.save(buffer, format="JPEG", quality=60)
+    copy = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    first, second = image_hashes(image), image_hashes(copy)
+    assert first[Col.PHASH] is not None and second[Col.PHASH] is not None
+    distance = bin(int(first[Col.PHASH], 16) ^ int(second[Col.PHASH], 16)).count("1")
+    assert distance <= 8
+    flat = Image.new("RGB", (200, 200), (120, 40, 200))
+    assert image_hashes(flat)[Col.PHASH] is None

@@ -113,7 +113,7 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     small = image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
     pixels = np.asarray(small)
-    if float(pixels.mean(axis=2).std()) < blank_std_threshold:
+    if float(pixels.reshape(-1, 3).std(axis=0).max()) < blank_std_threshold:  # flat in every channel
         return {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
     # The trimmed view: one uniform border removed (padding, letterboxing, or the flat background
     # of clip art). Only one level: a padded copy's trimmed view is the original's full view, while
@@ -125,7 +125,7 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         # per channel: a red cross on teal is flat in grey (equal channel means) but not flat
         if float(np.asarray(trimmed).reshape(-1, 3).std(axis=0).max()) < max(blank_std_threshold, _TRIM_MIN_STD):
             trimmed = None  # a solid block (a square on a flat background): hashes alike, says nothing
-    plain, plain_mirror = _phash_pair(small)
+    plain, plain_mirror = _phash_pair(_hash_view(small))
     flags = 0
     header_trim = 128
     trimmed_hashes = bytes(16)
@@ -133,7 +133,7 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     if trimmed is not None:
         flags |= _HAS_TRIM
         header_trim = _aspect_byte(*trimmed.size)
-        t, tm = _phash_pair(trimmed)
+        t, tm = _phash_pair(_hash_view(trimmed))
         trimmed_hashes = _hash_bytes(t) + _hash_bytes(tm)
         trimmed_thumb = _thumb(trimmed)
     descriptor = (
@@ -149,6 +149,23 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
 
 def _thumb(image: Image.Image) -> bytes:
     return image.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX).tobytes()
+
+
+_GREY_CONTRAST_RATIO = 0.25
+
+
+def _hash_view(image: Image.Image) -> Image.Image:
+    """What pHash looks at: grey levels, unless they hide the picture.
+
+    pHash works on grey, so a red shape on a teal background (equal grey) hashes like a blank
+    image. When grey contrast is far below the strongest channel's, that channel is hashed
+    instead; edits that keep a picture a duplicate (resize, JPEG, brightness) keep the choice.
+    """
+    pixels = np.asarray(image, dtype=np.float32).reshape(-1, 3)
+    channel_std = pixels.std(axis=0)
+    if float(pixels.mean(axis=1).std()) >= _GREY_CONTRAST_RATIO * float(channel_std.max()):
+        return image
+    return image.getchannel("RGB"[int(channel_std.argmax())])
 
 
 def _phash_pair(image: Image.Image):
