@@ -100,7 +100,7 @@ class CurateConfig:
     negatives_exact_max: int = 50_000  # up to this many samples: one exact faiss search
     negatives_centroids: int = 0  # partitioned path: k-means centroids; 0 = ceil(n / negatives_group_size)
     negatives_group_size: int = 1000  # target samples per centroid when negatives_centroids is 0
-    negatives_probe: int = 3  # each sample is a candidate in the groups of its nearest c centroids
+    negatives_probe: int = 2  # each sample is a candidate in the groups of its nearest c centroids
     negatives_sample: int = 65_536  # k-means training sample (smallest uid hashes: same every run)
     negatives_captions: bool = True  # rule-based one-edit caption negatives (swap/attribute/object)
 
