@@ -72,19 +72,9 @@ def run_measured(command: list[str], env: dict | None = None, cwd: Path | None =
 
 class BenchServer:
     def __init__(self, root: Path, latency_ms: float):
-        root.mkdir(parents=True, exist_ok=True)
-        port_file = root / "port"
-        port_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.demo", "serve", "--root", str(root), "--port-file", str(port_file),
-             "--latency-ms", str(latency_ms)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for _ in range(300):
-            if port_file.exists() and port_file.read_text().strip():
-                break
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        from pipeline.demo import start_server
+
+        self.process, self.port = start_server(root, latency_ms)
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     def close(self):

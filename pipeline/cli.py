@@ -165,6 +165,16 @@ def report(layout: Layout, quiet: bool = False) -> dict:
     return summary
 
 
+def report_or_fail(layout: Layout, quiet: bool) -> int:
+    """Exit code 3, loudly, when the ledger does not account for every input row."""
+    try:
+        report(layout, quiet)
+    except AccountingError as error:
+        print(f"curate: ACCOUNTING FAILED: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args, beam_args = _parser().parse_known_args(argv)
     output = args.output or args.output_dir
@@ -174,12 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     layout = Layout(output.rstrip("/"))
     if args.command == "report":
-        try:
-            report(layout, args.quiet)
-        except AccountingError as error:
-            print(f"curate: ACCOUNTING FAILED: {error}", file=sys.stderr)
-            return 3
-        return 0
+        return report_or_fail(layout, args.quiet)
     explicit = {k: getattr(args, k) for k in ("input", "input_format", "url_col", "caption_col")}
     explicit["output"] = output
     if args.allow_hosts:
@@ -206,11 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rerun = True  # every phase after one that ran must run too
         run_phase(phase, config, layout, options, args.quiet)
     if args.command in ("run", "write"):
-        try:
-            report(layout, args.quiet)
-        except AccountingError as error:
-            print(f"curate: ACCOUNTING FAILED: {error}", file=sys.stderr)
-            return 3
+        return report_or_fail(layout, args.quiet)
     return 0
 
 

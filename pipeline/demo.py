@@ -14,7 +14,9 @@ import io
 import os
 import random
 import struct
+import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -150,6 +152,26 @@ def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
         web.get("/stats", stats),
     ])
     return app
+
+
+def start_server(root: Path, latency_ms: float = 0.0, timeout_s: float = 30.0) -> tuple[subprocess.Popen, int]:
+    """Start `serve` in a child process (so it never competes for the caller's GIL) and return
+    (process, port) once it listens on 127.0.0.1."""
+    root.mkdir(parents=True, exist_ok=True)
+    port_file = root / "port"
+    port_file.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.demo", "serve", "--root", str(root), "--port-file", str(port_file),
+         "--latency-ms", str(latency_ms)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists() or not port_file.read_text().strip():
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError("the local demo server did not start")
+        time.sleep(0.05)
+    return process, int(port_file.read_text())
 
 
 def serve(root: Path, port: int, port_file: str | None, latency_ms: float) -> None:

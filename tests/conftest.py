@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,21 +27,7 @@ def in_process_pipeline() -> TestPipeline:
 class LocalServer:
     def __init__(self, root: Path, latency_ms: float = 0.0):
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        port_file = root / "port"
-        port_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.demo", "serve", "--root", str(root), "--port-file", str(port_file),
-             "--latency-ms", str(latency_ms)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 30
-        while not port_file.exists() or not port_file.read_text().strip():
-            if time.time() > deadline or self.process.poll() is not None:
-                self.close()
-                raise RuntimeError("local test server did not start")
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        self.process, self.port = demo.start_server(root, latency_ms)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.allow = f"127.0.0.1:{self.port}"
 
