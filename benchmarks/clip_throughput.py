@@ -5,8 +5,9 @@ init: speed does not depend on the values; nothing can be downloaded here), in o
 
 - naive: what clip-retrieval's inference does: PIL preprocess per image, fp32, every caption padded
   to 77 tokens, batches of 64, `encode_image` + `encode_text`.
-- ours:  `ClipScoring`'s handler (`OpenClipModelHandler`) in `RunInference` on the FnApiRunner:
-  batching by BatchElements, captions padded to the batch's longest, and the device's fast path
+- ours:  the pipeline's `ClipScoring` stage (uid-ordered micro-batches into `RunInference` with
+         `OpenClipModelHandler`) on the FnApiRunner:
+  batches of `--batch` cut in uid order, captions padded to the batch's longest, and the device's fast path
   (CPU: int8 dynamic quantisation unless bf16 is native; CUDA: fp16).
 
 Prints pairs/s for both, the ratio, and fidelity: mean cosine of our image and text embeddings
@@ -30,13 +31,14 @@ import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference  # noqa: E402
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline import synthetic  # noqa: E402
 from transforms import clip_score  # noqa: E402
-from transforms.clip_score import ClipInput, OpenClipModelHandler  # noqa: E402
+from pipeline.config import CurateConfig  # noqa: E402
+from schemas import Col, Status  # noqa: E402
+from transforms.clip_score import ClipInput, ClipScoring  # noqa: E402
 
 MODEL = "ViT-B-32"
 CHECKPOINT = "/tmp/clip_bench_vit_b_32_random.pt"
@@ -64,28 +66,28 @@ def naive(model, preprocess, tokenizer, pairs: list[ClipInput], batch: int):
     return torch.cat(images).numpy(), torch.cat(texts).numpy()
 
 
-def _save(rows, path):
-    rows = sorted(rows, key=lambda row: row[0])
+def _save(records, path):
+    records = sorted(records, key=lambda record: record[Col.UID])
     np.savez(
         path,
-        image=np.stack([r[1].inference["image_embedding"] for r in rows]).astype(np.float32),
-        text=np.stack([r[1].inference["text_embedding"] for r in rows]).astype(np.float32),
+        image=np.stack([np.asarray(r[Col.IMAGE_EMBEDDING]) for r in records]).astype(np.float32),
+        text=np.stack([np.asarray(r[Col.TEXT_EMBEDDING]) for r in records]).astype(np.float32),
     )
 
 
 def ours(pairs: list[ClipInput], batch: int, precision: str):
-    handler = OpenClipModelHandler(
-        MODEL, checkpoint_path=CHECKPOINT, device="auto", min_batch_size=batch, max_batch_size=batch, precision=precision
-    )
+    """The pipeline's own stage: ClipScoring (uid-ordered micro-batches of `batch` into RunInference)."""
+    config = CurateConfig(clip_model=MODEL, clip_pretrained="", clip_checkpoint=CHECKPOINT, clip_device="auto",
+                          clip_precision=precision, clip_max_batch_size=batch)
+    records = [{Col.UID: f"{index:08d}", Col.STATUS: Status.KEPT, Col.IMAGE_BYTES: pair.image_bytes,
+                Col.CAPTION_CLEAN: pair.caption} for index, pair in enumerate(pairs)]
     out = CHECKPOINT + ".ours.npz"  # the runner pickles DoFns: results come back through a file
     with beam.Pipeline(runner=FnApiRunner()) as p:
         _ = (
             p
-            | beam.Create(list(enumerate(pairs)), reshuffle=False)
-            | RunInference(KeyedModelHandler(handler))
-            | beam.combiners.ToList()
-            | beam.Map(_save, out)
-        )
+            | beam.Create(records, reshuffle=False)
+            | ClipScoring(config)
+        ).kept | beam.combiners.ToList() | beam.Map(_save, out)
     saved = np.load(out)
     return saved["image"], saved["text"]
 

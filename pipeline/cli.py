@@ -25,7 +25,6 @@ from pipeline.fetch import build_fetch, build_retry
 from pipeline.layout import PHASES, Layout
 from pipeline.report import AccountingError, account, funnel_text, phase_infos, write_report
 from pipeline.write import build_write
-from transforms.clip_score import model_id
 
 log = logging.getLogger("curate")
 
@@ -66,6 +65,14 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     if runner.endswith("DirectRunner") and not any(a.startswith("--direct_running_mode") for a in args):
         args.append("--direct_running_mode=in_memory")
     return PipelineOptions(args)
+
+
+def clip_model_id(config):
+    if not config.clip_enabled:
+        return None
+    from transforms.clip_score import model_id  # torch is imported only when CLIP runs
+
+    return model_id(config)
 
 
 def _metrics(result) -> dict:
@@ -123,7 +130,7 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
     finally:
         progress.finish_phase()
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
-            "clip_model_id": model_id(config) if config.clip_enabled else None,
+            "clip_model_id": clip_model_id(config),
             "fingerprint": fingerprint(config, phase)}
     layout.write_phase_info(phase, info)
     if not quiet:

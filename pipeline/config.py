@@ -68,7 +68,7 @@ class CurateConfig:
     drop_boilerplate_captions: bool = True
     languages: list = dataclasses.field(default_factory=list)  # empty: keep all, tag them
     lang_min_score: float = 0.5  # below it the language is "und"
-    langid_backend: str = "auto"
+    langid_backend: str = "auto"  # auto | fasttext | lingua | lingua_low | langdetect | none (off: lang und)
 
     # ---- dedup ---------------------------------------------------------------------------
     dedup_exact: bool = True

@@ -13,7 +13,6 @@ from pipeline.config import CurateConfig
 from pipeline.layout import Layout
 from schemas import DECISIONS_SCHEMA, Col, Status
 from transforms.caption import language_drop_reason
-from transforms.clip_score import ClipScoreFilter
 from transforms.dedup import Deduplicate
 from transforms.negatives import MineHardNegatives
 from transforms.write_output import WriteTable
@@ -63,6 +62,8 @@ def filter_drops(alive, config: CurateConfig) -> list:
     drops = []
     if config.languages:
         drops.append(alive | "LanguageFilter" >> beam.FlatMap(_language_drop, config=config))
+    from transforms.clip_score import ClipScoreFilter  # imports torch: only where it is needed
+
     drops.append(alive | "ClipFilter" >> ClipScoreFilter(config))
     return drops
 

@@ -10,6 +10,7 @@ import functools
 import logging
 
 import apache_beam as beam
+import imagehash
 
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
@@ -17,7 +18,6 @@ from pipeline.progress import ReportProgress
 from schemas import FEATURES_SCHEMA, Col, DropReason, Status
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
 from transforms.caption import CaptionStage
-from transforms.clip_score import ClipScoring
 from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
@@ -36,7 +36,10 @@ def decode_and_describe(record: dict, config: CurateConfig) -> dict:
     except ImageRejected as rejected:
         return mark_dropped(record, rejected.reason, rejected.detail)
     apply_decoded(record, decoded)
-    record.update(image_hashes(decoded.rgb, config.blank_std_threshold))
+    if config.dedup_near:
+        record.update(image_hashes(decoded.rgb, config.blank_std_threshold))
+    else:  # the ledger's pHash only; the near-dedup descriptor is the costly part
+        record[Col.PHASH] = str(imagehash.phash(decoded.rgb))
     return record
 
 
@@ -73,6 +76,8 @@ def process_rows(rows, config: CurateConfig):
     fetched = captioned.kept | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
     if not config.clip_enabled:
         return fetched[KEPT], [captioned.dropped, fetched[DROPPED]]
+    from transforms.clip_score import ClipScoring  # torch is imported only when CLIP runs
+
     scored = fetched[KEPT] | "Clip" >> ClipScoring(config)
     return scored.kept, [captioned.dropped, fetched[DROPPED], scored.dropped]
 

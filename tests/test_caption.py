@@ -247,3 +247,12 @@ def test_caption_stage_pipeline():
             equal_to([("b", "caption_boilerplate"), ("d", "caption_too_short"), ("e", "timeout")]),
             label="dropped",
         )
+
+
+def test_language_id_can_be_switched_off_while_rules_still_apply():
+    from pipeline.config import build_config
+
+    assert detect_language("a red circle on a blue background", backend="none") == ("und", 0.0)
+    config = build_config(overrides=["langid_backend=none"])
+    record = annotate_caption({Col.CAPTION: "IMG_2187.jpg"}, config)
+    assert record[Col.LANG] == "und" and record[Col.REASON] == DropReason.CAPTION_BOILERPLATE.value

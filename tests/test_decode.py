@@ -117,3 +117,15 @@ def test_colour_contrast_without_luminance_contrast_is_not_blank():
 def test_pixel_limit_is_configurable():
     data = encode(photo(640, 480))
     assert reason_of(data, build_config(overrides=["max_pixels=100000"])) == DropReason.DECOMPRESSION_BOMB
+
+
+def test_fetch_postprocess_keeps_the_ledger_phash_when_near_dedup_is_off():
+    from pipeline.fetch import decode_and_describe
+    from schemas import Col
+
+    data = encode(photo())
+    full = decode_and_describe({Col.IMAGE_BYTES: data}, build_config())
+    light = decode_and_describe({Col.IMAGE_BYTES: data}, build_config(overrides=["dedup_near=false"]))
+    assert len(full[Col.PHASH]) == len(light[Col.PHASH]) == 16
+    assert full[Col.DEDUP_DESCRIPTOR] and light.get(Col.DEDUP_DESCRIPTOR) is None
+    assert full[Col.SHA256] == light[Col.SHA256]

@@ -455,7 +455,7 @@ def _detect_langdetect(text: str) -> tuple:
     return _norm_code(best.lang), float(best.prob)
 
 
-BACKENDS = ("auto", "fasttext", "lingua", "lingua_low", "langdetect")
+BACKENDS = ("auto", "fasttext", "lingua", "lingua_low", "langdetect", "none")  # none: language ID off
 
 
 def detect_language(text: str, backend: str = "auto", min_score: float = 0.5) -> tuple:
@@ -465,7 +465,7 @@ def detect_language(text: str, backend: str = "auto", min_score: float = 0.5) ->
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown language-ID backend {backend!r}; expected one of {BACKENDS}")
-    if not text:
+    if not text or backend == "none":
         return UND, 0.0
     # Bound the work: a 1 MB caption is identified from its first characters.
     text = _WS.sub(" ", _SURROGATE.sub("", str(text)[: _LANGID_MAX_CHARS * 2]))[:_LANGID_MAX_CHARS].strip()
