@@ -9,7 +9,6 @@ from schemas.columns import (  # noqa: F401
     SHARD_SCHEMA,
     Col,
     Status,
-    empty_record,
     to_table,
 )
 from schemas.reasons import REASON_DESCRIPTIONS, TRANSIENT_REASONS, DropReason  # noqa: F401

@@ -172,11 +172,6 @@ SHARD_SCHEMA = pa.schema(
 SAMPLE_JSON_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != Col.KEY]
 
 
-def empty_record(schema: pa.Schema) -> dict:
-    """A record with every column of `schema` set to None: stages fill what they know."""
-    return {name: None for name in schema.names}
-
-
 def to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
     """Records (dicts keyed by Col names; unknown keys ignored, missing ones null) to a table."""
     columns = {name: [r.get(name) for r in records] for name in schema.names}

@@ -11,8 +11,10 @@ with a `DropReason` via `mark_dropped`. `ApplyStage` wraps such a function in a 
 from __future__ import annotations
 
 import logging
+import posixpath
+import tarfile
 import traceback
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -40,23 +42,57 @@ def is_dropped(record: dict) -> bool:
     return record.get(Col.STATUS) == Status.DROPPED
 
 
+def iter_tar_members(handle, max_member_bytes: Optional[int] = None) -> Iterator[tuple[str, dict]]:
+    """Stream a WebDataset tar as (key, {extension: bytes}): consecutive members share a key.
+
+    Members over `max_member_bytes` are not read; they appear as `EXT_oversize` with no bytes.
+    Tar errors propagate to the caller, which decides what a broken archive costs.
+    """
+    current, members = None, {}
+    with tarfile.open(fileobj=handle, mode="r|*") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            key, _, ext = posixpath.basename(member.name).partition(".")
+            ext = ext.lower()
+            if current is not None and key != current:
+                yield current, members
+                members = {}
+            current = key
+            if max_member_bytes is not None and member.size > max_member_bytes:
+                members[ext + "_oversize"] = b""
+                continue
+            extracted = archive.extractfile(member)
+            members[ext] = extracted.read() if extracted else b""
+    if current is not None:
+        yield current, members
+
+
+class DropCounters:
+    """One Beam counter per drop reason (`dropped_REASON` in `namespace`), created on first use."""
+
+    def __init__(self, namespace: str):
+        self._namespace = namespace
+        self._counters: dict[str, object] = {}
+
+    def inc(self, reason: str) -> None:
+        counter = self._counters.get(reason)
+        if counter is None:
+            counter = self._counters[reason] = Metrics.counter(self._namespace, f"dropped_{reason}")
+        counter.inc()
+
+
 class _StageDoFn(beam.DoFn):
     def __init__(self, stage_name: str, fn: Callable[[dict], dict], setup: Optional[Callable[[], None]] = None):
         self._stage_name = stage_name
         self._fn = fn
         self._setup_fn = setup
         self._seen = Metrics.counter(stage_name, "records_in")
-        self._drop_counters: dict[str, object] = {}
+        self._drops = DropCounters(stage_name)
 
     def setup(self):
         if self._setup_fn is not None:
             self._setup_fn()
-
-    def _count_drop(self, reason: str) -> None:
-        counter = self._drop_counters.get(reason)
-        if counter is None:
-            counter = self._drop_counters[reason] = Metrics.counter(self._stage_name, f"dropped_{reason}")
-        counter.inc()
 
     def process(self, record: dict) -> Iterable:
         self._seen.inc()
@@ -70,7 +106,7 @@ class _StageDoFn(beam.DoFn):
             detail = f"{self._stage_name}: {type(error).__name__}: {error}"
             result = mark_dropped(record, DropReason.INTERNAL_ERROR, detail + " | " + traceback.format_exc(limit=2))
         if is_dropped(result):
-            self._count_drop(result[Col.REASON])
+            self._drops.inc(result[Col.REASON])
             result.pop(Col.IMAGE_BYTES, None)  # dead letters never carry image bytes
             yield beam.pvalue.TaggedOutput(DROPPED, result)
         else:

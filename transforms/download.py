@@ -43,7 +43,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.config import CurateConfig
 from schemas import Col, DropReason
-from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
+from transforms.base import DROPPED, KEPT, DropCounters, is_dropped, mark_dropped
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class _FetchDoFn(beam.DoFn):
         self._in = Metrics.counter("fetch", "records_in")
         self._ok = Metrics.counter("fetch", "downloaded")
         self._bytes = Metrics.counter("fetch", "bytes_downloaded")
-        self._drops: dict[str, object] = {}
+        self._drops = DropCounters("fetch")
 
     def setup(self):
         self._loop = asyncio.new_event_loop()
@@ -416,11 +416,7 @@ class _FetchDoFn(beam.DoFn):
     def _route(self, record: dict):
         if is_dropped(record):
             record.pop(Col.IMAGE_BYTES, None)
-            reason = record[Col.REASON]
-            counter = self._drops.get(reason)
-            if counter is None:
-                counter = self._drops[reason] = Metrics.counter("fetch", f"dropped_{reason}")
-            counter.inc()
+            self._drops.inc(record[Col.REASON])
             return DROPPED, record
         return KEPT, record
 

@@ -24,7 +24,7 @@ from apache_beam.io.filesystem import CompressionTypes
 
 from pipeline.config import CurateConfig
 from schemas import Col, DropReason, Status
-from transforms.base import mark_dropped
+from transforms.base import iter_tar_members, mark_dropped
 
 MAX_URL_CHARS = 4096
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
@@ -251,30 +251,13 @@ def _webdataset_record(key: str, members: dict, source_file: str, row_index: int
 
 def iter_webdataset(handle, source_file: str, config: CurateConfig) -> Iterator[dict]:
     """img2dataset-style shards: consecutive members share a key (`KEY.jpg`, `KEY.txt`, ...)."""
-    row_index = 0
-    current_key, members = None, {}
+    row_index, key = 0, ""
     try:
-        archive = tarfile.open(fileobj=handle, mode="r|*")
-        for member in archive:
-            if not member.isfile():
-                continue
-            base = posixpath.basename(member.name)
-            key, _, ext = base.partition(".")
-            if key != current_key and current_key is not None:
-                yield _webdataset_record(current_key, members, source_file, row_index)
-                row_index += 1
-                members = {}
-            current_key = key
-            if member.size > config.max_body_bytes:
-                members[ext.lower() + "_oversize"] = b""
-                continue
-            extracted = archive.extractfile(member)
-            members[ext.lower()] = extracted.read() if extracted else b""
+        for key, members in iter_tar_members(handle, config.max_body_bytes):
+            yield _webdataset_record(key, members, source_file, row_index)
+            row_index += 1
     except (tarfile.TarError, OSError, EOFError) as error:
-        yield malformed_record(source_file, row_index, current_key or "", f"tar: {error}")
-        return
-    if current_key is not None:
-        yield _webdataset_record(current_key, members, source_file, row_index)
+        yield malformed_record(source_file, row_index, key, f"tar: {error}")
 
 
 _READERS = {

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import SAMPLE_JSON_COLUMNS, SHARD_SCHEMA, Col, to_table
+from transforms.base import iter_tar_members
 
 RANK_BUCKET_HEX_DIGITS = 3  # 4096 buckets
 
@@ -259,20 +260,8 @@ class WriteFinalShards(beam.PTransform):
 
 def read_tar_samples(handle, image_ext: str = "jpg") -> Iterable[tuple[str, bytes, Optional[dict]]]:
     """Stream (key, image bytes, json) from one of our own tars."""
-    current, members = None, {}
-    with tarfile.open(fileobj=handle, mode="r|*") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, _, ext = posixpath.basename(member.name).partition(".")
-            if current is not None and key != current:
-                yield current, members.get(image_ext), _json_or_none(members.get("json"))
-                members = {}
-            current = key
-            extracted = archive.extractfile(member)
-            members[ext] = extracted.read() if extracted else b""
-    if current is not None:
-        yield current, members.get(image_ext), _json_or_none(members.get("json"))
+    for key, members in iter_tar_members(handle):
+        yield key, members.get(image_ext), _json_or_none(members.get("json"))
 
 
 def _json_or_none(payload: Optional[bytes]) -> Optional[dict]:
