@@ -106,7 +106,7 @@ class CurateConfig:
 
     # ---- write ---------------------------------------------------------------------------
     samples_per_shard: int = 1000
-    raw_shards: int = 16
+    raw_images_per_file: int = 1000  # fetch phase: images per raw tar (per bundle; never shuffled)
     ledger_rows_per_file: int = 100_000
 
     def validate(self) -> "CurateConfig":
@@ -114,7 +114,7 @@ class CurateConfig:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        for name in ("max_in_flight", "per_host_concurrency", "samples_per_shard", "raw_shards", "image_size"):
+        for name in ("max_in_flight", "per_host_concurrency", "samples_per_shard", "raw_images_per_file", "image_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.retries < 0 or self.max_redirects < 0:

@@ -1,7 +1,8 @@
 """Phase 1, fetch: rows -> download -> validate/resize -> per-sample features.
 
-Writes the features table (one row per input row, failures included, no image bytes) and raw
-WebDataset shards of the samples that survived.
+Writes the features table (one row per input row, failures included, no image bytes) and the
+survivors' images to raw tars, one set per bundle; the features table says where each image lies.
+Image bytes never cross a shuffle, so memory stays flat however many rows come in.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
 from transforms.read_input import ReadRows
-from transforms.write_output import WriteHashedShards, WriteTable
+from transforms.write_output import WriteRawImages, WriteTable
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +67,25 @@ class CollapseDuplicateRows(beam.PTransform):
         )
 
 
-def _without_bytes(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != Col.IMAGE_BYTES}
-
-
-def process_rows(rows, config: CurateConfig):
-    """The per-sample chain of the fetch phase. Returns (survivors with bytes, [dropped...])."""
+def process_rows(rows, config: CurateConfig, raw_dir: str, raw_prefix: str):
+    """The per-sample chain of the fetch phase. Returns (survivors, [dropped...]); the survivors'
+    images are in raw_dir by then, and the records say where."""
     captioned = rows | "Caption" >> CaptionStage(config)
     fetched = captioned.kept | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
+    stored = fetched[KEPT] | "StoreImages" >> WriteRawImages(raw_dir, raw_prefix, config.raw_images_per_file)
     if not config.clip_enabled:
-        return fetched[KEPT], [captioned.dropped, fetched[DROPPED]]
+        return stored, [captioned.dropped, fetched[DROPPED]]
     from transforms.clip_score import ClipScoring  # torch is imported only when CLIP runs
 
-    scored = fetched[KEPT] | "Clip" >> ClipScoring(config)
+    scored = stored | "Clip" >> ClipScoring(config, raw_directory=raw_dir)
     return scored.kept, [captioned.dropped, fetched[DROPPED], scored.dropped]
 
 
-def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir: str, raw_dir: str, raw_prefix: str):
+def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir: str):
     for index, done in enumerate(dropped + [survivors]):
         done | f"ProgressDone{index}" >> ReportProgress("fetch", "rows done")
     all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
-    (
-        all_rows
-        | "NoBytes" >> beam.Map(_without_bytes)
-        | "WriteFeatures" >> WriteTable(features_dir, "features", FEATURES_SCHEMA, config.ledger_rows_per_file)
-    )
-    survivors | "WriteRawShards" >> WriteHashedShards(raw_dir, config.raw_shards, raw_prefix)
+    all_rows | "WriteFeatures" >> WriteTable(features_dir, "features", FEATURES_SCHEMA, config.ledger_rows_per_file)
     return all_rows
 
 
@@ -103,10 +97,8 @@ def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows()
     # Caption rules are cheap and static: applied before download so no bandwidth is spent on
     # rows that would be dropped anyway.
-    survivors, dropped = process_rows(unique[KEPT], config)
-    return _write_outputs(
-        survivors, [dropped_early, unique[DROPPED]] + dropped, config, layout.features, layout.raw_shards, ""
-    )
+    survivors, dropped = process_rows(unique[KEPT], config, layout.raw_shards, "")
+    return _write_outputs(survivors, [dropped_early, unique[DROPPED]] + dropped, config, layout.features)
 
 
 _INPUT_COLUMNS = (Col.UID, Col.SOURCE_FILE, Col.SOURCE_ROW, Col.URL, Col.CAPTION, Col.EXTRA)
@@ -127,13 +119,11 @@ def build_retry(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout, r
     """Re-fetch only the rows whose last failure was transient (timeouts, 5xx, 429, ...).
 
     Reads the current features table, writes the merged table to a staging folder (the caller
-    swaps it into place) and the new survivors to raw shards of their own (`retryN-NNNNN.tar`).
+    swaps it into place) and the new survivors' images to raw tars of their own (`retryN-*.tar`).
     """
     old = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob())
     split = old | "SplitTransient" >> beam.Partition(lambda r, _: int(_is_transient_failure(r)), 2)
     unchanged, transient = split[0], split[1]
     fresh = transient | "Fresh" >> beam.Map(_as_fresh_row)
-    survivors, dropped = process_rows(fresh, config)
-    return _write_outputs(
-        survivors, [unchanged] + dropped, config, layout.features_staging, layout.raw_shards, f"retry{round_number}-"
-    )
+    survivors, dropped = process_rows(fresh, config, layout.raw_shards, f"retry{round_number}-")
+    return _write_outputs(survivors, [unchanged] + dropped, config, layout.features_staging)

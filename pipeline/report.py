@@ -28,12 +28,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.layout import PHASES, Layout
 from schemas import REASON_DESCRIPTIONS, Col, DropReason, Status
-from transforms.write_output import bucket_of, join_path, read_tar_samples, write_atomically
+from transforms.write_output import RawImageReader, join_path, read_tar_samples, write_atomically
 
 
 class AccountingError(RuntimeError):
@@ -491,7 +492,29 @@ def _read_from_tars(wanted_by_path: dict[str, set]) -> dict[str, str]:
     return found
 
 
-def load_thumbnails(layout: Layout, table: pa.Table, uids: set, raw_shards: Optional[int]) -> dict[str, str]:
+def _read_from_raw(layout: Layout, uids: set) -> dict[str, str]:
+    """uid -> thumbnail for samples decoded in fetch but not shipped: read from raw/ by offset."""
+    locations = read_table(layout.features_glob(), [Col.UID, Col.RAW_FILE, Col.RAW_OFFSET, Col.RAW_LENGTH])
+    if locations is None or Col.RAW_FILE not in locations.column_names:
+        return {}
+    locations = locations.filter(pc.is_in(locations.column(Col.UID), value_set=pa.array(sorted(uids), pa.string())))
+    found = {}
+    reader = RawImageReader(layout.raw_shards)
+    try:
+        for row in locations.to_pylist():
+            if row[Col.UID] in uids and row[Col.RAW_FILE] and row[Col.UID] not in found:
+                try:
+                    uri = thumbnail_uri(reader.read(row))
+                except (OSError, KeyError):
+                    continue  # a missing raw file costs a placeholder, not the report
+                if uri:
+                    found[row[Col.UID]] = uri
+    finally:
+        reader.close()
+    return found
+
+
+def load_thumbnails(layout: Layout, table: pa.Table, uids: set) -> dict[str, str]:
     """Kept samples come from their final shard (bounded size); the others from raw/."""
     if not uids or not table.num_rows:
         return {}
@@ -503,21 +526,20 @@ def load_thumbnails(layout: Layout, table: pa.Table, uids: set, raw_shards: Opti
         rank = (bool(shard_col[i]), width_col[i] is not None)
         if uid not in index or rank > (bool(shard_col[index[uid]]), width_col[index[uid]] is not None):
             index[uid] = i
-    raw_paths = _glob(layout.raw_glob())
     by_path: dict[str, set] = collections.defaultdict(set)
+    from_raw = set()
     for uid in uids:
         i = index.get(uid)
         if i is None:
             continue
         if shard_col[i]:
             by_path[join_path(layout.shards, f"{shard_col[i]}.tar")].add(uid)
-        elif width_col[i] is not None:  # decoded in fetch, so it is in a raw shard
-            if raw_shards:
-                by_path[join_path(layout.raw_shards, f"{bucket_of(uid, raw_shards):05d}.tar")].add(uid)
-            else:
-                for path in raw_paths:
-                    by_path[path].add(uid)
-    return _read_from_tars(by_path)
+        elif width_col[i] is not None:  # decoded in fetch, so its image is in raw/
+            from_raw.add(uid)
+    found = _read_from_tars(by_path)
+    if from_raw:
+        found.update(_read_from_raw(layout, from_raw))
+    return found
 
 
 def _clip_text(text: Optional[str], limit: int = 160) -> Optional[str]:
@@ -1092,7 +1114,7 @@ def write_report(layout: Layout, summary: dict, phases: Optional[dict] = None) -
     """
     infos = phases if phases and all(isinstance(v, dict) or v is None for v in phases.values()) else phase_infos(layout)
     full, table, rows, config = build_summary(layout, summary, infos)
-    thumbs = load_thumbnails(layout, table, _thumbnail_uids(full), config.get("raw_shards"))
+    thumbs = load_thumbnails(layout, table, _thumbnail_uids(full))
     write_atomically(join_path(layout.report, "summary.json"), summary_json(full))
     page = render_html(full, rows, thumbs)
     path = join_path(layout.report, "index.html")

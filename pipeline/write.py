@@ -1,44 +1,34 @@
-"""Phase 3, write: raw shards + decisions -> final shards, and features + decisions -> ledger.
+"""Phase 3, write: features + decisions -> final shards and the ledger.
 
-Image bytes are shuffled exactly once, to their final shard; the shard and position of every kept
-uid are computed from the decisions table alone (small), in global uid order.
+The shard and position of every kept uid are computed from the decisions table alone (small), in
+global uid order. Only small rows are shuffled to their shard; each shard writer then reads its
+images from the fetch phase's raw tars by offset, so image bytes are never shuffled.
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.io import fileio
 
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
 from schemas import LEDGER_SCHEMA, SHARD_SCHEMA, Col, DropReason, Status
 from transforms.base import mark_dropped
-from transforms.read_input import buffered
-from transforms.write_output import (
-    AssignShardPositions,
-    WriteFinalShards,
-    WriteTable,
-    read_tar_samples,
-    shard_name,
+from transforms.write_output import AssignShardPositions, WriteFinalShards, WriteTable, shard_name
+
+# What a final shard needs of a features row: its Parquet columns and where its image lies.
+_SAMPLE_COLUMNS = sorted(
+    ({Col.UID, Col.STATUS, Col.RAW_FILE, Col.RAW_OFFSET, Col.RAW_LENGTH} | set(SHARD_SCHEMA.names)) - {Col.KEY, Col.HARD_NEGATIVES}
 )
-
-
-class _ReadRawShard(beam.DoFn):
-    def process(self, readable: fileio.ReadableFile):
-        with readable.open() as handle:
-            for key, image, meta in read_tar_samples(buffered(handle)):
-                record = {name: (meta or {}).get(name) for name in SHARD_SCHEMA.names}
-                record[Col.UID] = key
-                record[Col.IMAGE_BYTES] = image
-                yield key, record
 
 
 def _to_shard_item(uid_and_groups):
     uid, groups = uid_and_groups
-    # A dropped uid has no position; a kept uid without a raw sample is caught by the accounting.
-    if groups["position"] and groups["raw"]:
+    # A dropped uid has no position; a kept uid without a fetched sample is caught by the accounting.
+    # Repeated input rows share a uid: the row whose image was stored is the one.
+    samples = [row for row in groups["sample"] if row.get(Col.RAW_FILE)]
+    if groups["position"] and samples:
         shard_index, position = groups["position"][0]
-        record = groups["raw"][0]
+        record = dict(samples[0])
         decision = groups["decision"][0] if groups["decision"] else {}
         record[Col.HARD_NEGATIVES] = decision.get(Col.HARD_NEGATIVES)
         yield shard_index, (position, record)
@@ -70,18 +60,17 @@ def build_write(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
         | "KeptUids" >> beam.FlatMap(lambda d: [d[Col.UID]] if d[Col.STATUS] == Status.KEPT else [])
         | "Positions" >> AssignShardPositions(config.samples_per_shard)
     )
-    raw = (
+    samples = (
         pipeline
-        | "RawPattern" >> beam.Create([layout.raw_glob()])
-        | "MatchRaw" >> fileio.MatchAll()
-        | "OpenRaw" >> fileio.ReadMatches()
-        | "ReadRaw" >> beam.ParDo(_ReadRawShard())
+        | "ReadSamples" >> beam.io.ReadFromParquet(layout.features_glob(), columns=_SAMPLE_COLUMNS)
+        | "FetchedOnly" >> beam.Filter(lambda row: row[Col.RAW_FILE] is not None)
+        | "KeySamples" >> beam.Map(lambda row: (row[Col.UID], row))
     )
     (
-        {"raw": raw, "position": positions, "decision": keyed_decisions}
+        {"sample": samples, "position": positions, "decision": keyed_decisions}
         | "JoinSamples" >> beam.CoGroupByKey()
         | "ToShards" >> beam.FlatMap(_to_shard_item)
-        | "WriteShards" >> WriteFinalShards(layout.shards)
+        | "WriteShards" >> WriteFinalShards(layout.shards, layout.raw_shards)
     )
 
     ledger_columns = [name for name in LEDGER_SCHEMA.names if name != Col.SHARD]

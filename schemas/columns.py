@@ -5,7 +5,8 @@ Nothing else in the project spells a column name: stages build records as plain 
 new column).
 
 Tables:
-- features  (fetch phase)  one row per input row, failures included; no image bytes.
+- features  (fetch phase)  one row per input row, failures included; no image bytes (survivors
+                           say where theirs lie in raw/).
 - decisions (decide phase) one row per uid that survived fetch.
 - ledger    (write phase)  one row per input row: features joined with decisions.
 - shard     (write phase)  one row per kept sample, beside each WebDataset tar.
@@ -68,6 +69,11 @@ class Col:
     NEGATIVE_SCORE = "score"
     NEGATIVE_KIND = "kind"
 
+    # where the fetch phase left a survivor's image (features table only: the names are per run)
+    RAW_FILE = "raw_file"
+    RAW_OFFSET = "raw_offset"
+    RAW_LENGTH = "raw_length"
+
     # in-flight only (never written to a table): the image bytes between fetch stages
     IMAGE_BYTES = "image_bytes"
 
@@ -129,8 +135,15 @@ _EMBEDDINGS = [
     pa.field(Col.TEXT_EMBEDDING, pa.list_(pa.float16())),
 ]
 _NEGATIVES = [pa.field(Col.HARD_NEGATIVES, pa.list_(HARD_NEGATIVE_TYPE))]
+_RAW_LOCATION = [
+    pa.field(Col.RAW_FILE, pa.string()),
+    pa.field(Col.RAW_OFFSET, pa.int64()),
+    pa.field(Col.RAW_LENGTH, pa.int64()),
+]
 
-FEATURES_SCHEMA = pa.schema(_IDENTITY + _OUTCOME + _FETCH + _IMAGE + _CAPTION + _CLIP + _EMBEDDINGS)
+FEATURES_SCHEMA = pa.schema(
+    _IDENTITY + _OUTCOME + _FETCH + _IMAGE + _CAPTION + _CLIP + _EMBEDDINGS + _RAW_LOCATION
+)
 
 DECISIONS_SCHEMA = pa.schema(
     [pa.field(Col.UID, pa.string(), nullable=False)] + _OUTCOME + _NEGATIVES

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import random
+import tarfile
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -14,7 +16,15 @@ from apache_beam.testing.util import assert_that, equal_to
 from schemas import FEATURES_SCHEMA, Col
 from tests.conftest import in_process_pipeline
 from transforms.read_input import make_uid
-from transforms.write_output import AssignShardPositions, WriteTable, read_tar_samples, tar_bytes
+from transforms.write_output import (
+    AssignShardPositions,
+    RawImageReader,
+    TarWriter,
+    WriteRawImages,
+    WriteTable,
+    read_tar_samples,
+    tar_bytes,
+)
 
 
 def sample(i: int) -> dict:
@@ -65,3 +75,61 @@ def test_write_table_of_nothing_still_writes_a_schema_file(tmp_path):
         _ = p | beam.Create([]) | WriteTable(str(tmp_path), "t", FEATURES_SCHEMA, 20)
     (path,) = glob.glob(f"{tmp_path}/t-*.parquet")
     assert pq.read_table(path).num_rows == 0 and pq.read_schema(path).names == FEATURES_SCHEMA.names
+
+
+def test_tar_writer_gives_the_bytes_tarfile_gives_and_true_offsets():
+    members = [("a.jpg", b"x" * 700), ("a.txt", b""), ("b.json", b"{}" * 300)]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            info.uname = info.gname = "curate"
+            archive.addfile(info, io.BytesIO(payload))
+    ours = io.BytesIO()
+    writer = TarWriter(ours)
+    offsets = [writer.add(name, payload) for name, payload in members]
+    writer.close()
+    assert ours.getvalue() == expected.getvalue()
+    for offset, (_, payload) in zip(offsets, members):
+        assert ours.getvalue()[offset:offset + len(payload)] == payload
+
+
+def test_raw_images_are_stored_per_bundle_and_read_back_by_offset(tmp_path):
+    records = [dict(sample(i), **{Col.IMAGE_BYTES: bytes([i]) * (100 + 37 * i)}) for i in range(25)]
+    images = {r[Col.UID]: r[Col.IMAGE_BYTES] for r in records}
+    raw_dir, listing = tmp_path / "raw", tmp_path / "located.jsonl"
+    with in_process_pipeline() as p:
+        out = p | beam.Create(records) | WriteRawImages(str(raw_dir), "pre-", images_per_file=10)
+        _ = out | beam.Map(json.dumps) | beam.io.WriteToText(str(listing), shard_name_template="")
+    located = [json.loads(line) for line in listing.read_text().splitlines()]
+    tmp_path = raw_dir
+    files = sorted(glob.glob(f"{tmp_path}/*"))
+    assert files and all(f.rsplit("/", 1)[1].startswith("pre-") and f.endswith(".tar") for f in files)
+    assert not glob.glob(f"{tmp_path}/.tmp-*")  # everything renamed into place
+    assert len(located) == 25 and all(Col.IMAGE_BYTES not in r for r in located)
+    reader = RawImageReader(str(tmp_path), open_files=2)  # fewer handles than files: the cache rolls
+    for record in sorted(located, key=lambda r: r[Col.UID]):
+        assert reader.read(record) == images[record[Col.UID]]
+    reader.close()
+    # the raw files are plain tars of KEY.jpg members, at most 10 per file
+    for path in files:
+        with tarfile.open(path) as archive:
+            names = archive.getnames()
+        assert 1 <= len(names) <= 10 and all(n.endswith(".jpg") for n in names)
+
+
+def test_raw_reader_refuses_a_truncated_file(tmp_path):
+    buffer = io.BytesIO()
+    writer = TarWriter(buffer)
+    offset = writer.add("k.jpg", b"y" * 5000)
+    writer.close()
+    (tmp_path / "f.tar").write_bytes(buffer.getvalue()[:offset + 100])
+    reader = RawImageReader(str(tmp_path))
+    try:
+        reader.read({Col.UID: "k", Col.RAW_FILE: "f.tar", Col.RAW_OFFSET: offset, Col.RAW_LENGTH: 5000})
+        raise AssertionError("a short read must raise")
+    except IOError as error:
+        assert "shorter" in str(error)
+    finally:
+        reader.close()

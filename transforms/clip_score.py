@@ -47,6 +47,7 @@ from apache_beam.metrics import Metrics
 
 from schemas import Col, DropReason
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
+from transforms.write_output import RawImageReader
 
 log = logging.getLogger(__name__)
 
@@ -572,26 +573,74 @@ def _group_count(total: int, batch_size: int) -> int:
     return max(1, -(-total // (batch_size * BATCHES_PER_GROUP)))
 
 
-def _micro_batches(bucket_and_items, batch_size: int):
-    """Sort a group by uid and cut it into micro-batches: the same samples, the same batches."""
-    _, items = bucket_and_items
-    ordered = sorted(items, key=lambda item: item[0][Col.UID])
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
-        yield tuple(record for record, _ in chunk), ClipBatch(tuple(example for _, example in chunk))
+class _ImageLoader:
+    """The image of a record: inline IMAGE_BYTES, or read back from the fetch phase's raw tars."""
+
+    def __init__(self, raw_directory: str):
+        self._raw_directory = raw_directory
+        self._reader = None
+
+    def clip_input(self, record: dict) -> tuple[dict, ClipInput]:
+        caption = record.get(Col.CAPTION_CLEAN)
+        if caption is None:
+            caption = record.get(Col.CAPTION)
+        image = record.get(Col.IMAGE_BYTES)
+        if image is None:
+            if self._reader is None:
+                self._reader = RawImageReader(self._raw_directory)
+            try:
+                image = self._reader.read(record)
+            except (OSError, KeyError) as error:  # decoding b"" fails: the row becomes DECODE_ERROR
+                log.warning("raw image of %s unreadable: %s", record.get(Col.UID), error)
+                image = b""
+        return record, ClipInput(image, caption or "")
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+class _MicroBatches(beam.DoFn):
+    """Sort a group by uid and cut it into micro-batches: the same samples, the same batches.
+    Images are loaded here, one micro-batch at a time, never before the shuffle."""
+
+    def __init__(self, batch_size: int, raw_directory: str):
+        self._batch_size = batch_size
+        self._raw_directory = raw_directory
+
+    def setup(self):
+        self._loader = _ImageLoader(self._raw_directory)
+
+    def process(self, bucket_and_records):
+        _, records = bucket_and_records
+        ordered = sorted(records, key=lambda record: record[Col.UID])
+        for start in range(0, len(ordered), self._batch_size):
+            chunk = [self._loader.clip_input(record) for record in ordered[start:start + self._batch_size]]
+            yield tuple(record for record, _ in chunk), ClipBatch(tuple(example for _, example in chunk))
+
+    def teardown(self):
+        self._loader.close()
+
+
+class _LoadImage(beam.DoFn):
+    def __init__(self, raw_directory: str):
+        self._raw_directory = raw_directory
+
+    def setup(self):
+        self._loader = _ImageLoader(self._raw_directory)
+
+    def process(self, record: dict):
+        yield self._loader.clip_input(record)
+
+    def teardown(self):
+        self._loader.close()
 
 
 def _unbatch(keyed):
     records, result = keyed
     for record, example, inference in zip(records, result.example.examples, result.inference):
         yield record, PredictionResult(example, inference, model_id=result.model_id)
-
-
-def to_clip_input(record: dict) -> tuple[dict, ClipInput]:
-    caption = record.get(Col.CAPTION_CLEAN)
-    if caption is None:
-        caption = record.get(Col.CAPTION)
-    return record, ClipInput(record.get(Col.IMAGE_BYTES) or b"", caption or "")
 
 
 def attach_scores(record: dict, result: PredictionResult) -> dict:
@@ -613,7 +662,7 @@ def _route(record: dict):
     if is_dropped(record):
         yield beam.pvalue.TaggedOutput(_SKIP, (record, None))
     else:
-        yield to_clip_input(record)
+        yield record
 
 
 class _AttachDoFn(beam.DoFn):
@@ -641,9 +690,11 @@ class ClipScoring(beam.PTransform):
     """records -> `.kept` (with embeddings and clip_score) and `.dropped` (DECODE_ERROR, plus rows
     that arrived already dropped), the same result shape as ApplyStage."""
 
-    def __init__(self, config, handler: Optional[OpenClipModelHandler] = None, label: str = "ClipScoring"):
+    def __init__(self, config, handler: Optional[OpenClipModelHandler] = None, label: str = "ClipScoring",
+                 raw_directory: str = ""):
         super().__init__(label=label)
         self._handler = handler or handler_from_config(config)
+        self._raw_directory = raw_directory  # where records without IMAGE_BYTES have their image
         self._deterministic = bool(getattr(config, "clip_deterministic_batches", True))
         self._batch_size = int(config.clip_max_batch_size)
 
@@ -655,14 +706,20 @@ class ClipScoring(beam.PTransform):
             inferred = (
                 routed.score
                 | "Bucket" >> beam.Map(
-                    lambda item, n: (zlib.crc32(item[0][Col.UID].encode()) % _group_count(n, size), item), n=total)
+                    lambda record, n: (zlib.crc32(record[Col.UID].encode()) % _group_count(n, size), record), n=total)
                 | "Group" >> beam.GroupByKey()
-                | "MicroBatches" >> beam.FlatMap(_micro_batches, size)
+                | "MicroBatches" >> beam.ParDo(_MicroBatches(size, self._raw_directory))
                 | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
                 | "Unbatch" >> beam.FlatMap(_unbatch)
             )
         else:
-            inferred = routed.score | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
+            inferred = (
+                routed.score
+                # a shuffle first: the raw tars of the upstream bundle are complete once it commits
+                | "Barrier" >> beam.Reshuffle()
+                | "LoadImages" >> beam.ParDo(_LoadImage(self._raw_directory))
+                | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
+            )
         return (
             (inferred, routed[_SKIP])
             | "Merge" >> beam.Flatten()

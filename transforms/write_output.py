@@ -1,5 +1,12 @@
 """Write stage: deterministic, atomic Parquet tables and WebDataset shards.
 
+Image bytes never go through a shuffle (so a worker's memory does not grow with the dataset, on
+the in-memory DirectRunner as on Dataflow):
+- the fetch phase appends each survivor's image to a raw tar of its own bundle
+  (`WriteRawImages`) and records where it lies (raw file, offset, length) in the features table;
+- the write phase shuffles only small rows to their final shard, and each shard writer reads its
+  images back by offset (`RawImageReader`).
+
 Determinism comes from the uid, never from arrival order (the TFDS Beam writer's idea):
 - tables are split into files by a hash bucket of the uid and sorted inside each file;
 - final shards take samples in global uid order, `samples_per_shard` at a time. The global rank
@@ -12,18 +19,22 @@ so a crashed worker leaves no half-written shard on local disk or GCS.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import json
 import math
 import posixpath
 import tarfile
 import uuid
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from apache_beam.metrics import Metrics
 
 from schemas import SAMPLE_JSON_COLUMNS, SHARD_SCHEMA, Col, to_table
 from transforms.base import iter_tar_members
@@ -44,16 +55,32 @@ def ensure_directory(directory: str) -> None:
             raise
 
 
-def write_atomically(path: str, payload: bytes) -> None:
-    """Write to a temporary sibling, then rename over `path`."""
-    directory = posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
+def _parent(path: str) -> str:
+    return posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
+
+
+@contextlib.contextmanager
+def open_atomically(path: str) -> Iterator[BinaryIO]:
+    """A handle on a temporary sibling of `path`, renamed over `path` once the block succeeds."""
+    directory = _parent(path)
     ensure_directory(directory)
     temporary = join_path(directory, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    with FileSystems.create(temporary) as handle:
-        handle.write(payload)
+    try:
+        with FileSystems.create(temporary) as handle:
+            yield handle
+    except BaseException:
+        with contextlib.suppress(Exception):
+            FileSystems.delete([temporary])
+        raise
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])
+
+
+def write_atomically(path: str, payload: bytes) -> None:
+    """Write to a temporary sibling, then rename over `path`."""
+    with open_atomically(path) as handle:
+        handle.write(payload)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -141,25 +168,58 @@ def sample_json(record: dict) -> dict:
     return meta
 
 
-def _tar_member(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0  # fixed metadata: identical inputs give identical bytes
-    info.mode = 0o444
-    info.uname = info.gname = "curate"
-    archive.addfile(info, io.BytesIO(payload))
+class TarWriter:
+    """Appends USTAR members to a write-only stream and says where each member's data starts.
+
+    Written by hand because tarfile needs `tell()` on its file (GCS upload streams have none) and
+    does not report offsets; the records are the same ones tarfile writes (header block from
+    `TarInfo.tobuf`, data padded to 512 bytes, two zero blocks, padding to a 10 KiB record).
+    """
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self.position = 0
+        self.members = 0
+
+    def add(self, name: str, payload: bytes) -> int:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        info.mtime = 0  # fixed metadata: identical inputs give identical bytes
+        info.mode = 0o444
+        info.uname = info.gname = "curate"
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        data_offset = self.position + len(header)
+        self._write(header)
+        self._write(payload)
+        self._write(bytes(-len(payload) % tarfile.BLOCKSIZE))
+        self.members += 1
+        return data_offset
+
+    def close(self) -> None:
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(-self.position % tarfile.RECORDSIZE))
+
+    def _write(self, chunk: bytes) -> None:
+        self._stream.write(chunk)
+        self.position += len(chunk)
+
+
+def add_sample(writer: TarWriter, record: dict, image: bytes) -> None:
+    """KEY.jpg, KEY.txt, KEY.json of one sample."""
+    key = record[Col.UID]
+    writer.add(f"{key}.jpg", image)
+    writer.add(f"{key}.txt", (record.get(Col.CAPTION) or "").encode("utf-8"))
+    meta = json.dumps(sample_json(record), sort_keys=True, ensure_ascii=False, default=str)
+    writer.add(f"{key}.json", meta.encode("utf-8"))
 
 
 def tar_bytes(records: list[dict]) -> bytes:
     """A WebDataset tar: KEY.jpg, KEY.txt, KEY.json per sample, in the given order."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for record in records:
-            key = record[Col.UID]
-            _tar_member(archive, f"{key}.jpg", record[Col.IMAGE_BYTES])
-            _tar_member(archive, f"{key}.txt", (record.get(Col.CAPTION) or "").encode("utf-8"))
-            meta = json.dumps(sample_json(record), sort_keys=True, ensure_ascii=False, default=str)
-            _tar_member(archive, f"{key}.json", meta.encode("utf-8"))
+    writer = TarWriter(buffer)
+    for record in records:
+        add_sample(writer, record, record[Col.IMAGE_BYTES])
+    writer.close()
     return buffer.getvalue()
 
 
@@ -168,35 +228,104 @@ def shard_table(records: list[dict]) -> pa.Table:
     return to_table(rows, SHARD_SCHEMA)
 
 
-def write_shard(directory: str, name: str, records: list[dict], with_parquet: bool = True) -> str:
-    write_atomically(join_path(directory, f"{name}.tar"), tar_bytes(records))
-    if with_parquet:
-        write_atomically(join_path(directory, f"{name}.parquet"), parquet_bytes(shard_table(records)))
-    return name
+class _RawImageFiles(beam.DoFn):
+    """Appends each record's image to a raw tar of this bundle's own (`KEY.jpg` members) and
+    replaces the bytes by where they lie: RAW_FILE (name inside the raw folder), RAW_OFFSET,
+    RAW_LENGTH.
+
+    A file is renamed into place when it is full or when the bundle finishes, before the bundle
+    commits, so every committed record points at a complete file. A retried bundle writes files
+    under new names; the failed attempt's files are never referenced.
+    """
+
+    def __init__(self, directory: str, prefix: str, images_per_file: int):
+        self._directory = directory
+        self._prefix = prefix
+        self._images_per_file = images_per_file
+        self._written = Metrics.counter("write", "raw_images")
+
+    def start_bundle(self):
+        self._bundle = uuid.uuid4().hex[:16]
+        self._files = 0
+        self._open = None  # (context manager, writer, name)
+
+    def _roll(self):
+        self._close()
+        name = f"{self._prefix}{self._bundle}-{self._files:05d}.tar"
+        self._files += 1
+        context = open_atomically(join_path(self._directory, name))
+        self._open = (context, TarWriter(context.__enter__()), name)
+
+    def _close(self):
+        if self._open is not None:
+            context, writer, _ = self._open
+            self._open = None
+            writer.close()
+            context.__exit__(None, None, None)
+
+    def process(self, record: dict):
+        image = record.pop(Col.IMAGE_BYTES)
+        if self._open is None or self._open[1].members >= self._images_per_file:
+            self._roll()
+        _, writer, name = self._open
+        record[Col.RAW_OFFSET] = writer.add(f"{record[Col.UID]}.jpg", image)
+        record[Col.RAW_FILE] = name
+        record[Col.RAW_LENGTH] = len(image)
+        self._written.inc()
+        yield record
+
+    def finish_bundle(self):
+        self._close()
+
+    def teardown(self):
+        if self._open is not None:  # a failed bundle: its temporary file is removed, never renamed
+            context, _, _ = self._open
+            self._open = None
+            with contextlib.suppress(Exception):
+                context.__exit__(RuntimeError, RuntimeError("bundle failed"), None)
 
 
-def _write_raw_shard(bucket_and_records, directory: str, prefix: str) -> str:
-    bucket, records = bucket_and_records
-    return write_shard(directory, f"{prefix}{bucket:05d}", sorted(records, key=sort_key), with_parquet=False)
+class WriteRawImages(beam.PTransform):
+    """Records with IMAGE_BYTES -> the same records without them, with RAW_FILE/OFFSET/LENGTH."""
 
-
-class WriteHashedShards(beam.PTransform):
-    """Raw shards of the fetch phase: uid-hash buckets, each sorted by uid (tar only)."""
-
-    def __init__(self, directory: str, shards: int, prefix: str = ""):
+    def __init__(self, directory: str, prefix: str = "", images_per_file: int = 1000):
         super().__init__()
         self._directory = directory
-        self._shards = shards
         self._prefix = prefix
+        self._images_per_file = images_per_file
 
     def expand(self, records):
-        shards = self._shards
-        return (
-            records
-            | "Bucket" >> beam.Map(lambda r: (bucket_of(r[Col.UID], shards), r))
-            | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.Map(_write_raw_shard, self._directory, self._prefix)
-        )
+        return records | beam.ParDo(_RawImageFiles(self._directory, self._prefix, self._images_per_file))
+
+
+class RawImageReader:
+    """Reads images back from raw files by (RAW_FILE, RAW_OFFSET, RAW_LENGTH), keeping a few
+    files open (a shard's or a batch's images come from a handful of files)."""
+
+    def __init__(self, directory: str, open_files: int = 8):
+        self._directory = directory
+        self._limit = open_files
+        self._handles: collections.OrderedDict = collections.OrderedDict()
+
+    def read(self, record: dict) -> bytes:
+        name = record.get(Col.RAW_FILE)
+        if not name:
+            raise KeyError(f"no raw image recorded for {record.get(Col.UID)}")
+        handle = self._handles.pop(name, None)
+        if handle is None:
+            handle = FileSystems.open(join_path(self._directory, name), compression_type="uncompressed")
+            while len(self._handles) >= self._limit:
+                self._handles.popitem(last=False)[1].close()
+        self._handles[name] = handle
+        handle.seek(record[Col.RAW_OFFSET])
+        data = handle.read(record[Col.RAW_LENGTH])
+        if len(data) != record[Col.RAW_LENGTH]:
+            raise IOError(f"raw file {name} is shorter than recorded for {record.get(Col.UID)}")
+        return data
+
+    def close(self) -> None:
+        while self._handles:
+            self._handles.popitem()[1].close()
 
 
 def _rank_bucket(uid: str) -> str:
@@ -241,21 +370,51 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-def _write_final_shard(index_and_items, directory: str) -> str:
-    index, items = index_and_items
-    records = [record for _, record in sorted(items, key=lambda item: item[0])]
-    return write_shard(directory, shard_name(index), records, with_parquet=True)
+class _WriteFinalShard(beam.DoFn):
+    def __init__(self, directory: str, raw_directory: str):
+        self._directory = directory
+        self._raw_directory = raw_directory
+
+    def setup(self):
+        self._reader = RawImageReader(self._raw_directory)
+
+    def process(self, index_and_items):
+        index, items = index_and_items
+        records = [record for _, record in sorted(items, key=lambda item: item[0])]
+        name = shard_name(index)
+        with open_atomically(join_path(self._directory, f"{name}.tar")) as handle:
+            writer = TarWriter(handle)
+            for record in records:
+                image = record.get(Col.IMAGE_BYTES)
+                add_sample(writer, record, image if image is not None else self._reader.read(record))
+            writer.close()
+        write_atomically(join_path(self._directory, f"{name}.parquet"), parquet_bytes(shard_table(records)))
+        yield name
+
+    def teardown(self):
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.close()
 
 
 class WriteFinalShards(beam.PTransform):
-    """(shard_index, (position, record)) -> shards/NNNNN.tar + shards/NNNNN.parquet."""
+    """(shard_index, (position, record)) -> shards/NNNNN.tar + shards/NNNNN.parquet.
 
-    def __init__(self, directory: str):
+    Records carry either IMAGE_BYTES or a raw location (read from `raw_directory`, one shard at a
+    time: a worker holds at most one shard's images).
+    """
+
+    def __init__(self, directory: str, raw_directory: str = ""):
         super().__init__()
         self._directory = directory
+        self._raw_directory = raw_directory
 
     def expand(self, positioned):
-        return positioned | "Group" >> beam.GroupByKey() | "Write" >> beam.Map(_write_final_shard, self._directory)
+        return (
+            positioned
+            | "Group" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(_WriteFinalShard(self._directory, self._raw_directory))
+        )
 
 
 def read_tar_samples(handle, image_ext: str = "jpg") -> Iterable[tuple[str, bytes, Optional[dict]]]:
