@@ -1,0 +1,262 @@
+"""`curate run` end to end: throughput per phase, the bottleneck stage, and memory as rows grow.
+
+    python benchmarks/end_to_end.py [--rows 10000] [--rss-rows 10000,50000] [--latency-ms 80]
+                                    [--clip tiny|vit-b-32]
+
+One local server with latency serves distinct synthetic pictures (pipeline/synthetic.py, 320 px
+JPEGs, captions that describe them). In one run it measures:
+
+1. the full pipeline: `curate run` with every stage on (caption rules + language ID, download,
+   decode/resize, pHash + near-dedup descriptor, CLIP, dedup, CLIP filter, hard negatives,
+   shards, ledger, report), its wall time per phase (run/PHASE.json) and as a whole process;
+2. each stage alone, on the same input: download + decode/resize + write (`curate fetch` with the
+   other stages off, as in download_vs_img2dataset.py), caption cleaning + language ID, the
+   near-dedup descriptor, and CLIP scoring (the pipeline's ClipScoring on the FnApiRunner); the
+   decide and write phases are stages of their own already, timed inside the full run;
+3. the bottleneck: the stage with the lowest rows/s alone, and the pipeline's rows/s as a fraction
+   of it (target >= 0.85);
+4. peak RSS of the whole `curate run` process tree at each of --rss-rows (target: 50k / 10k <= 1.3).
+
+--clip tiny uses the shipped tiny checkpoint (its scores mean something on this corpus);
+--clip vit-b-32 uses a randomly initialised ViT-B-32 (the real architecture's cost; scores are
+random, so the CLIP filter is switched off with clip_threshold=-1 and keeps every pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, BenchServer, run_measured
+from download_vs_img2dataset import STAGES_OFF
+
+TINY_CLIP = ["--set", "clip_model=tiny_clip", "--set", f"clip_checkpoint={REPO / 'pipeline/assets/tiny_clip.pt'}"]
+VIT_CHECKPOINT = "/tmp/e2e_vit_b_32_random.pt"
+VIT_CLIP = ["--set", "clip_model=ViT-B-32", "--set", "clip_pretrained=", "--set", f"clip_checkpoint={VIT_CHECKPOINT}",
+            "--set", "clip_threshold=-1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def _render(index: int) -> tuple[int, bytes, str]:
+    from pipeline import synthetic
+
+    combos = synthetic.all_attributes()
+    attrs = combos[index % len(combos)]
+    image = synthetic.render(attrs, size=320, seed=index)
+    return index, synthetic.encode_jpeg(image, quality=90), attrs.caption()
+
+
+def make_corpus(root: Path, count: int) -> list[str]:
+    """`count` distinct pictures under root/files (kept between runs); returns their captions."""
+    files = root / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    captions_path = root / "captions.json"
+    captions = json.loads(captions_path.read_text()) if captions_path.exists() else []
+    if len(captions) < count:
+        started = time.monotonic()
+        with multiprocessing.Pool(2) as pool:
+            done = dict((i, c) for i, c in enumerate(captions))
+            for index, data, caption in pool.imap_unordered(_render, range(len(captions), count), chunksize=256):
+                (files / f"img_{index:06d}.jpg").write_bytes(data)
+                done[index] = caption
+        captions = [done[i] for i in range(count)]
+        captions_path.write_text(json.dumps(captions))
+        print(f"corpus: {count} pictures rendered in {time.monotonic() - started:.0f} s", flush=True)
+    return captions[:count]
+
+
+def write_rows(path: Path, base_url: str, captions: list[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["url", "caption"])
+        for index, caption in enumerate(captions):
+            writer.writerow([f"{base_url}/files/img_{index:06d}.jpg", caption])
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+
+
+def curate(command: str, rows: Path, out: Path, port: int, extra: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO))
+    measured = run_measured(
+        [sys.executable, "-m", "pipeline.cli", command, "--input", str(rows), "--output", str(out),
+         "--allow-host", f"127.0.0.1:{port}", "--set", "retries=0", "--quiet"] + extra,
+        env=env, cwd=REPO, timeout=7200,
+    )
+    phases = {}
+    for phase in ("fetch", "decide", "write"):
+        info_path = out / "run" / f"{phase}.json"
+        if info_path.exists():
+            phases[phase] = json.loads(info_path.read_text())["seconds"]
+    measured["phases"] = phases
+    summary_path = out / "report" / "summary.json"
+    measured["summary"] = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return measured
+
+
+def kept_of(summary) -> int:
+    return int(summary["kept"]) if summary and "kept" in summary else -1
+
+
+def stage_caption(captions: list[str]) -> float:
+    """Caption cleaning, rules and language ID alone (the per-sample function of CaptionStage)."""
+    from pipeline.config import CurateConfig
+    from schemas import Col
+    from transforms import caption
+
+    config = CurateConfig()
+    caption.load_models(config.langid_backend)
+    records = [{Col.UID: str(i), Col.CAPTION: text} for i, text in enumerate(captions)]
+    started = time.perf_counter()
+    for record in records:
+        caption.annotate_caption(record, config)
+    return len(records) / (time.perf_counter() - started)
+
+
+def stage_descriptor(root: Path, count: int) -> float:
+    """The near-dedup descriptor alone (image_hashes on the decoded, resized image)."""
+    from pipeline.config import CurateConfig
+    from transforms.decode import decode_image
+    from transforms.dedup import image_hashes
+
+    config = CurateConfig()
+    decoded = [decode_image((root / "files" / f"img_{i:06d}.jpg").read_bytes(), config).rgb for i in range(count)]
+    started = time.perf_counter()
+    for image in decoded:
+        image_hashes(image, config.blank_std_threshold)
+    return count / (time.perf_counter() - started)
+
+
+def _save_count(records, path):
+    Path(path).write_text(str(len(records)))
+
+
+def stage_clip(root: Path, captions: list[str], count: int, clip_args: list[str]) -> float:
+    """The pipeline's ClipScoring alone (model load included) on `count` pairs, FnApiRunner."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from pipeline.config import build_config
+    from schemas import Col, Status
+    from transforms.clip_score import ClipScoring
+
+    overrides = [value for flag, value in zip(clip_args[::2], clip_args[1::2])]
+    config = build_config(None, overrides)
+    records = [{Col.UID: f"{i:08d}", Col.STATUS: Status.KEPT, Col.CAPTION_CLEAN: captions[i],
+                Col.IMAGE_BYTES: (root / "files" / f"img_{i:06d}.jpg").read_bytes()} for i in range(count)]
+    out = tempfile.mktemp(prefix="e2e_clip_")
+    started = time.perf_counter()
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        _ = (p | beam.Create(records, reshuffle=False) | ClipScoring(config)).kept | beam.combiners.ToList() | beam.Map(
+            _save_count, out)
+    seconds = time.perf_counter() - started
+    assert int(Path(out).read_text()) == count, "CLIP alone lost samples"
+    return count / seconds
+
+
+def make_random_vit() -> None:
+    if not os.path.exists(VIT_CHECKPOINT):
+        import open_clip
+        import torch
+
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32", pretrained=None)
+        torch.save(model.state_dict(), VIT_CHECKPOINT)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--rss-rows", default="10000,50000", help="row counts for the memory runs ('' skips them)")
+    parser.add_argument("--latency-ms", type=float, default=80.0)
+    parser.add_argument("--clip", choices=("tiny", "vit-b-32"), default="tiny")
+    parser.add_argument("--clip-alone-pairs", type=int, default=2000, help="pairs for the CLIP-alone rate")
+    parser.add_argument("--work", default="/tmp/bench_end_to_end", help="scratch folder (the corpus is kept)")
+    args = parser.parse_args()
+
+    rss_rows = [int(n) for n in args.rss_rows.split(",") if n.strip()]
+    work = Path(args.work)
+    root = work / "server"
+    largest = max([args.rows] + rss_rows)
+    captions = make_corpus(root, largest)
+    if args.clip == "vit-b-32":
+        make_random_vit()
+    clip_args = TINY_CLIP if args.clip == "tiny" else VIT_CLIP
+    server = BenchServer(root, args.latency_ms)
+    results: dict = {"rows": args.rows, "latency_ms": args.latency_ms, "clip": args.clip}
+    try:
+        rows = work / f"rows_{args.rows}.csv"
+        write_rows(rows, server.base_url, captions[: args.rows])
+
+        print(f"full pipeline: curate run on {args.rows} rows ...", flush=True)
+        full = curate("run", rows, work / "out_full", server.port, clip_args)
+        total = full["seconds"]
+        results["full"] = {"seconds": round(total, 1), "rows_per_s": round(args.rows / total, 1),
+                           "phases": full["phases"], "kept": kept_of(full["summary"]),
+                           "peak_rss_mb": round(full["peak_rss_mb"])}
+
+        print("stages alone ...", flush=True)
+        alone = {}
+        download = curate("fetch", rows, work / "out_download", server.port, STAGES_OFF)
+        alone["download+decode+resize"] = args.rows / download["seconds"]
+        alone["caption+langid"] = stage_caption(captions[: args.rows])
+        alone["dedup descriptor"] = stage_descriptor(root, min(args.rows, 2000))
+        alone["clip"] = stage_clip(root, captions, min(args.rows, args.clip_alone_pairs), clip_args)
+        for phase in ("decide", "write"):
+            if full["phases"].get(phase):
+                alone[f"{phase} phase"] = args.rows / full["phases"][phase]
+        results["alone_rows_per_s"] = {k: round(v, 1) for k, v in alone.items()}
+        bottleneck = min(alone, key=alone.get)
+        results["bottleneck"] = bottleneck
+        results["fraction_of_bottleneck"] = round((args.rows / total) / alone[bottleneck], 3)
+
+        results["rss"] = {}
+        for count in rss_rows:
+            if count == args.rows:
+                results["rss"][count] = results["full"]["peak_rss_mb"]
+                continue
+            rss_csv = work / f"rows_{count}.csv"
+            write_rows(rss_csv, server.base_url, captions[:count])
+            print(f"memory: curate run on {count} rows ...", flush=True)
+            measured = curate("run", rss_csv, work / f"out_rss_{count}", server.port, clip_args)
+            results["rss"][count] = round(measured["peak_rss_mb"])
+        if len(rss_rows) >= 2:
+            low, high = min(rss_rows), max(rss_rows)
+            results["rss_growth"] = round(results["rss"][high] / results["rss"][low], 3)
+    finally:
+        server.close()
+
+    print(f"\n{'stage alone':<26} {'rows/s':>9}")
+    for stage, rate in results["alone_rows_per_s"].items():
+        print(f"{stage:<26} {rate:>9.1f}{'   <- bottleneck' if stage == results['bottleneck'] else ''}")
+    phases = results["full"]["phases"]
+    print(f"\nfull `curate run` ({args.rows} rows, {results['full']['kept']} kept): {results['full']['seconds']} s, "
+          f"{results['full']['rows_per_s']} rows/s; phases: "
+          + ", ".join(f"{p} {s:.1f} s ({args.rows / s:.0f} rows/s)" for p, s in phases.items()))
+    print(f"pipeline throughput / bottleneck alone: {results['fraction_of_bottleneck']:.2f} (target >= 0.85)")
+    for count, mb in results["rss"].items():
+        print(f"peak RSS at {count} rows: {mb} MB")
+    if "rss_growth" in results:
+        print(f"RSS growth {max(rss_rows)} / {min(rss_rows)} rows: {results['rss_growth']:.2f}x (target <= 1.3)")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
