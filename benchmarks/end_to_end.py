@@ -180,6 +180,40 @@ def make_random_vit() -> None:
         torch.save(model.state_dict(), VIT_CHECKPOINT)
 
 
+def measure_rss(results: dict, rss_rows: list[int], captions, server, work: Path, clip_args) -> None:
+    for count in rss_rows:
+        if count in results["rss"]:
+            continue
+        rss_csv = work / f"rows_{count}.csv"
+        write_rows(rss_csv, server.base_url, captions[:count])
+        print(f"memory: curate run on {count} rows ...", flush=True)
+        measured = curate("run", rss_csv, work / f"out_rss_{count}", server.port, clip_args)
+        results["rss"][count] = round(measured["peak_rss_mb"])
+        results.setdefault("rss_runs", {})[count] = {"seconds": round(measured["seconds"], 1),
+                                                      "kept": kept_of(measured["summary"]),
+                                                      "phases": measured["phases"]}
+    if len(rss_rows) >= 2:
+        results["rss_growth"] = round(results["rss"][max(rss_rows)] / results["rss"][min(rss_rows)], 3)
+
+
+def print_rss(results: dict, rss_rows: list[int]) -> None:
+    for count, mb in results["rss"].items():
+        print(f"peak RSS at {count} rows: {mb} MB")
+    if "rss_growth" in results:
+        print(f"RSS growth {max(rss_rows)} / {min(rss_rows)} rows: {results['rss_growth']:.2f}x (target <= 1.3)")
+
+
+def memory_only(results: dict, rss_rows: list[int], captions, server, work: Path, clip_args) -> int:
+    results["rss"] = {}
+    try:
+        measure_rss(results, rss_rows, captions, server, work, clip_args)
+    finally:
+        server.close()
+    print_rss(results, rss_rows)
+    print(json.dumps(results))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=10_000)
@@ -187,6 +221,7 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=80.0)
     parser.add_argument("--clip", choices=("tiny", "vit-b-32"), default="tiny")
     parser.add_argument("--clip-alone-pairs", type=int, default=2000, help="pairs for the CLIP-alone rate")
+    parser.add_argument("--memory-only", action="store_true", help="only the RSS runs (no throughput part)")
     parser.add_argument("--work", default="/tmp/bench_end_to_end", help="scratch folder (the corpus is kept)")
     args = parser.parse_args()
 
@@ -204,6 +239,8 @@ def main() -> int:
         rows = work / f"rows_{args.rows}.csv"
         write_rows(rows, server.base_url, captions[: args.rows])
 
+        if args.memory_only:
+            return memory_only(results, rss_rows, captions, server, work, clip_args)
         print(f"full pipeline: curate run on {args.rows} rows ...", flush=True)
         full = curate("run", rows, work / "out_full", server.port, clip_args)
         total = full["seconds"]
@@ -226,19 +263,8 @@ def main() -> int:
         results["bottleneck"] = bottleneck
         results["fraction_of_bottleneck"] = round((args.rows / total) / alone[bottleneck], 3)
 
-        results["rss"] = {}
-        for count in rss_rows:
-            if count == args.rows:
-                results["rss"][count] = results["full"]["peak_rss_mb"]
-                continue
-            rss_csv = work / f"rows_{count}.csv"
-            write_rows(rss_csv, server.base_url, captions[:count])
-            print(f"memory: curate run on {count} rows ...", flush=True)
-            measured = curate("run", rss_csv, work / f"out_rss_{count}", server.port, clip_args)
-            results["rss"][count] = round(measured["peak_rss_mb"])
-        if len(rss_rows) >= 2:
-            low, high = min(rss_rows), max(rss_rows)
-            results["rss_growth"] = round(results["rss"][high] / results["rss"][low], 3)
+        results["rss"] = {args.rows: results["full"]["peak_rss_mb"]} if args.rows in rss_rows else {}
+        measure_rss(results, rss_rows, captions, server, work, clip_args)
     finally:
         server.close()
 
@@ -250,10 +276,7 @@ def main() -> int:
           f"{results['full']['rows_per_s']} rows/s; phases: "
           + ", ".join(f"{p} {s:.1f} s ({args.rows / s:.0f} rows/s)" for p, s in phases.items()))
     print(f"pipeline throughput / bottleneck alone: {results['fraction_of_bottleneck']:.2f} (target >= 0.85)")
-    for count, mb in results["rss"].items():
-        print(f"peak RSS at {count} rows: {mb} MB")
-    if "rss_growth" in results:
-        print(f"RSS growth {max(rss_rows)} / {min(rss_rows)} rows: {results['rss_growth']:.2f}x (target <= 1.3)")
+    print_rss(results, rss_rows)
     print(json.dumps(results))
     return 0
 

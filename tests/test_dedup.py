@@ -176,7 +176,7 @@ def test_image_hashes_shape():
     assert len(features[Col.PHASH]) == 16 and features[Col.PHASH] == features[Col.PHASH].lower()
     int(features[Col.PHASH], 16)
     assert len(features[Col.PHASH_MIRROR]) == 16
-    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 256
+    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 320
 
 
 def test_phash_is_imagehash_phash_for_small_images():
@@ -448,3 +448,93 @@ def test_equal_grey_colours_are_hashed_not_treated_as_blank():
     assert distance <= 8
     flat = Image.new("RGB", (200, 200), (120, 40, 200))
     assert image_hashes(flat)[Col.PHASH] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# descriptor v3: robust hash, object view
+# ---------------------------------------------------------------------------------------------
+
+
+def _jpeg_copy(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def _small_object_on_canvas(shape: str, size=(600, 800), colour=(30, 30, 30)) -> Image.Image:
+    """A small drawn object in the middle of a large white canvas (like much clip art)."""
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    cx, cy = size[0] // 2, size[1] // 2
+    if shape == "lips":
+        draw.ellipse((cx - 90, cy - 45, cx + 90, cy + 45), fill=(200, 20, 40))
+        draw.line((cx - 85, cy, cx + 85, cy), fill=(90, 0, 10), width=6)
+    elif shape == "figure":
+        draw.ellipse((cx - 30, cy - 90, cx + 30, cy - 30), fill=colour)
+        draw.rectangle((cx - 35, cy - 25, cx + 35, cy + 60), fill=colour)
+        draw.rectangle((cx - 35, cy + 60, cx - 10, cy + 110), fill=colour)
+        draw.rectangle((cx + 10, cy + 60, cx + 35, cy + 110), fill=colour)
+    return image
+
+
+def test_robust_hash_is_stable_on_a_symmetric_picture_and_mirrors_exactly():
+    """A symmetric picture (a disc on white) has many zero DCT coefficients: pHash's bits for them
+    are noise, the robust hash's dead zone makes them 0, so a JPEG copy stays close."""
+    image = Image.new("RGB", (640, 420), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((220, 110, 420, 310), fill=(200, 0, 20))
+    a = dedup.parse_descriptor(image_hashes(image)[Col.DEDUP_DESCRIPTOR])
+    for copy in (_jpeg_copy(image, 30), _jpeg_copy(image.resize((320, 210)), 50)):
+        b = dedup.parse_descriptor(image_hashes(copy)[Col.DEDUP_DESCRIPTOR])
+        assert hamming(a.hashes[0][0], b.hashes[0][0]) <= 2
+    photo = natural_image(4)
+    p = dedup.parse_descriptor(image_hashes(photo)[Col.DEDUP_DESCRIPTOR])
+    f = dedup.parse_descriptor(image_hashes(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT))[Col.DEDUP_DESCRIPTOR])
+    assert hamming(p.hashes[0][1], f.hashes[0][0]) <= 2
+    assert hamming(p.hashes[0][0], f.hashes[0][0]) > 8
+
+
+def test_object_view_of_a_padded_clip_art_is_the_object():
+    """Clip art on white: trimmed view = the object. Its black-padded copy: trimmed view = the white
+    canvas, object view = the object again (the innermost of two borders)."""
+    art = _small_object_on_canvas("figure")
+    padded = ImageOps.expand(art, border=(30, 40), fill=(0, 0, 0))
+    a = dedup.parse_descriptor(image_hashes(art)[Col.DEDUP_DESCRIPTOR])
+    b = dedup.parse_descriptor(image_hashes(padded)[Col.DEDUP_DESCRIPTOR])
+    assert a.innermost == 1 and b.innermost == 2
+    assert abs(int(a.aspects[1]) - int(b.aspects[2])) <= 6  # the box moves a little at lower resolution
+    assert abs(int(a.aspects[0]) - int(b.aspects[1])) <= 3
+
+
+def test_small_objects_on_like_canvases_are_told_apart_by_the_object_view():
+    """Two small, different objects on the same large white canvas have near-identical full views;
+    the object view rejects them, also for their padded copies, while real copies still verify."""
+    figure, lips = _small_object_on_canvas("figure"), _small_object_on_canvas("lips")
+    pad = lambda im: ImageOps.expand(im, border=(30, 40), fill=(0, 0, 0))  # noqa: E731
+    d = {name: image_hashes(im)[Col.DEDUP_DESCRIPTOR] for name, im in {
+        "figure": figure, "lips": lips, "figure_pad": pad(figure), "lips_pad": pad(lips),
+        "figure_jpeg": _jpeg_copy(figure.resize((300, 400)), 40),
+        "figure_flip": figure.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    }.items()}
+    ok = lambda x, y: verify_pair((d[x], None), (d[y], None), True, 0.8, 0.9)  # noqa: E731
+    full_a, full_b = dedup.parse_descriptor(d["figure"]), dedup.parse_descriptor(d["lips"])
+    assert dedup.thumb_correlation(full_a.thumbs[0], full_b.thumbs[0]) > 0.5  # the canvases look alike
+    assert not ok("figure", "lips") and not ok("figure_pad", "lips_pad") and not ok("figure_pad", "lips")
+    assert ok("figure", "figure_pad") and ok("figure", "figure_jpeg") and ok("figure", "figure_flip")
+    assert ok("figure_pad", "figure_jpeg")
+    records = [_fetched(uid, im) for uid, im in {
+        "figure": figure, "lips": lips, "figure_pad": pad(figure), "lips_pad": pad(lips),
+        "figure_jpeg": _jpeg_copy(figure.resize((300, 400)), 40),
+    }.items()]
+    expected = [drop("figure", "figure_pad", NEAR), drop("figure_jpeg", "figure_pad", NEAR), drop("lips", "lips_pad", NEAR)]
+    p = in_process_pipeline()
+    out = p | beam.Create(records) | Deduplicate(CurateConfig())
+    assert_that(out, equal_to(expected))
+    p.run()
+
+
+def test_old_descriptor_versions_fall_back_to_the_hash_columns():
+    features = image_hashes(natural_image(5))
+    old = bytes((2,)) + features[Col.DEDUP_DESCRIPTOR][1:]
+    assert dedup.parse_descriptor(old) is None
+    variants = dedup.hash_variants({**features, Col.DEDUP_DESCRIPTOR: old})
+    assert variants[0] == (0, int(features[Col.PHASH], 16))

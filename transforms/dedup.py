@@ -3,27 +3,34 @@
 Fetch phase: `image_hashes` turns one decoded image into three small columns:
   - PHASH: imagehash's 64-bit pHash (computed on a 128-px box-filtered copy, for speed),
   - PHASH_MIRROR: the pHash of the horizontally flipped image (so a flipped copy is found),
-  - DEDUP_DESCRIPTOR (252 bytes): header (version, flags, aspect ratios), the pHash pair of the
-    full image and of its trimmed view, and 6x6 RGB thumbnails of both. The trimmed view is the
-    image with ONE uniform border removed (padding, letterboxing, or the flat background of clip
-    art); it is left out when what remains is a solid block (a square on a flat background), since
-    all solid blocks hash alike.
+  - DEDUP_DESCRIPTOR (317 bytes, version 3): header (version, flags, aspect ratios), and for up to
+    three views a robust hash pair (`_phash_pair`: pHash's DCT bits on the squared darkness, with a
+    dead zone at the median, so symmetric pictures and brightness changes do not turn bits into
+    noise) and an RGB thumbnail (6x6; 4x4 for the object). The views: the full image; the trimmed
+    view, the image with ONE uniform border removed (padding, letterboxing, or the flat background
+    of clip art); the object view, the innermost view when a border of another colour lies inside
+    the first (a padded clip art: black padding, then a white canvas, then the object). Boxes are
+    found on a <= 128-px rendering and each view is rendered again from the original (a small
+    object keeps its detail); a view that is a solid block (a square on a flat background) is left
+    out, since all solid blocks hash alike.
   Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
 
 Decide phase: `Deduplicate` (features table only, never image bytes):
   1. exact: group by sha256, keep the best sample per group (`quality_key`).
-  2. near: every group survivor emits r+1 band keys per hash variant (pHash, mirror, trimmed
-     pHash, trimmed mirror; repeats skipped). By the pigeonhole principle two hashes within Hamming
+  2. near: every group survivor emits r+1 band keys per hash variant (robust hash and mirror of the
+     full and of the trimmed view from the descriptor, or the PHASH columns without one; repeats
+     skipped). By the pigeonhole principle two hashes within Hamming
      distance r agree on at least one band, so a GroupByKey on (band, value) finds every candidate
      without all-pairs comparison. Buckets larger than `dedup_max_bucket` are split again by
      pigeonhole on the remaining bits (recall kept, no truncation) and counted.
   3. verify: candidate edges are joined with the descriptors (and CLIP image embeddings) by uid.
      An edge passes when every second look both ends have agrees (`verify_pair`): the descriptors
      must match on one pair of views (full/full, full/trimmed, trimmed/full, never trimmed/trimmed
-     alone) in one orientation, with the aspect ratio, the pHash distance (<= r), the thumbnail
-     layout (correlation) and the thumbnail colour after a global brightness/contrast fit all
-     agreeing; a full/full match of two images with trimmed views also needs the objects (trimmed
-     views) to agree. The embeddings, when both exist, must be close too.
+     alone) in one orientation, with the aspect ratio, the robust-hash distance (<= r), the
+     thumbnail layout (correlation) and the thumbnail colour after a global brightness/contrast fit
+     all agreeing; when both images have an innermost view beyond the matched ones, those objects
+     must agree too (a small object barely shows in a large canvas's full view). The embeddings,
+     when both exist, must be close too.
   4. clusters: union-find over the verified edges gives candidate components; each component is
      then resolved with its members' payloads so that every dropped member is verified against its
      own survivor (a direct verified edge, or `verify_pair` again), never only against a
@@ -39,6 +46,7 @@ from typing import Iterable, Optional, Sequence
 import apache_beam as beam
 import imagehash
 import numpy as np
+import scipy.fft
 from apache_beam.metrics import Metrics
 from PIL import Image
 
@@ -46,20 +54,29 @@ from schemas import Col, DropReason
 
 NAMESPACE = "dedup"
 DESCRIPTOR_SIDE = 6
+OBJECT_SIDE = 4
 _THUMB_BYTES = DESCRIPTOR_SIDE * DESCRIPTOR_SIDE * 3
-_HEADER_BYTES = 4  # version, flags, aspect of the full image, aspect of the trimmed image
+_OBJECT_THUMB_BYTES = OBJECT_SIDE * OBJECT_SIDE * 3
+_HEADER_BYTES = 5  # version, flags, aspect of the full, the trimmed and the object view
 _HASHES_OFFSET = _HEADER_BYTES
-_THUMBS_OFFSET = _HASHES_OFFSET + 32
-# descriptor = header (4) + pHash, mirror pHash, trimmed pHash, trimmed mirror pHash (4 x 8) +
-# 6x6 RGB thumbnails of the full and of the trimmed image (2 x 108) = 252 bytes
-DESCRIPTOR_BYTES = _THUMBS_OFFSET + 2 * _THUMB_BYTES
-DESCRIPTOR_VERSION = 2
+_THUMBS_OFFSET = _HASHES_OFFSET + 48
+# descriptor = header (5) + (robust pHash, robust mirror pHash) of the full, trimmed and object view
+# (3 x 16) + 6x6 RGB thumbnails of the full and the trimmed view (2 x 108) + 4x4 RGB thumbnail of
+# the object view (48) = 317 bytes
+DESCRIPTOR_BYTES = _THUMBS_OFFSET + 2 * _THUMB_BYTES + _OBJECT_THUMB_BYTES
+DESCRIPTOR_VERSION = 3
 _HAS_TRIM = 1
+_HAS_OBJECT = 2
 _WORK_SIDE = 128  # images are box-reduced to at most this before anything else (speed)
 _BORDER_TOL = 24  # max channel difference from the border colour that still counts as border
 _BORDER_UNIFORM = 0.95  # share of border pixels that must match before a border is trimmed
 _TRIM_MIN_STD = 8.0  # a trimmed image flatter than this (std, any channel) is a solid block: no trimmed view
+_TRIM_STEPS = 4  # trimming rounds: each either tightens the current level or starts a new one
 _ASPECT_SCALE = 32.0  # aspect ratios are stored as round(log2(w / h) * 32) + 128
+# robust pHash: DCT coefficients this close to the median (share of the largest AC coefficient)
+# are 0 bits: symmetric pictures have many (near-)zero coefficients whose pHash bits are noise
+_DEAD_ZONE = 0.01
+_MIRROR_SIGNS = np.tile((-1.0) ** np.arange(8), 8)  # a horizontal flip negates odd columns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,8 +84,8 @@ _ASPECT_SCALE = 32.0  # aspect ratios are stored as round(log2(w / h) * 32) + 12
 # ----------------------------------------------------------------------------------------------
 
 
-def _content_box(small: np.ndarray) -> Optional[tuple[int, int, int, int]]:
-    """Bounding box (left, top, right, bottom) of what is not a uniform border, or None.
+def _content_box(small: np.ndarray) -> Optional[tuple[tuple[int, int, int, int], np.ndarray]]:
+    """(bounding box (left, top, right, bottom) of what is not a uniform border, border colour), or None.
 
     A border is trimmed only when (nearly) all border pixels share one colour, so photos keep their
     frame while padding, letterboxing and the flat background of clip art go.
@@ -78,7 +95,7 @@ def _content_box(small: np.ndarray) -> Optional[tuple[int, int, int, int]]:
     colour = np.median(border, axis=0)
     if np.mean(np.abs(border - colour).max(axis=1) <= _BORDER_TOL) < _BORDER_UNIFORM:
         return None
-    content = np.abs(small.astype(np.int16) - colour).max(axis=2) > _BORDER_TOL
+    content = np.abs(small.astype(np.int16) - colour.astype(np.int16)).max(axis=2) > _BORDER_TOL
     # a row/column is content when more than a sliver of it differs (JPEG ringing is not content)
     rows = np.flatnonzero(content.sum(axis=1) > max(1, w // 100))
     cols = np.flatnonzero(content.sum(axis=0) > max(1, h // 100))
@@ -89,21 +106,57 @@ def _content_box(small: np.ndarray) -> Optional[tuple[int, int, int, int]]:
     box = (left + (left > 0), top + (top > 0), right - (right < w), bottom - (bottom < h))
     if box[2] - box[0] < 8 or box[3] - box[1] < 8 or box == (0, 0, w, h):
         return None
-    return box
+    return box, colour
 
 
-def _aspect_byte(width: int, height: int) -> int:
-    return int(min(255, max(0, round(math.log2(max(width, 1) / max(height, 1)) * _ASPECT_SCALE) + 128)))
+def _aspect_byte(width: float, height: float) -> int:
+    return int(min(255, max(0, round(math.log2(max(width, 1e-6) / max(height, 1e-6)) * _ASPECT_SCALE) + 128)))
 
 
 def _hash_bytes(value) -> bytes:
     return int(str(value), 16).to_bytes(8, "big")
 
 
+def _channel_std(image: Image.Image) -> np.ndarray:
+    """Per-channel standard deviation of an image (from PIL's histograms: cheap)."""
+    counts = np.asarray(image.histogram(), dtype=np.float64).reshape(-1, 256)
+    n = counts.sum(axis=1)
+    mean = counts @ _LEVELS / n
+    return np.sqrt(np.maximum(counts @ (_LEVELS * _LEVELS) / n - mean * mean, 0.0))
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+
+
+def _render(image: Image.Image, box: tuple[float, float, float, float], side: int) -> Image.Image:
+    """The `box` region (original coordinates) of `image`, box-reduced to at most `side` pixels."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    scale = min(1.0, side / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image.resize(size, Image.Resampling.BOX, box=box)
+
+
+def _trim(image: Image.Image, view: Image.Image, region: tuple, floor: float):
+    """One uniform border off `view` (the rendering of `region` of `image`): (view, region, border
+    colour) of what is inside it, rendered again from the original, or None (no uniform border,
+    or what is inside is a solid block)."""
+    found = _content_box(np.asarray(view))
+    if found is None:
+        return None
+    box, colour = found
+    sx, sy = (region[2] - region[0]) / view.width, (region[3] - region[1]) / view.height
+    inner = (region[0] + box[0] * sx, region[1] + box[1] * sy, region[0] + box[2] * sx, region[1] + box[3] * sy)
+    rendered = _render(image, inner, _WORK_SIDE)
+    # per channel: a red cross on teal is flat in grey (equal channel means) but not flat
+    if float(_channel_std(rendered).max()) < floor:
+        return None  # a solid block (a square on a flat background): hashes alike, says nothing
+    return rendered, inner, colour
+
+
 def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     """pHash, mirror pHash and verification descriptor of one decoded image (any size).
 
-    Returns None for all three on blank / near-uniform images (grey std below the threshold).
+    Returns None for all three on blank / near-uniform images (std below the threshold in every channel).
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -113,45 +166,57 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     small = image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
     pixels = np.asarray(small)
-    if float(pixels.reshape(-1, 3).std(axis=0).max()) < blank_std_threshold:  # flat in every channel
+    if float(_channel_std(small).max()) < blank_std_threshold:  # flat in every channel
         return {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
     # The trimmed view: one uniform border removed (padding, letterboxing, or the flat background
-    # of clip art). Only one level: a padded copy's trimmed view is the original's full view, while
-    # an object on a flat background is never compared with itself on another background.
-    trimmed = None
-    box = _content_box(pixels)
-    if box is not None:
-        trimmed = small.crop(box)
-        # per channel: a red cross on teal is flat in grey (equal channel means) but not flat
-        if float(np.asarray(trimmed).reshape(-1, 3).std(axis=0).max()) < max(blank_std_threshold, _TRIM_MIN_STD):
-            trimmed = None  # a solid block (a square on a flat background): hashes alike, says nothing
-    plain, plain_mirror = _phash_pair(_hash_view(small))
+    # of clip art), rendered again from the original. The object view: every further uniform
+    # border removed too (up to two more), so that a padded copy of a clip art and the clip art
+    # itself show the same object, and two objects on a like background are told apart.
+    floor = max(blank_std_threshold, _TRIM_MIN_STD)
+    full_region = (0.0, 0.0, float(image.width), float(image.height))
+    views = [(small, full_region)]
+    border = None
+    for _ in range(_TRIM_STEPS):
+        inner = _trim(image, *views[-1], floor)
+        if inner is None:
+            break
+        view, region, colour = inner
+        if border is not None and float(np.abs(colour - border).max()) <= _BORDER_TOL:
+            views[-1] = (view, region)  # the same border again, seen finer: a tighter box, same level
+        else:
+            views.append((view, region))  # a border of another colour: one level further in
+        border = colour
+    grey, grey_mirror, robust = _phash_pair(_hash_view(small))
     flags = 0
-    header_trim = 128
-    trimmed_hashes = bytes(16)
-    trimmed_thumb = bytes(_THUMB_BYTES)
-    if trimmed is not None:
+    aspects = [_aspect_byte(image.width, image.height), 128, 128]
+    hashes = [robust, (0, 0), (0, 0)]
+    thumbs = [_thumb(small, DESCRIPTOR_SIDE), bytes(_THUMB_BYTES), bytes(_OBJECT_THUMB_BYTES)]
+    if len(views) > 1:
         flags |= _HAS_TRIM
-        header_trim = _aspect_byte(*trimmed.size)
-        t, tm = _phash_pair(_hash_view(trimmed))
-        trimmed_hashes = _hash_bytes(t) + _hash_bytes(tm)
-        trimmed_thumb = _thumb(trimmed)
+        view, region = views[1]
+        aspects[1] = _aspect_byte(region[2] - region[0], region[3] - region[1])
+        hashes[1] = _phash_pair(_hash_view(view))[2]
+        thumbs[1] = _thumb(view, DESCRIPTOR_SIDE)
+    if len(views) > 2:
+        flags |= _HAS_OBJECT
+        view, region = views[-1]
+        aspects[2] = _aspect_byte(region[2] - region[0], region[3] - region[1])
+        hashes[2] = _phash_pair(_hash_view(view))[2]
+        thumbs[2] = _thumb(view, OBJECT_SIDE)
     descriptor = (
-        bytes((DESCRIPTOR_VERSION, flags, _aspect_byte(image.width, image.height), header_trim))
-        + _hash_bytes(plain)
-        + _hash_bytes(plain_mirror)
-        + trimmed_hashes
-        + _thumb(small)
-        + trimmed_thumb
+        bytes((DESCRIPTOR_VERSION, flags, *aspects))
+        + b"".join(h.to_bytes(8, "big") + m.to_bytes(8, "big") for h, m in hashes)
+        + b"".join(thumbs)
     )
-    return {Col.PHASH: str(plain), Col.PHASH_MIRROR: str(plain_mirror), Col.DEDUP_DESCRIPTOR: descriptor}
+    return {Col.PHASH: str(grey), Col.PHASH_MIRROR: str(grey_mirror), Col.DEDUP_DESCRIPTOR: descriptor}
 
 
-def _thumb(image: Image.Image) -> bytes:
-    return image.resize((DESCRIPTOR_SIDE, DESCRIPTOR_SIDE), Image.Resampling.BOX).tobytes()
+def _thumb(image: Image.Image, side: int) -> bytes:
+    return image.resize((side, side), Image.Resampling.BOX).tobytes()
 
 
 _GREY_CONTRAST_RATIO = 0.25
+_EQUAL_GREY = (1 / 3, 1 / 3, 1 / 3, 0.0)
 
 
 def _hash_view(image: Image.Image) -> Image.Image:
@@ -161,18 +226,40 @@ def _hash_view(image: Image.Image) -> Image.Image:
     image. When grey contrast is far below the strongest channel's, that channel is hashed
     instead; edits that keep a picture a duplicate (resize, JPEG, brightness) keep the choice.
     """
-    pixels = np.asarray(image, dtype=np.float32).reshape(-1, 3)
-    channel_std = pixels.std(axis=0)
-    if float(pixels.mean(axis=1).std()) >= _GREY_CONTRAST_RATIO * float(channel_std.max()):
+    channel_std = _channel_std(image)
+    grey_std = float(_channel_std(image.convert("L", _EQUAL_GREY))[0])  # of (R + G + B) / 3
+    if grey_std >= _GREY_CONTRAST_RATIO * float(channel_std.max()):
         return image
     return image.getchannel("RGB"[int(channel_std.argmax())])
 
 
+def _bits(values: np.ndarray) -> int:
+    return int.from_bytes(np.packbits(values).tobytes(), "big")
+
+
 def _phash_pair(image: Image.Image):
-    """imagehash pHash of the image and of its mirror, from one 32x32 thumbnail (the one
-    imagehash.phash computes; phash of a 32x32 image skips the resize, so both are imagehash's)."""
+    """(imagehash pHash, imagehash pHash of the mirror, (robust hash, robust mirror hash)) from
+    one 32x32 thumbnail (the one imagehash.phash computes; phash of a 32x32 image skips the
+    resize, so the first two are imagehash's).
+
+    The robust hash is what search and verification use: pHash's 8x8 low-frequency DCT
+    coefficients against their median, but (1) computed on the squared darkness (255 - grey)^2,
+    which weighs down the light tones a brightness increase clips to white, and (2) with a dead
+    zone around the median (`_DEAD_ZONE`): coefficients near it are 0 bits, where pHash's bits
+    would be noise (symmetric pictures have many zero coefficients). The mirror's coefficients
+    are the same with odd columns negated, so no second DCT is needed.
+    """
     thumb = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-    return imagehash.phash(thumb), imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    plain = imagehash.phash(thumb)
+    mirror = imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    darkness = 255.0 - np.asarray(thumb, dtype=np.float64)
+    coeffs = scipy.fft.dct(scipy.fft.dct(-(darkness * darkness), axis=0), axis=1)[:8, :8].ravel()
+    robust = []
+    for c in (coeffs, coeffs * _MIRROR_SIGNS):
+        median = np.median(c)
+        dead = _DEAD_ZONE * float(np.abs(c[1:]).max())
+        robust.append(_bits(c > median + dead))
+    return plain, mirror, tuple(robust)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,27 +435,39 @@ def _hex_to_int(value) -> Optional[int]:
 
 
 class Descriptor:
-    """The parsed DEDUP_DESCRIPTOR: per view (0 = full image, 1 = trimmed image, when there is
-    one) its aspect byte, its pHash and mirror pHash, and its RGB thumbnail."""
+    """The parsed DEDUP_DESCRIPTOR: per view (0 = full image, 1 = trimmed image, 2 = object: the
+    innermost trimmed view, when there is one; None where a view is absent) its aspect byte, its
+    robust hash and robust mirror hash, and its RGB thumbnail."""
 
     __slots__ = ("aspects", "hashes", "thumbs")
 
     def __init__(self, data: bytes):
-        views = 2 if data[1] & _HAS_TRIM else 1
-        self.aspects = [data[2], data[3]][:views]
+        present = (True, bool(data[1] & _HAS_TRIM), bool(data[1] & _HAS_OBJECT))
+        self.aspects = [data[2 + v] if present[v] else None for v in range(3)]
         self.hashes = [
             (
                 int.from_bytes(data[_HASHES_OFFSET + 16 * v : _HASHES_OFFSET + 16 * v + 8], "big"),
                 int.from_bytes(data[_HASHES_OFFSET + 16 * v + 8 : _HASHES_OFFSET + 16 * v + 16], "big"),
             )
-            for v in range(views)
+            if present[v]
+            else None
+            for v in range(3)
         ]
+        sides = (DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, OBJECT_SIDE)
+        offsets = (_THUMBS_OFFSET, _THUMBS_OFFSET + _THUMB_BYTES, _THUMBS_OFFSET + 2 * _THUMB_BYTES)
         self.thumbs = [
-            np.frombuffer(data, dtype=np.uint8, count=_THUMB_BYTES, offset=_THUMBS_OFFSET + v * _THUMB_BYTES)
-            .reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3)
+            np.frombuffer(data, dtype=np.uint8, count=sides[v] * sides[v] * 3, offset=offsets[v])
+            .reshape(sides[v], sides[v], 3)
             .astype(np.float32)
-            for v in range(views)
+            if present[v]
+            else None
+            for v in range(3)
         ]
+
+    @property
+    def innermost(self) -> int:
+        """Index of the innermost view: the object (2), the trimmed view (1) or the full image (0)."""
+        return 2 if self.hashes[2] is not None else (1 if self.hashes[1] is not None else 0)
 
 
 def parse_descriptor(data) -> Optional[Descriptor]:
@@ -423,13 +522,55 @@ def thumb_correlation(x: np.ndarray, y: np.ndarray) -> float:
 # stored aspect bytes may differ by this much (log2 * 32: 3 = 7 %); a 90-degree turn of a
 # non-square image swaps its aspect and fails here
 _ASPECT_TOLERANCE = 3
-# when both images have a trimmed view (an object on a flat background) and their full views
-# match, the objects must agree too, loosely (the trimmed box moves with JPEG and brightness):
-_CONTENT_ASPECT_TOLERANCE = 12  # 30 %
-_CONTENT_DISTANCE_FACTOR = 2.0  # times max_distance
-# ... and when they agree strictly (hash within the radius too), the full views may be this much
-# further apart in pHash (times the radius): two views agreeing are stronger evidence than one
+# the pairs of views that may show one picture: full/full, and full/trimmed both ways (a padded
+# copy's trimmed view is the original's full view); never trimmed/trimmed alone: two objects cut
+# from different backgrounds look alike
+_ANCHORS = ((0, 0), (0, 1), (1, 0))
+# when both images have an innermost view (an object on a flat background) besides the views that
+# matched, the objects must agree too, loosely (the box moves a little with JPEG and brightness):
+_OBJECT_ASPECT_TOLERANCE = 12  # 30 %
+_OBJECT_DISTANCE_FACTOR = 2.0  # colour distance of the object thumbnails, times max_distance
+# robust-hash distance of the objects, times the radius: up to the first factor alone, up to the
+# second with correlated thumbnails (objects are small: their hash moves more than the full view's)
+_OBJECT_RADIUS_FACTOR = 1.5
+_OBJECT_LOOSE_RADIUS_FACTOR = 3.0
+_OBJECT_MIN_CORRELATION = 0.5
+# ... and when they agree strictly (hash within the radius too), the matched views may be this much
+# further apart (times the radius): two views agreeing are stronger evidence than one
 _TWO_VIEW_RADIUS_FACTOR = 1.75
+
+
+def _object_agreement(a: Descriptor, b: Descriptor, flipped: bool, radius: int, max_distance: float) -> int:
+    """How the objects (innermost views) of a and b agree: 2 strictly, 1 loosely, 0 not at all."""
+    oa, ob = a.innermost, b.innermost
+    if abs(int(a.aspects[oa]) - int(b.aspects[ob])) > _OBJECT_ASPECT_TOLERANCE:
+        return 0
+    distance = hamming(a.hashes[oa][0], b.hashes[ob][int(flipped)])
+    if distance > _OBJECT_LOOSE_RADIUS_FACTOR * radius:
+        return 0
+    x, y = _thumb_pair(a, oa, b, ob, flipped)
+    colour = colour_distance(x, y)
+    if colour > _OBJECT_DISTANCE_FACTOR * max_distance:
+        return 0
+    if distance > _OBJECT_RADIUS_FACTOR * radius and thumb_correlation(x, y) < _OBJECT_MIN_CORRELATION:
+        return 0
+    strict = distance <= radius and colour <= max_distance
+    return 2 if strict else 1
+
+
+def _thumb_pair(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool):
+    x, y = a.thumbs[va], b.thumbs[vb]
+    if x.shape != y.shape:  # the object thumbnail is smaller: compare at its size
+        side = min(x.shape[0], y.shape[0])
+        x, y = _shrink(x, side), _shrink(y, side)
+    return x, (y[:, ::-1] if flipped else y)
+
+
+def _shrink(thumb: np.ndarray, side: int) -> np.ndarray:
+    if thumb.shape[0] == side:
+        return thumb
+    image = Image.fromarray(thumb.astype(np.uint8)).resize((side, side), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float32)
 
 
 def descriptor_match(
@@ -440,41 +581,35 @@ def descriptor_match(
     min_similarity: float,
     mirror: bool = True,
 ) -> bool:
-    """Two descriptors show one picture when, for one pair of views (full/full, full/trimmed or
-    trimmed/full; never trimmed/trimmed alone: two objects cut from different backgrounds look
-    alike) in one orientation (b mirrored when `mirror`), the aspect ratios agree, the pHashes are
-    within `radius` and the thumbnails agree in layout (correlation) and in colour
-    (`colour_distance`). A full/full match of two images that both have a trimmed view also needs
-    the trimmed views (the objects) to agree."""
+    """Two descriptors show one picture when, for one pair of views (`_ANCHORS`) in one
+    orientation (b mirrored when `mirror`), the aspect ratios agree, the robust hashes are within
+    `radius` and the thumbnails agree in layout (correlation) and in colour (`colour_distance`).
+    When both images also have an innermost view (an object on a flat background) other than the
+    matched views, the objects must agree too (`_object_agreement`): a small object on a large
+    canvas barely shows in the full view, so this is what tells two clip arts apart."""
     two_view_radius = int(radius * _TWO_VIEW_RADIUS_FACTOR)
-    for va in range(len(a.hashes)):
-        for vb in range(len(b.hashes)):
-            if va and vb:
+    for flipped in (False, True) if mirror else (False,):
+        objects = None
+        for va, vb in _ANCHORS:
+            if a.hashes[va] is None or b.hashes[vb] is None:
                 continue
             if abs(int(a.aspects[va]) - int(b.aspects[vb])) > _ASPECT_TOLERANCE:
                 continue
-            content = va == 0 and vb == 0 and len(a.hashes) > 1 and len(b.hashes) > 1
-            for flipped in (False, True) if mirror else (False,):
-                distance = hamming(a.hashes[va][0], b.hashes[vb][int(flipped)])
-                if distance > (two_view_radius if content else radius):
-                    continue
-                x = a.thumbs[va]
-                y = b.thumbs[vb][:, ::-1] if flipped else b.thumbs[vb]
-                if thumb_correlation(x, y) < min_similarity or colour_distance(x, y) > max_distance:
-                    continue
-                if content:
-                    aspect = abs(int(a.aspects[1]) - int(b.aspects[1]))
-                    x, y = a.thumbs[1], (b.thumbs[1][:, ::-1] if flipped else b.thumbs[1])
-                    colour = colour_distance(x, y)
-                    if aspect > _CONTENT_ASPECT_TOLERANCE or colour > _CONTENT_DISTANCE_FACTOR * max_distance:
-                        continue
-                    if distance > radius and (
-                        aspect > _ASPECT_TOLERANCE
-                        or colour > max_distance
-                        or hamming(a.hashes[1][0], b.hashes[1][int(flipped)]) > radius
-                    ):
-                        continue
-                return True
+            distance = hamming(a.hashes[va][0], b.hashes[vb][int(flipped)])
+            if distance > two_view_radius:
+                continue
+            check_objects = a.innermost > va and b.innermost > vb
+            if check_objects and objects is None:
+                objects = _object_agreement(a, b, flipped, radius, max_distance)
+            if distance > (two_view_radius if check_objects and objects == 2 else radius):
+                continue
+            x, y = _thumb_pair(a, va, b, vb, flipped)
+            correlation, colour = thumb_correlation(x, y), colour_distance(x, y)
+            if correlation < min_similarity or colour > max_distance:
+                continue
+            if check_objects and not objects:
+                continue
+            return True
     return False
 
 
@@ -516,14 +651,16 @@ def verify_pair(
 def hash_variants(record: dict, mirror: bool = True) -> tuple:
     """The distinct hashes a record is searched under, as ((variant, value), ...).
 
-    Variants 0/1: pHash / mirror pHash; 2/3: the same of the border-trimmed image (from the
-    descriptor, when the image has a trimmed view that is not a solid block). An odd and an even
-    variant matching means one image is the other's mirror.
+    With a descriptor: variants 0/1 are the robust hash / robust mirror hash of the full image, 2/3
+    the same of the border-trimmed image (when it has a trimmed view that is not a solid block).
+    Without one (hash-only records, or a descriptor of another version): the PHASH / PHASH_MIRROR
+    columns. An odd and an even variant matching means one image is the other's mirror.
     """
-    values = [_hex_to_int(record.get(Col.PHASH)), _hex_to_int(record.get(Col.PHASH_MIRROR))]
     descriptor = parse_descriptor(record.get(Col.DEDUP_DESCRIPTOR))
-    if descriptor is not None and len(descriptor.hashes) > 1:
-        values += list(descriptor.hashes[1])
+    if descriptor is not None:
+        values = list(descriptor.hashes[0]) + list(descriptor.hashes[1] or ())
+    else:
+        values = [_hex_to_int(record.get(Col.PHASH)), _hex_to_int(record.get(Col.PHASH_MIRROR))]
     if values[0] is None:
         return ()
     out, seen = [], set()
