@@ -301,6 +301,10 @@ def _vectors(members: Sequence[Member]) -> np.ndarray:
     return np.ascontiguousarray(matrix)
 
 
+_SEARCH_ENTRIES = 4_000_000  # queries x depth per faiss call in the exact search
+_CEILING_MARGIN = 1e-3  # float32 cosine error of unit vectors is ~1e-6
+
+
 def _hamming(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
 
@@ -338,27 +342,32 @@ def exact_neighbours(
     pending = np.arange(len(queries))
     depth = min(len(pool), k + 16)
     while pending.size:
-        _, ids = index.search(query_vectors[pending], depth)
         still = []
-        for row, query_index in enumerate(pending):
-            anchor = queries[query_index]
-            anchor_caption = normalised_caption(anchor[1])
-            found = []
-            for j in ids[row]:
-                if j < 0:
-                    continue
-                other = pool[j]
-                if other[0] == anchor[0] or pool_captions[j] == anchor_caption or too_close(anchor, other, radius):
-                    continue
+        # Deep rounds search few queries at a time: a (queries x depth) result stays ~4M entries.
+        step = max(1, _SEARCH_ENTRIES // depth)
+        for start in range(0, pending.size, step):
+            chunk = pending[start:start + step]
+            inner, ids = index.search(query_vectors[chunk], depth)
+            for row, query_index in enumerate(chunk):
+                anchor = queries[query_index]
+                anchor_caption = normalised_caption(anchor[1])
+                # Vectorised first cut on faiss's float32 cosines (with a margin far above their
+                # rounding): in a crowded space most of a deep list is over the ceiling.
+                candidates = ids[row][(ids[row] >= 0) & (inner[row] <= ceiling + _CEILING_MARGIN)]
                 # recomputed in float64 so a pair scores the same in every group it meets in
-                score = float(np.dot(query_vectors[query_index].astype(np.float64), pool_vectors[j].astype(np.float64)))
-                if score > ceiling:
-                    continue
-                found.append((score, other[0], other[1]))
-            if len(found) < k and depth < len(pool):
-                still.append(query_index)
-            else:
-                result[anchor[0]] = top_k(found, k)
+                scores = pool_vectors[candidates].astype(np.float64) @ query_vectors[query_index].astype(np.float64)
+                found = []
+                for j, score in zip(candidates.tolist(), scores.tolist()):
+                    if score > ceiling:
+                        continue
+                    other = pool[j]
+                    if other[0] == anchor[0] or pool_captions[j] == anchor_caption or too_close(anchor, other, radius):
+                        continue
+                    found.append((score, other[0], other[1]))
+                if len(found) < k and depth < len(pool):
+                    still.append(query_index)
+                else:
+                    result[anchor[0]] = top_k(found, k)
         pending = np.asarray(still, dtype=np.int64)
         depth = min(len(pool), depth * 4)
     return result
