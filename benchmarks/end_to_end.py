@@ -3,8 +3,9 @@
     python benchmarks/end_to_end.py [--rows 10000] [--rss-rows 10000,50000] [--latency-ms 80]
                                     [--clip tiny|vit-b-32]
 
-One local server with latency serves distinct synthetic pictures (pipeline/synthetic.py, 320 px
-JPEGs, captions that describe them). In one run it measures:
+One local server with latency serves distinct photo-like pictures (smooth colour fields plus
+grain, 320 to 480 px JPEGs, like small web photos) with English alt-text captions. In one run it
+measures:
 
 1. the full pipeline: `curate run` with every stage on (caption rules + language ID, download,
    decode/resize, pHash + near-dedup descriptor, CLIP, dedup, CLIP filter, hard negatives,
@@ -17,9 +18,10 @@ JPEGs, captions that describe them). In one run it measures:
    of it (target >= 0.85);
 4. peak RSS of the whole `curate run` process tree at each of --rss-rows (target: 50k / 10k <= 1.3).
 
---clip tiny uses the shipped tiny checkpoint (its scores mean something on this corpus);
---clip vit-b-32 uses a randomly initialised ViT-B-32 (the real architecture's cost; scores are
-random, so the CLIP filter is switched off with clip_threshold=-1 and keeps every pair).
+--clip tiny uses the shipped tiny checkpoint (cheap); --clip vit-b-32 a randomly initialised
+ViT-B-32 (the real architecture's cost). Neither has weights that understand photos, so the CLIP
+filter is switched off (clip_threshold=-1): every pair reaches dedup, negatives and the shards, the
+heaviest case for the decide and write phases.
 """
 
 from __future__ import annotations
@@ -39,10 +41,17 @@ from pathlib import Path
 from common import REPO, BenchServer, run_measured
 from download_vs_img2dataset import STAGES_OFF
 
+NO_CLIP_FILTER = ["--set", "clip_threshold=-1"]
 TINY_CLIP = ["--set", "clip_model=tiny_clip", "--set", f"clip_checkpoint={REPO / 'pipeline/assets/tiny_clip.pt'}"]
 VIT_CHECKPOINT = "/tmp/e2e_vit_b_32_random.pt"
-VIT_CLIP = ["--set", "clip_model=ViT-B-32", "--set", "clip_pretrained=", "--set", f"clip_checkpoint={VIT_CHECKPOINT}",
-            "--set", "clip_threshold=-1"]
+VIT_CLIP = ["--set", "clip_model=ViT-B-32", "--set", "clip_pretrained=", "--set", f"clip_checkpoint={VIT_CHECKPOINT}"]
+SIZES = [(400, 300), (480, 320), (360, 360), (320, 400), (440, 330)]
+_SETTINGS = ["in a kitchen", "at the beach", "in the park", "on a desk", "in a classroom", "at night",
+             "in the snow", "on a wooden table", "in a garden", "at a market", "in an office", "on the street",
+             "in a museum", "near a lake", "in a forest", "at a train station"]
+_DETAILS = ["close-up", "wide shot", "high resolution", "stock image", "vintage look", "bright colours",
+            "soft light", "top view", "side view", "for a school project", "free download", "minimal style",
+            "handmade", "studio shot", "on sale", "illustration"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,32 +59,40 @@ VIT_CLIP = ["--set", "clip_model=ViT-B-32", "--set", "clip_pretrained=", "--set"
 # ---------------------------------------------------------------------------------------------
 
 
-def _render(index: int) -> tuple[int, bytes, str]:
+def caption_of(index: int) -> str:
+    """Alt-text style and mostly distinct, like web captions: subject x setting x detail."""
     from pipeline import synthetic
 
     combos = synthetic.all_attributes()
-    attrs = combos[index % len(combos)]
-    image = synthetic.render(attrs, size=320, seed=index)
-    return index, synthetic.encode_jpeg(image, quality=90), attrs.caption()
+    subject = combos[index % len(combos)].caption().replace("a ", "photo of a ", 1)
+    setting = _SETTINGS[(index // len(combos)) % len(_SETTINGS)]
+    detail = _DETAILS[(index // (len(combos) * len(_SETTINGS))) % len(_DETAILS)]
+    return f"{subject} {setting}, {detail}"
+
+
+def _render(index: int) -> tuple[int, bytes]:
+    from common import photo_like
+
+    width, height = SIZES[index % len(SIZES)]
+    buffer = io.BytesIO()
+    photo_like(width, height, seed=1_000_000 + index).save(buffer, "JPEG", quality=85)
+    return index, buffer.getvalue()
 
 
 def make_corpus(root: Path, count: int) -> list[str]:
     """`count` distinct pictures under root/files (kept between runs); returns their captions."""
     files = root / "files"
     files.mkdir(parents=True, exist_ok=True)
-    captions_path = root / "captions.json"
-    captions = json.loads(captions_path.read_text()) if captions_path.exists() else []
-    if len(captions) < count:
+    marker = root / "rendered.txt"
+    rendered = int(marker.read_text()) if marker.exists() else 0
+    if rendered < count:
         started = time.monotonic()
         with multiprocessing.Pool(2) as pool:
-            done = dict((i, c) for i, c in enumerate(captions))
-            for index, data, caption in pool.imap_unordered(_render, range(len(captions), count), chunksize=256):
+            for index, data in pool.imap_unordered(_render, range(rendered, count), chunksize=256):
                 (files / f"img_{index:06d}.jpg").write_bytes(data)
-                done[index] = caption
-        captions = [done[i] for i in range(count)]
-        captions_path.write_text(json.dumps(captions))
-        print(f"corpus: {count} pictures rendered in {time.monotonic() - started:.0f} s", flush=True)
-    return captions[:count]
+        marker.write_text(str(count))
+        print(f"corpus: {count - rendered} pictures rendered in {time.monotonic() - started:.0f} s", flush=True)
+    return [caption_of(index) for index in range(count)]
 
 
 def write_rows(path: Path, base_url: str, captions: list[str]) -> None:
@@ -222,7 +239,7 @@ def main() -> int:
     parser.add_argument("--clip", choices=("tiny", "vit-b-32"), default="tiny")
     parser.add_argument("--clip-alone-pairs", type=int, default=2000, help="pairs for the CLIP-alone rate")
     parser.add_argument("--memory-only", action="store_true", help="only the RSS runs (no throughput part)")
-    parser.add_argument("--work", default="/tmp/bench_end_to_end", help="scratch folder (the corpus is kept)")
+    parser.add_argument("--work", default="/tmp/bench_end_to_end_photos", help="scratch folder (the corpus is kept)")
     args = parser.parse_args()
 
     rss_rows = [int(n) for n in args.rss_rows.split(",") if n.strip()]
@@ -232,7 +249,7 @@ def main() -> int:
     captions = make_corpus(root, largest)
     if args.clip == "vit-b-32":
         make_random_vit()
-    clip_args = TINY_CLIP if args.clip == "tiny" else VIT_CLIP
+    clip_args = (TINY_CLIP if args.clip == "tiny" else VIT_CLIP) + NO_CLIP_FILTER
     server = BenchServer(root, args.latency_ms)
     results: dict = {"rows": args.rows, "latency_ms": args.latency_ms, "clip": args.clip}
     try:
