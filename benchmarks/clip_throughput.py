@@ -13,7 +13,12 @@ init: speed does not depend on the values; nothing can be downloaded here), in o
 Prints pairs/s for both, the ratio, and fidelity: mean cosine of our image and text embeddings
 against the naive fp32 full-length ones (float16 storage included).
 
-    python benchmarks/clip_throughput.py [--pairs 256] [--batch 64] [--precision auto]
+    python benchmarks/clip_throughput.py [--pairs 256] [--batch 64] [--precision auto] [--work]
+
+`--work` adds the work per pair with no parallelism at all (CPU seconds, torch on one thread, one
+CPU inference thread for ours, no Beam): on a machine whose cores other processes share, OpenMP
+threads spin while they wait for each other and inflate the naive loop's CPU time and wall time,
+so this is the steadier measure of what each pair costs.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--precision", default="auto", choices=clip_score.PRECISIONS)
+    parser.add_argument("--work", action="store_true", help="also measure single-threaded work per pair")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -141,6 +147,34 @@ def main() -> None:
           f"on {os.cpu_count()} cores (other processes share them)")
     print(f"fidelity: mean cosine vs fp32 full-length: image {image_fidelity:.4f}, text {text_fidelity:.4f}, "
           f"both {(image_fidelity + text_fidelity) / 2:.4f}; max |clip_score diff| {score_error:.4f}")
+    if args.work:
+        single_threaded_work(pairs, args.batch, args.precision)
+
+
+def single_threaded_work(pairs: list[ClipInput], batch: int, precision: str) -> None:
+    """CPU seconds per pair of the naive loop and of our handler, both on one thread, no Beam."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=CHECKPOINT)
+        model.eval()
+        tokenizer = open_clip.get_tokenizer(MODEL)
+        loaded = clip_score.load_open_clip(MODEL, checkpoint_path=CHECKPOINT, device="cpu", precision=precision,
+                                           cpu_threads=1)
+        handler = clip_score.OpenClipModelHandler(MODEL)
+        chunks = [pairs[start:start + batch] for start in range(0, len(pairs), batch)]
+        handler.run_inference(chunks[0][: batch // 4], loaded)  # warm-up
+        cpu_started = time.process_time()
+        naive(model, preprocess, tokenizer, pairs, batch)
+        naive_cpu = time.process_time() - cpu_started
+        cpu_started = time.process_time()
+        for chunk in chunks:
+            handler.run_inference(chunk, loaded)
+        ours_cpu = time.process_time() - cpu_started
+    finally:
+        torch.set_num_threads(threads)
+    print(f"single-threaded work per pair (CPU seconds, no Beam): naive {naive_cpu / len(pairs):.3f}, "
+          f"ours {ours_cpu / len(pairs):.3f}; work ratio {naive_cpu / ours_cpu:.2f}x")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ class CurateConfig:
     clip_device: str = "auto"
     clip_deterministic_batches: bool = True  # batches formed by uid: byte-identical reruns on any runner
     clip_precision: str = "auto"  # auto | fp32 | fp16 | bf16 | int8 (auto: fp16 on CUDA, checked int8/bf16 on CPU)
+    clip_cpu_threads: int = 0  # CPU inference threads per process, each single-threaded in torch (0: one per core)
     clip_min_batch_size: int = 8
     clip_max_batch_size: int = 64
     clip_threshold: float = 0.28
@@ -132,7 +133,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(CurateConfig)}
 _DECIDE_PREFIXES = ("dedup_", "negatives_")
 _DECIDE_KEYS = frozenset({"languages", "clip_threshold", "clip_thresholds_per_lang", "clip_keep_top_percent"})
 _WRITE_KEYS = frozenset({"samples_per_shard", "ledger_rows_per_file"})
-_NO_PHASE_KEYS = frozenset({"output"})
+_NO_PHASE_KEYS = frozenset({"output", "clip_cpu_threads"})  # CLIP outputs do not depend on the thread count
 
 
 def phase_of_key(key: str) -> str:

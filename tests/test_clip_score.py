@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import apache_beam as beam
@@ -256,3 +257,140 @@ def test_scores_do_not_depend_on_arrival_order_or_bundling(checkpoint, tmp_path)
     forward = score(range(11), tmp_path / "forward.jsonl")
     backward = score(list(reversed(range(11))), tmp_path / "backward.jsonl")
     assert len(forward) == 11 and forward == backward
+
+
+# ---- the CPU fast path: exact rewrites, int8 coverage, parallel pieces, determinism --------------
+
+
+def _plain_open_clip(checkpoint):
+    """open_clip's own model, untouched (nn.MultiheadAttention, full blocks, Conv2d patches)."""
+    import open_clip
+
+    plain, _, _ = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=checkpoint)
+    return plain.eval()
+
+
+def test_text_buckets_cover_each_caption_once_and_cut_padding():
+    lengths = [9, 24, 9, 13, 24, 10, 18, 9, 77, 13]
+    buckets = clip_score.text_buckets(lengths, call_cost=4)
+    assert sorted(i for bucket in buckets for i in bucket) == list(range(len(lengths)))
+    padded = sum(len(bucket) * max(lengths[i] for i in bucket) for bucket in buckets)
+    assert padded < len(lengths) * max(lengths)  # less padding than one batch padded to the longest
+    assert buckets == clip_score.text_buckets(list(lengths), call_cost=4)  # a function of the lengths
+    assert clip_score.text_buckets([12] * 8) == [list(range(8))]  # equal lengths: one pass
+    assert len(clip_score.text_buckets([5, 70], call_cost=1000)) == 1  # calls cost more than padding
+
+
+def test_pooled_token_last_text_block_matches_open_clip_full_length(checkpoint, tiny):
+    import torch
+
+    plain = _plain_open_clip(checkpoint)
+    captions = ["a red circle on a blue background", "a cat", "a very long and winding caption " * 3, ""]
+    tokens = [tiny.tokenize(c) for c in captions]
+    with torch.inference_mode():
+        reference = plain.encode_text(clip_score.pad_tokens(tokens, tiny.context_length))
+        dynamic = clip_score.encode_text_dynamic(tiny.model, clip_score.pad_tokens(tokens))
+    assert clip_score._is_plain_sdpa_block(tiny.model.transformer.resblocks[-1])  # the pooled-token path ran
+    torch.testing.assert_close(dynamic, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_bucketed_text_embeddings_match_one_full_length_pass(checkpoint, tiny):
+    import torch
+    import torch.nn.functional as F
+
+    plain = _plain_open_clip(checkpoint)
+    (_, image), = _samples(1)
+    captions = ["a cat", "a red circle on a blue background", "a green star " * 8, "dog", "a blue square " * 3]
+    images, texts, errors = tiny.embed_each(lambda i: tiny.prepare_image(image), len(captions),
+                                            [tiny.tokenize(c) for c in captions])
+    assert not errors and len(tiny._text_groups([tiny.tokenize(c) for c in captions], False)) > 1
+    with torch.inference_mode():
+        full = plain.encode_text(clip_score.pad_tokens([tiny.tokenize(c) for c in captions], tiny.context_length))
+    np.testing.assert_allclose(np.stack(texts), F.normalize(full, dim=-1).numpy(), atol=1e-5)
+
+
+def test_patch_embedding_as_linear_equals_the_conv(checkpoint):
+    import torch
+
+    conv = _plain_open_clip(checkpoint).visual.conv1
+    assert clip_score.PatchEmbedLinear.fits(conv)
+    pixels = torch.randn(3, 3, 48, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(clip_score.PatchEmbedLinear(conv)(pixels), conv(pixels), atol=1e-5, rtol=1e-4)
+
+
+def test_int8_quantises_attention_projections_and_patch_embedding(checkpoint):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+    from open_clip.transformer import ResidualAttentionBlock
+
+    fast = load_open_clip(TINY_CLIP_NAME, checkpoint_path=checkpoint, device="cpu", precision="int8")
+    assert fast.precision == "int8"
+    blocks = [m for m in fast.model.modules() if isinstance(m, ResidualAttentionBlock)]
+    assert len(blocks) == 6  # 3 image + 3 text blocks
+    for block in blocks:
+        assert isinstance(block.attn.in_proj, DynamicQuantizedLinear)  # the fused qkv projection
+        assert isinstance(block.attn.out_proj, DynamicQuantizedLinear)
+        assert isinstance(block.mlp.c_fc, DynamicQuantizedLinear)
+    assert isinstance(fast.model.visual.conv1.linear, DynamicQuantizedLinear)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_embeddings_are_bitwise_repeatable_and_independent_of_cpu_threads(checkpoint, precision):
+    samples = _samples(40, seed=21)  # > IMAGE_CHUNK: several image pieces and caption buckets
+    batch = [ClipInput(b, a.caption() + " photo" * (i % 4)) for i, (a, b) in enumerate(samples)]
+    handler = OpenClipModelHandler(TINY_CLIP_NAME)
+
+    def run(model):
+        return [(r.inference["image_embedding"].tobytes(), r.inference["text_embedding"].tobytes(),
+                 r.inference["clip_score"]) for r in handler.run_inference(batch, model)]
+
+    one = load_open_clip(TINY_CLIP_NAME, checkpoint_path=checkpoint, device="cpu", precision=precision, cpu_threads=1)
+    two = load_open_clip(TINY_CLIP_NAME, checkpoint_path=checkpoint, device="cpu", precision=precision, cpu_threads=3)
+    assert one.workers.count == 1 and two.workers.count == 3
+    first = run(two)
+    assert run(two) == first  # the same micro-batch, the same bytes
+    assert run(one) == first  # whatever the thread count
+
+
+def test_cpu_workers_run_single_threaded_and_leave_the_caller_alone():
+    import torch
+
+    before = torch.get_num_threads()
+    workers = clip_score.CpuWorkers(2)
+    assert workers.run([torch.get_num_threads] * 4) == [1, 1, 1, 1]
+    assert torch.get_num_threads() == before
+
+
+def test_jpeg_draft_decode_only_for_big_images_and_close_to_a_full_decode(tiny):
+    (_, image), = synthetic.iter_samples(1, size=256, seed=4)
+    big = synthetic.encode_jpeg(image.resize((1600, 1200)), quality=90)
+    side = clip_score.draft_side_for(tiny.pil_preprocess)
+    assert side == clip_score.DRAFT_MIN_SIDE  # twice the tiny model's target (48) is less: the floor
+    assert clip_score.decode_image(big, side).size == (800, 600)  # the decoder's 1/2 scale: still >= 512
+    assert clip_score.decode_image(big).size == (1600, 1200)
+    assert clip_score.decode_image(synthetic.encode_jpeg(image.resize((900, 900))), side).size == (900, 900)
+    png = io.BytesIO()
+    image.resize((1600, 1200)).save(png, format="PNG")
+    assert clip_score.decode_image(png.getvalue(), side).size == (1600, 1200)  # JPEG only
+    drafted = tiny.prepare_image(big)
+    full = np.asarray(tiny.pil_preprocess(clip_score.decode_image(big)), dtype=np.uint8)
+    assert drafted.shape == full.shape
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 1.0
+
+
+def test_config_cpu_threads_reaches_the_handler_and_never_reruns_fetch(checkpoint):
+    from pipeline.config import phase_of_key
+
+    handler = clip_score.handler_from_config(_config(checkpoint, clip_cpu_threads=3))
+    assert handler.cpu_threads == 3
+    assert phase_of_key("clip_cpu_threads") == ""  # outputs do not depend on it (test above)
+
+
+def test_attention_swap_keeps_the_device_and_dtype_of_the_weights(checkpoint):
+    import torch
+
+    plain = _plain_open_clip(checkpoint).to(torch.float16)  # as a CUDA fp16 load has it
+    assert clip_score.use_sdpa_attention(plain) == 6
+    for module in plain.modules():
+        if isinstance(module, clip_score.SdpaAttention):
+            assert module.in_proj.weight.dtype == module.out_proj.weight.dtype == torch.float16
