@@ -176,7 +176,7 @@ def test_image_hashes_shape():
     assert len(features[Col.PHASH]) == 16 and features[Col.PHASH] == features[Col.PHASH].lower()
     int(features[Col.PHASH], 16)
     assert len(features[Col.PHASH_MIRROR]) == 16
-    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 320
+    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 330
 
 
 def test_phash_is_imagehash_phash_for_small_images():
@@ -538,3 +538,66 @@ def test_old_descriptor_versions_fall_back_to_the_hash_columns():
     assert dedup.parse_descriptor(old) is None
     variants = dedup.hash_variants({**features, Col.DEDUP_DESCRIPTOR: old})
     assert variants[0] == (0, int(features[Col.PHASH], 16))
+
+
+def _pale_edged_art(shape: str) -> Image.Image:
+    """Clip art on white whose object has wide pale edges (a light halo around a dark figure):
+    brightening by 25 % clips the halo to white, so the object box of the copy shrinks."""
+    image = Image.new("RGB", (400, 400), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((40, 40, 360, 360), fill=(222, 226, 230))  # pale halo: becomes white when brightened
+    draw.ellipse((80, 80, 320, 320), fill=(150, 160, 175))
+    if shape == "triangle":
+        draw.polygon([(200, 110), (300, 290), (100, 290)], fill=(20, 20, 20))
+        draw.rectangle((185, 180, 215, 260), fill=(240, 200, 0))
+    else:
+        draw.rectangle((120, 150, 280, 250), fill=(20, 20, 20))
+        draw.ellipse((170, 170, 230, 230), fill=(240, 200, 0))
+    return image
+
+
+def test_brightened_copy_of_a_pale_picture_is_still_found():
+    """+25 % brightness turns the pale halo into background: the copy's object box lies inside the
+    original's and is smaller. It still verifies (as do its JPEG and padded copies), while another
+    figure in the same halo is kept apart."""
+    art = _pale_edged_art("triangle")
+    bright = ImageEnhance.Brightness(art).enhance(1.25)
+    a = dedup.parse_descriptor(image_hashes(art)[Col.DEDUP_DESCRIPTOR])
+    b = dedup.parse_descriptor(image_hashes(bright)[Col.DEDUP_DESCRIPTOR])
+    box_a, box_b = dedup._inner_box(a, 0), dedup._inner_box(b, 0)
+    assert box_b[2] - box_b[0] < 0.9 * (box_a[2] - box_a[0])  # the copy's object shrank
+    assert hamming(a.hashes[0][0], b.hashes[0][0]) <= 8
+    feats = {
+        "art": image_hashes(art), "bright": image_hashes(bright),
+        "bright_jpeg": image_hashes(_jpeg_copy(bright, 40)),
+        "other": image_hashes(_pale_edged_art("box")),
+        "other_bright": image_hashes(ImageEnhance.Brightness(_pale_edged_art("box")).enhance(1.25)),
+    }
+    ok = lambda x, y: verify_pair((feats[x][Col.DEDUP_DESCRIPTOR], None), (feats[y][Col.DEDUP_DESCRIPTOR], None), True, 0.8, 0.9)  # noqa: E731
+    assert ok("art", "bright") and ok("bright", "art") and ok("art", "bright_jpeg")
+    assert dedup._shrunken_object(a, 0, b, 0, False)  # what lets the objects agree
+    for x, y in (("art", "other"), ("art", "other_bright"), ("bright", "other"), ("bright", "other_bright")):
+        assert not ok(x, y), (x, y)
+
+
+def test_object_views_are_compared_level_by_level():
+    """A framed picture on white (white -> frame -> inside): its JPEG copy may or may not trim the
+    frame, and its black-padded copy has one more level outside. Views are matched by level (the
+    padded copy's object view is the framed picture, not the inside of the frame), so all verify."""
+    image = Image.new("RGB", (300, 300), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((30, 30, 270, 270), fill=(60, 60, 60))  # a thick uniform frame
+    draw.rectangle((45, 45, 255, 255), fill=(170, 200, 230))
+    draw.polygon([(150, 70), (235, 230), (65, 230)], fill=(200, 40, 40))
+    draw.ellipse((120, 150, 180, 210), fill=(250, 250, 120))
+    padded = ImageOps.expand(image, border=30, fill=(0, 0, 0))
+    a = dedup.parse_descriptor(image_hashes(image)[Col.DEDUP_DESCRIPTOR])
+    p = dedup.parse_descriptor(image_hashes(padded)[Col.DEDUP_DESCRIPTOR])
+    assert p.hashes[2] is not None
+    assert abs(int(p.aspects[2]) - int(a.aspects[1])) <= 3  # level 2 of the padded copy = level 1 here
+    box = dedup._inner_box(p, 1)
+    assert box[0] < 0.2 and box[2] > 0.8  # the framed picture, not the inside of the frame
+    copies = [padded, _jpeg_copy(image, 30), _jpeg_copy(padded, 30)]
+    d0 = image_hashes(image)[Col.DEDUP_DESCRIPTOR]
+    for copy in copies:
+        assert verify_pair((d0, None), (image_hashes(copy)[Col.DEDUP_DESCRIPTOR], None), True, 0.8, 0.9)

@@ -3,16 +3,17 @@
 Fetch phase: `image_hashes` turns one decoded image into three small columns:
   - PHASH: imagehash's 64-bit pHash (computed on a 128-px box-filtered copy, for speed),
   - PHASH_MIRROR: the pHash of the horizontally flipped image (so a flipped copy is found),
-  - DEDUP_DESCRIPTOR (317 bytes, version 3): header (version, flags, aspect ratios), and for up to
-    three views a robust hash pair (`_phash_pair`: pHash's DCT bits on the squared darkness, with a
-    dead zone at the median, so symmetric pictures and brightness changes do not turn bits into
-    noise) and an RGB thumbnail (6x6; 4x4 for the object). The views: the full image; the trimmed
-    view, the image with ONE uniform border removed (padding, letterboxing, or the flat background
-    of clip art); the object view, the innermost view when a border of another colour lies inside
-    the first (a padded clip art: black padding, then a white canvas, then the object). Boxes are
-    found on a <= 128-px rendering and each view is rendered again from the original (a small
-    object keeps its detail); a view that is a solid block (a square on a flat background) is left
-    out, since all solid blocks hash alike.
+  - DEDUP_DESCRIPTOR (325 bytes, version 4): header (version, flags, aspect ratios), the boxes of
+    the trimmed and object views in the full image, and for up to three views a robust hash pair
+    (`_phash_pair`: pHash's DCT bits on log grey, with a dead zone at the median, so symmetric
+    pictures and brightness changes do not turn bits into noise) and an RGB thumbnail (6x6; 4x4 for
+    the object). The views are levels: the full image (0); the trimmed view (1), the image with ONE
+    uniform border removed (padding, letterboxing, or the flat background of clip art); the object
+    view (2), one level further in, when a border of another colour lies inside the first (a padded
+    clip art: black padding, then a white canvas, then the object); deeper borders (a frame inside
+    the object) are not followed. Boxes are found on a <= 128-px rendering and each view is
+    rendered again from the original (a small object keeps its detail); a view that is a solid
+    block (a square on a flat background) is left out, since all solid blocks hash alike.
   Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
 
 Decide phase: `Deduplicate` (features table only, never image bytes):
@@ -28,9 +29,12 @@ Decide phase: `Deduplicate` (features table only, never image bytes):
      must match on one pair of views (full/full, full/trimmed, trimmed/full, never trimmed/trimmed
      alone) in one orientation, with the aspect ratio, the robust-hash distance (<= r), the
      thumbnail layout (correlation) and the thumbnail colour after a global brightness/contrast fit
-     all agreeing; when both images have an innermost view beyond the matched ones, those objects
-     must agree too (a small object barely shows in a large canvas's full view). The embeddings,
-     when both exist, must be close too.
+     all agreeing; when both images have views further in than the matched ones, those must agree
+     too, level by level (a small object barely shows in a large canvas's full view): the view one
+     level in on each side (and, for full/full, the next one as well). A brightened copy whose
+     object box is the other's with pale edges clipped to white (inside it, 40-95 % of its area,
+     and brighter) agrees loosely (`_shrunken_object`). The embeddings, when both exist, must be
+     close too.
   4. clusters: union-find over the verified edges gives candidate components; each component is
      then resolved with its members' payloads so that every dropped member is verified against its
      own survivor (a direct verified edge, or `verify_pair` again), never only against a
@@ -58,13 +62,14 @@ OBJECT_SIDE = 4
 _THUMB_BYTES = DESCRIPTOR_SIDE * DESCRIPTOR_SIDE * 3
 _OBJECT_THUMB_BYTES = OBJECT_SIDE * OBJECT_SIDE * 3
 _HEADER_BYTES = 5  # version, flags, aspect of the full, the trimmed and the object view
-_HASHES_OFFSET = _HEADER_BYTES
+_BOXES_OFFSET = _HEADER_BYTES  # box of the trimmed and of the object view in the full image (2 x 4)
+_HASHES_OFFSET = _BOXES_OFFSET + 8
 _THUMBS_OFFSET = _HASHES_OFFSET + 48
 # descriptor = header (5) + (robust pHash, robust mirror pHash) of the full, trimmed and object view
 # (3 x 16) + 6x6 RGB thumbnails of the full and the trimmed view (2 x 108) + 4x4 RGB thumbnail of
 # the object view (48) = 317 bytes
 DESCRIPTOR_BYTES = _THUMBS_OFFSET + 2 * _THUMB_BYTES + _OBJECT_THUMB_BYTES
-DESCRIPTOR_VERSION = 3
+DESCRIPTOR_VERSION = 4
 _HAS_TRIM = 1
 _HAS_OBJECT = 2
 _WORK_SIDE = 128  # images are box-reduced to at most this before anything else (speed)
@@ -76,6 +81,7 @@ _ASPECT_SCALE = 32.0  # aspect ratios are stored as round(log2(w / h) * 32) + 12
 # robust pHash: DCT coefficients this close to the median (share of the largest AC coefficient)
 # are 0 bits: symmetric pictures have many (near-)zero coefficients whose pHash bits are noise
 _DEAD_ZONE = 0.01
+_LOG_OFFSET = 2.0  # the robust hash looks at log(grey + _LOG_OFFSET)
 _MIRROR_SIGNS = np.tile((-1.0) ** np.arange(8), 8)  # a horizontal flip negates odd columns
 
 
@@ -183,32 +189,44 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         view, region, colour = inner
         if border is not None and float(np.abs(colour - border).max()) <= _BORDER_TOL:
             views[-1] = (view, region)  # the same border again, seen finer: a tighter box, same level
-        else:
+        elif len(views) < 3:
             views.append((view, region))  # a border of another colour: one level further in
+        else:
+            break  # a third border (a frame inside the object): levels are matched, not the innermost
         border = colour
     grey, grey_mirror, robust = _phash_pair(_hash_view(small))
     flags = 0
     aspects = [_aspect_byte(image.width, image.height), 128, 128]
     hashes = [robust, (0, 0), (0, 0)]
     thumbs = [_thumb(small, DESCRIPTOR_SIDE), bytes(_THUMB_BYTES), bytes(_OBJECT_THUMB_BYTES)]
+    boxes = [bytes(4), bytes(4)]
     if len(views) > 1:
         flags |= _HAS_TRIM
         view, region = views[1]
         aspects[1] = _aspect_byte(region[2] - region[0], region[3] - region[1])
         hashes[1] = _phash_pair(_hash_view(view))[2]
         thumbs[1] = _thumb(view, DESCRIPTOR_SIDE)
+        boxes[0] = _box_bytes(region, image.size)
     if len(views) > 2:
         flags |= _HAS_OBJECT
-        view, region = views[-1]
+        view, region = views[2]
         aspects[2] = _aspect_byte(region[2] - region[0], region[3] - region[1])
         hashes[2] = _phash_pair(_hash_view(view))[2]
         thumbs[2] = _thumb(view, OBJECT_SIDE)
+        boxes[1] = _box_bytes(region, image.size)
     descriptor = (
         bytes((DESCRIPTOR_VERSION, flags, *aspects))
+        + b"".join(boxes)
         + b"".join(h.to_bytes(8, "big") + m.to_bytes(8, "big") for h, m in hashes)
         + b"".join(thumbs)
     )
     return {Col.PHASH: str(grey), Col.PHASH_MIRROR: str(grey_mirror), Col.DEDUP_DESCRIPTOR: descriptor}
+
+
+def _box_bytes(region: tuple, size: tuple) -> bytes:
+    """A view's box (left, top, right, bottom) as shares of the full image, 0-255 each."""
+    w, h = size
+    return bytes(min(255, max(0, round(255 * c / d))) for c, d in zip(region, (w, h, w, h)))
 
 
 def _thumb(image: Image.Image, side: int) -> bytes:
@@ -243,8 +261,9 @@ def _phash_pair(image: Image.Image):
     resize, so the first two are imagehash's).
 
     The robust hash is what search and verification use: pHash's 8x8 low-frequency DCT
-    coefficients against their median, but (1) computed on the squared darkness (255 - grey)^2,
-    which weighs down the light tones a brightness increase clips to white, and (2) with a dead
+    coefficients against their median, but (1) computed on log(grey + 2): a brightness change
+    multiplies grey levels, which only shifts their logarithm (the DC term, not the bits), and the
+    log compresses the light tones that such a change clips to white, and (2) with a dead
     zone around the median (`_DEAD_ZONE`): coefficients near it are 0 bits, where pHash's bits
     would be noise (symmetric pictures have many zero coefficients). The mirror's coefficients
     are the same with odd columns negated, so no second DCT is needed.
@@ -252,8 +271,8 @@ def _phash_pair(image: Image.Image):
     thumb = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
     plain = imagehash.phash(thumb)
     mirror = imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-    darkness = 255.0 - np.asarray(thumb, dtype=np.float64)
-    coeffs = scipy.fft.dct(scipy.fft.dct(-(darkness * darkness), axis=0), axis=1)[:8, :8].ravel()
+    grey = np.log(np.asarray(thumb, dtype=np.float64) + _LOG_OFFSET)
+    coeffs = scipy.fft.dct(scipy.fft.dct(grey, axis=0), axis=1)[:8, :8].ravel()
     robust = []
     for c in (coeffs, coeffs * _MIRROR_SIGNS):
         median = np.median(c)
@@ -436,14 +455,18 @@ def _hex_to_int(value) -> Optional[int]:
 
 class Descriptor:
     """The parsed DEDUP_DESCRIPTOR: per view (0 = full image, 1 = trimmed image, 2 = object: the
-    innermost trimmed view, when there is one; None where a view is absent) its aspect byte, its
+    view one level further in, when there is one; None where a view is absent) its aspect byte, its
     robust hash and robust mirror hash, and its RGB thumbnail."""
 
-    __slots__ = ("aspects", "hashes", "thumbs")
+    __slots__ = ("aspects", "boxes", "hashes", "thumbs")
 
     def __init__(self, data: bytes):
         present = (True, bool(data[1] & _HAS_TRIM), bool(data[1] & _HAS_OBJECT))
         self.aspects = [data[2 + v] if present[v] else None for v in range(3)]
+        self.boxes = [(0.0, 0.0, 1.0, 1.0)] + [
+            tuple(c / 255.0 for c in data[_BOXES_OFFSET + 4 * (v - 1) : _BOXES_OFFSET + 4 * v]) if present[v] else None
+            for v in (1, 2)
+        ]
         self.hashes = [
             (
                 int.from_bytes(data[_HASHES_OFFSET + 16 * v : _HASHES_OFFSET + 16 * v + 8], "big"),
@@ -526,7 +549,7 @@ _ASPECT_TOLERANCE = 3
 # copy's trimmed view is the original's full view); never trimmed/trimmed alone: two objects cut
 # from different backgrounds look alike
 _ANCHORS = ((0, 0), (0, 1), (1, 0))
-# when both images have an innermost view (an object on a flat background) besides the views that
+# when both images have a view further in (an object on a flat background) than the views that
 # matched, the objects must agree too, loosely (the box moves a little with JPEG and brightness):
 _OBJECT_ASPECT_TOLERANCE = 12  # 30 %
 _OBJECT_DISTANCE_FACTOR = 2.0  # colour distance of the object thumbnails, times max_distance
@@ -540,9 +563,20 @@ _OBJECT_MIN_CORRELATION = 0.5
 _TWO_VIEW_RADIUS_FACTOR = 1.75
 
 
-def _object_agreement(a: Descriptor, b: Descriptor, flipped: bool, radius: int, max_distance: float) -> int:
-    """How the objects (innermost views) of a and b agree: 2 strictly, 1 loosely, 0 not at all."""
-    oa, ob = a.innermost, b.innermost
+def _object_agreement(
+    a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool, radius: int, max_distance: float, shrink: bool = True
+) -> int:
+    """How the views one level further in than the matched views (va of a, vb of b) agree: 2
+    strictly, 1 loosely, 0 not at all. Levels, not innermost views, are compared: a copy may lose
+    or gain a level (JPEG ringing on a thin frame, padding adds one outside)."""
+    agreement = _level_agreement(a, va, b, vb, flipped, radius, max_distance)
+    if agreement == 0 and shrink and _shrunken_object(a, va, b, vb, flipped):
+        return 1
+    return agreement
+
+
+def _level_agreement(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool, radius: int, max_distance: float) -> int:
+    oa, ob = va + 1, vb + 1
     if abs(int(a.aspects[oa]) - int(b.aspects[ob])) > _OBJECT_ASPECT_TOLERANCE:
         return 0
     distance = hamming(a.hashes[oa][0], b.hashes[ob][int(flipped)])
@@ -556,6 +590,37 @@ def _object_agreement(a: Descriptor, b: Descriptor, flipped: bool, radius: int, 
         return 0
     strict = distance <= radius and colour <= max_distance
     return 2 if strict else 1
+
+
+def _inner_box(d: Descriptor, v: int, flipped: bool = False) -> tuple:
+    """Box of view v + 1 as shares of view v (mirrored when `flipped`)."""
+    (ol, ot, orr, ob), (il, it, ir, ib) = d.boxes[v], d.boxes[v + 1]
+    w, h = max(orr - ol, 1e-6), max(ob - ot, 1e-6)
+    box = ((il - ol) / w, (it - ot) / h, (ir - ol) / w, (ib - ot) / h)
+    return (1.0 - box[2], box[1], 1.0 - box[0], box[3]) if flipped else box
+
+
+def _shrunken_object(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool) -> bool:
+    """Whether one object view is the other's with pale edges gone: a brightness increase clips
+    pale tones to the (white) background, so the brighter copy's box lies inside the other's and is
+    smaller. The matched views carry the comparison of content."""
+    box_a, box_b = _inner_box(a, va), _inner_box(b, vb, flipped)
+    lift = float(a.thumbs[va].mean() - b.thumbs[vb].mean())
+    if lift < 0:
+        box_a, box_b, lift = box_b, box_a, -lift
+    # a (brighter) must show a box inside b's, and smaller
+    if lift < _SHRINK_MIN_LIFT:
+        return False
+    tol = _SHRINK_BOX_TOLERANCE
+    inside = box_a[0] >= box_b[0] - tol and box_a[1] >= box_b[1] - tol and box_a[2] <= box_b[2] + tol and box_a[3] <= box_b[3] + tol
+    area_a = (box_a[2] - box_a[0]) * (box_a[3] - box_a[1])
+    area_b = (box_b[2] - box_b[0]) * (box_b[3] - box_b[1])
+    return inside and _SHRINK_AREA[0] * area_b <= area_a <= _SHRINK_AREA[1] * area_b
+
+
+_SHRINK_MIN_LIFT = 4.0
+_SHRINK_BOX_TOLERANCE = 0.03
+_SHRINK_AREA = (0.4, 0.95)
 
 
 def _thumb_pair(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool):
@@ -584,12 +649,11 @@ def descriptor_match(
     """Two descriptors show one picture when, for one pair of views (`_ANCHORS`) in one
     orientation (b mirrored when `mirror`), the aspect ratios agree, the robust hashes are within
     `radius` and the thumbnails agree in layout (correlation) and in colour (`colour_distance`).
-    When both images also have an innermost view (an object on a flat background) other than the
+    When both images also have views further in (an object on a flat background) than the
     matched views, the objects must agree too (`_object_agreement`): a small object on a large
     canvas barely shows in the full view, so this is what tells two clip arts apart."""
     two_view_radius = int(radius * _TWO_VIEW_RADIUS_FACTOR)
     for flipped in (False, True) if mirror else (False,):
-        objects = None
         for va, vb in _ANCHORS:
             if a.hashes[va] is None or b.hashes[vb] is None:
                 continue
@@ -598,9 +662,12 @@ def descriptor_match(
             distance = hamming(a.hashes[va][0], b.hashes[vb][int(flipped)])
             if distance > two_view_radius:
                 continue
-            check_objects = a.innermost > va and b.innermost > vb
-            if check_objects and objects is None:
-                objects = _object_agreement(a, b, flipped, radius, max_distance)
+            check_objects = a.hashes[va + 1] is not None and b.hashes[vb + 1] is not None
+            objects = 0
+            if check_objects:
+                objects = _object_agreement(a, va, b, vb, flipped, radius, max_distance)
+                if objects and va == vb == 0 and a.hashes[va + 2] is not None and b.hashes[vb + 2] is not None:
+                    objects = min(objects, _object_agreement(a, va + 1, b, vb + 1, flipped, radius, max_distance, False))
             if distance > (two_view_radius if check_objects and objects == 2 else radius):
                 continue
             x, y = _thumb_pair(a, va, b, vb, flipped)
