@@ -959,9 +959,16 @@ class _LoadImage(beam.DoFn):
 
 
 def _unbatch(keyed):
+    """One (record, prediction) per sample. The prediction leaves its example (the image bytes)
+    behind: what follows is a Flatten, which a runner may materialise."""
     records, result = keyed
-    for record, example, inference in zip(records, result.example.examples, result.inference):
-        yield record, PredictionResult(example, inference, model_id=result.model_id)
+    for record, inference in zip(records, result.inference):
+        yield record, PredictionResult(None, inference, model_id=result.model_id)
+
+
+def _without_example(keyed):
+    record, result = keyed
+    return record, PredictionResult(None, result.inference, model_id=result.model_id)
 
 
 def attach_scores(record: dict, result: PredictionResult) -> dict:
@@ -1040,6 +1047,7 @@ class ClipScoring(beam.PTransform):
                 | "Barrier" >> beam.Reshuffle()
                 | "LoadImages" >> beam.ParDo(_LoadImage(self._raw_directory))
                 | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
+                | "DropExamples" >> beam.Map(_without_example)
             )
         return (
             (inferred, routed[_SKIP])
