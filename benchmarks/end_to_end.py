@@ -160,12 +160,19 @@ def stage_descriptor(root: Path, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def _save_count(records, path):
-    Path(path).write_text(str(len(records)))
+def _with_image(record: dict, root: str) -> dict:
+    from schemas import Col
+
+    record = dict(record)
+    record[Col.IMAGE_BYTES] = Path(root, "files", record.pop("path")).read_bytes()
+    return record
 
 
 def stage_clip(root: Path, captions: list[str], count: int, clip_args: list[str]) -> float:
-    """The pipeline's ClipScoring alone (model load included) on `count` pairs, FnApiRunner."""
+    """The pipeline's ClipScoring alone (model load included) on `count` pairs, FnApiRunner.
+
+    Images are read from disk inside the pipeline (as the fetch phase reads them back from raw/),
+    not embedded in the pipeline graph."""
     import apache_beam as beam
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
@@ -176,12 +183,12 @@ def stage_clip(root: Path, captions: list[str], count: int, clip_args: list[str]
     overrides = [value for flag, value in zip(clip_args[::2], clip_args[1::2])]
     config = build_config(None, overrides)
     records = [{Col.UID: f"{i:08d}", Col.STATUS: Status.KEPT, Col.CAPTION_CLEAN: captions[i],
-                Col.IMAGE_BYTES: (root / "files" / f"img_{i:06d}.jpg").read_bytes()} for i in range(count)]
+                "path": f"img_{i:06d}.jpg"} for i in range(count)]
     out = tempfile.mktemp(prefix="e2e_clip_")
     started = time.perf_counter()
     with beam.Pipeline(runner=FnApiRunner()) as p:
-        _ = (p | beam.Create(records, reshuffle=False) | ClipScoring(config)).kept | beam.combiners.ToList() | beam.Map(
-            _save_count, out)
+        scored = p | beam.Create(records) | beam.Map(_with_image, str(root)) | ClipScoring(config)
+        _ = scored.kept | beam.combiners.Count.Globally() | beam.Map(lambda n: Path(out).write_text(str(n)))
     seconds = time.perf_counter() - started
     assert int(Path(out).read_text()) == count, "CLIP alone lost samples"
     return count / seconds
