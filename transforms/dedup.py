@@ -200,20 +200,16 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     hashes = [robust, (0, 0), (0, 0)]
     thumbs = [_thumb(small, DESCRIPTOR_SIDE), bytes(_THUMB_BYTES), bytes(_OBJECT_THUMB_BYTES)]
     boxes = [bytes(4), bytes(4)]
-    if len(views) > 1:
-        flags |= _HAS_TRIM
-        view, region = views[1]
-        aspects[1] = _aspect_byte(region[2] - region[0], region[3] - region[1])
-        hashes[1] = _phash_pair(_hash_view(view))[2]
-        thumbs[1] = _thumb(view, DESCRIPTOR_SIDE)
-        boxes[0] = _box_bytes(region, image.size)
-    if len(views) > 2:
-        flags |= _HAS_OBJECT
-        view, region = views[2]
-        aspects[2] = _aspect_byte(region[2] - region[0], region[3] - region[1])
-        hashes[2] = _phash_pair(_hash_view(view))[2]
-        thumbs[2] = _thumb(view, OBJECT_SIDE)
-        boxes[1] = _box_bytes(region, image.size)
+    # the trimmed view (level 1) and the object view (level 2), when the image has them
+    for level, (flag, thumb_side) in enumerate(((_HAS_TRIM, DESCRIPTOR_SIDE), (_HAS_OBJECT, OBJECT_SIDE)), start=1):
+        if len(views) <= level:
+            break
+        flags |= flag
+        view, region = views[level]
+        aspects[level] = _aspect_byte(region[2] - region[0], region[3] - region[1])
+        hashes[level] = _phash_pair(_hash_view(view))[2]
+        thumbs[level] = _thumb(view, thumb_side)
+        boxes[level - 1] = _box_bytes(region, image.size)
     descriptor = (
         bytes((DESCRIPTOR_VERSION, flags, *aspects))
         + b"".join(boxes)
