@@ -63,9 +63,6 @@ class Layout:
     def ledger_glob(self) -> str:
         return join_path(self.ledger, "*.parquet")
 
-    def raw_glob(self) -> str:
-        return join_path(self.raw_shards, "*.tar")
-
     def phase_marker(self, phase: str) -> str:
         return join_path(self.run_info, f"{phase}.json")
 

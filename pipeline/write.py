@@ -15,20 +15,20 @@ from schemas import LEDGER_SCHEMA, SHARD_SCHEMA, Col, DropReason, Status
 from transforms.base import mark_dropped
 from transforms.write_output import AssignShardPositions, WriteFinalShards, WriteTable, shard_name
 
-# What a final shard needs of a features row: its Parquet columns and where its image lies.
-_SAMPLE_COLUMNS = sorted(
-    ({Col.UID, Col.STATUS, Col.RAW_FILE, Col.RAW_OFFSET, Col.RAW_LENGTH} | set(SHARD_SCHEMA.names)) - {Col.KEY, Col.HARD_NEGATIVES}
-)
+# One read of the features table serves both outputs: the ledger's columns (which include every
+# shard Parquet column but the key and the negatives) and where each fetched image lies.
+_FEATURE_COLUMNS = [name for name in LEDGER_SCHEMA.names if name != Col.SHARD] + [
+    Col.RAW_FILE, Col.RAW_OFFSET, Col.RAW_LENGTH]
+assert set(SHARD_SCHEMA.names) - {Col.KEY, Col.HARD_NEGATIVES} <= set(_FEATURE_COLUMNS)
 
 
 def _to_shard_item(uid_and_groups):
     uid, groups = uid_and_groups
     # A dropped uid has no position; a kept uid without a fetched sample is caught by the accounting.
-    # Repeated input rows share a uid: the row whose image was stored is the one.
-    samples = [row for row in groups["sample"] if row.get(Col.RAW_FILE)]
-    if groups["position"] and samples:
+    # Repeated input rows share a uid: only the row whose image was stored is in "sample".
+    if groups["position"] and groups["sample"]:
         shard_index, position = groups["position"][0]
-        record = dict(samples[0])
+        record = dict(groups["sample"][0])
         decision = groups["decision"][0] if groups["decision"] else {}
         record[Col.HARD_NEGATIVES] = decision.get(Col.HARD_NEGATIVES)
         yield shard_index, (position, record)
@@ -60,9 +60,9 @@ def build_write(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
         | "KeptUids" >> beam.FlatMap(lambda d: [d[Col.UID]] if d[Col.STATUS] == Status.KEPT else [])
         | "Positions" >> AssignShardPositions(config.samples_per_shard)
     )
+    features = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob(), columns=_FEATURE_COLUMNS)
     samples = (
-        pipeline
-        | "ReadSamples" >> beam.io.ReadFromParquet(layout.features_glob(), columns=_SAMPLE_COLUMNS)
+        features
         | "FetchedOnly" >> beam.Filter(lambda row: row[Col.RAW_FILE] is not None)
         | "KeySamples" >> beam.Map(lambda row: (row[Col.UID], row))
     )
@@ -73,8 +73,6 @@ def build_write(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
         | "WriteShards" >> WriteFinalShards(layout.shards, layout.raw_shards)
     )
 
-    ledger_columns = [name for name in LEDGER_SCHEMA.names if name != Col.SHARD]
-    features = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob(), columns=ledger_columns)
     ledger = (
         {
             "features": features | "KeyFeatures" >> beam.Map(lambda r: (r[Col.UID], r)),

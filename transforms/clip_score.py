@@ -58,7 +58,7 @@ from apache_beam.metrics import Metrics
 
 from schemas import Col, DropReason
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
-from transforms.write_output import RawImageReader
+from transforms.write_output import RawImageReader, ReadsRawImages
 
 log = logging.getLogger(__name__)
 
@@ -894,68 +894,38 @@ def _group_count(total: int, batch_size: int) -> int:
     return max(1, -(-total // (batch_size * BATCHES_PER_GROUP)))
 
 
-class _ImageLoader:
-    """The image of a record: inline IMAGE_BYTES, or read back from the fetch phase's raw tars."""
-
-    def __init__(self, raw_directory: str):
-        self._raw_directory = raw_directory
-        self._reader = None
-
-    def clip_input(self, record: dict) -> tuple[dict, ClipInput]:
-        caption = record.get(Col.CAPTION_CLEAN)
-        if caption is None:
-            caption = record.get(Col.CAPTION)
-        image = record.get(Col.IMAGE_BYTES)
-        if image is None:
-            if self._reader is None:
-                self._reader = RawImageReader(self._raw_directory)
-            try:
-                image = self._reader.read(record)
-            except (OSError, KeyError) as error:  # decoding b"" fails: the row becomes DECODE_ERROR
-                log.warning("raw image of %s unreadable: %s", record.get(Col.UID), error)
-                image = b""
-        return record, ClipInput(image, caption or "")
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+def clip_input(record: dict, reader: RawImageReader) -> tuple[dict, ClipInput]:
+    """(record, ClipInput): the clean caption (raw when missing) and the record's image."""
+    caption = record.get(Col.CAPTION_CLEAN)
+    if caption is None:
+        caption = record.get(Col.CAPTION)
+    try:
+        image = reader.image_of(record)
+    except (OSError, KeyError) as error:  # decoding b"" fails: the row becomes DECODE_ERROR
+        log.warning("raw image of %s unreadable: %s", record.get(Col.UID), error)
+        image = b""
+    return record, ClipInput(image, caption or "")
 
 
-class _MicroBatches(beam.DoFn):
+class _MicroBatches(ReadsRawImages):
     """Sort a group by uid and cut it into micro-batches: the same samples, the same batches.
     Images are loaded here, one micro-batch at a time, never before the shuffle."""
 
     def __init__(self, batch_size: int, raw_directory: str):
+        super().__init__(raw_directory)
         self._batch_size = batch_size
-        self._raw_directory = raw_directory
-
-    def setup(self):
-        self._loader = _ImageLoader(self._raw_directory)
 
     def process(self, bucket_and_records):
         _, records = bucket_and_records
         ordered = sorted(records, key=lambda record: record[Col.UID])
         for start in range(0, len(ordered), self._batch_size):
-            chunk = [self._loader.clip_input(record) for record in ordered[start:start + self._batch_size]]
+            chunk = [clip_input(record, self._reader) for record in ordered[start:start + self._batch_size]]
             yield tuple(record for record, _ in chunk), ClipBatch(tuple(example for _, example in chunk))
 
-    def teardown(self):
-        self._loader.close()
 
-
-class _LoadImage(beam.DoFn):
-    def __init__(self, raw_directory: str):
-        self._raw_directory = raw_directory
-
-    def setup(self):
-        self._loader = _ImageLoader(self._raw_directory)
-
+class _LoadImage(ReadsRawImages):
     def process(self, record: dict):
-        yield self._loader.clip_input(record)
-
-    def teardown(self):
-        self._loader.close()
+        yield clip_input(record, self._reader)
 
 
 def _unbatch(keyed):

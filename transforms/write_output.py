@@ -55,14 +55,10 @@ def ensure_directory(directory: str) -> None:
             raise
 
 
-def _parent(path: str) -> str:
-    return posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
-
-
 @contextlib.contextmanager
 def open_atomically(path: str) -> Iterator[BinaryIO]:
     """A handle on a temporary sibling of `path`, renamed over `path` once the block succeeds."""
-    directory = _parent(path)
+    directory = posixpath.dirname(path) if "://" not in path else path.rsplit("/", 1)[0]
     ensure_directory(directory)
     temporary = join_path(directory, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
@@ -323,9 +319,30 @@ class RawImageReader:
             raise IOError(f"raw file {name} is shorter than recorded for {record.get(Col.UID)}")
         return data
 
+    def image_of(self, record: dict) -> bytes:
+        """The record's inline IMAGE_BYTES when it still has them, else its image from raw/."""
+        image = record.get(Col.IMAGE_BYTES)
+        return image if image is not None else self.read(record)
+
     def close(self) -> None:
         while self._handles:
             self._handles.popitem()[1].close()
+
+
+class ReadsRawImages(beam.DoFn):
+    """Base of the DoFns that read images back from raw/: one RawImageReader per DoFn instance,
+    opened at setup and closed at teardown."""
+
+    def __init__(self, raw_directory: str):
+        self._raw_directory = raw_directory
+
+    def setup(self):
+        self._reader = RawImageReader(self._raw_directory)
+
+    def teardown(self):
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.close()
 
 
 def _rank_bucket(uid: str) -> str:
@@ -370,13 +387,10 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-class _WriteFinalShard(beam.DoFn):
+class _WriteFinalShard(ReadsRawImages):
     def __init__(self, directory: str, raw_directory: str):
+        super().__init__(raw_directory)
         self._directory = directory
-        self._raw_directory = raw_directory
-
-    def setup(self):
-        self._reader = RawImageReader(self._raw_directory)
 
     def process(self, index_and_items):
         index, items = index_and_items
@@ -385,16 +399,10 @@ class _WriteFinalShard(beam.DoFn):
         with open_atomically(join_path(self._directory, f"{name}.tar")) as handle:
             writer = TarWriter(handle)
             for record in records:
-                image = record.get(Col.IMAGE_BYTES)
-                add_sample(writer, record, image if image is not None else self._reader.read(record))
+                add_sample(writer, record, self._reader.image_of(record))
             writer.close()
         write_atomically(join_path(self._directory, f"{name}.parquet"), parquet_bytes(shard_table(records)))
         yield name
-
-    def teardown(self):
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            reader.close()
 
 
 class WriteFinalShards(beam.PTransform):
