@@ -176,7 +176,7 @@ def test_image_hashes_shape():
     assert len(features[Col.PHASH]) == 16 and features[Col.PHASH] == features[Col.PHASH].lower()
     int(features[Col.PHASH], 16)
     assert len(features[Col.PHASH_MIRROR]) == 16
-    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 330
+    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 380
 
 
 def test_phash_is_imagehash_phash_for_small_images():
@@ -578,6 +578,54 @@ def test_brightened_copy_of_a_pale_picture_is_still_found():
     assert dedup._shrunken_object(a, 0, b, 0, False)  # what lets the objects agree
     for x, y in (("art", "other"), ("art", "other_bright"), ("bright", "other"), ("bright", "other_bright")):
         assert not ok(x, y), (x, y)
+
+
+def _pale_photo(seed: int) -> Image.Image:
+    """A photo-like image in light tones only (grey levels 120-255)."""
+    pixels = np.asarray(natural_image(seed), dtype=np.float64)
+    return Image.fromarray((120 + pixels * (135 / 255)).astype(np.uint8))
+
+
+def test_brightened_copy_of_a_pale_photo_is_found_by_the_brightened_hash():
+    """+25 % brightness clips much of a pale photo to white: its robust hash moves further than the
+    radius (the log takes a gain out, not the clipping), but lands on the original's brightened
+    hash. The copy (and a JPEG of it) is a band candidate, verifies and joins the original's
+    cluster; another pale photo and its brightened copy stay apart."""
+    photo, other = _pale_photo(2), _pale_photo(7)
+    bright = ImageEnhance.Brightness(photo).enhance(1.25)
+    fa, fb = image_hashes(photo), image_hashes(bright)
+    a, b = dedup.parse_descriptor(fa[Col.DEDUP_DESCRIPTOR]), dedup.parse_descriptor(fb[Col.DEDUP_DESCRIPTOR])
+    assert hamming(a.hashes[0][0], b.hashes[0][0]) > 8  # the plain hashes alone: no candidate
+    assert hamming(a.bright[0][0], b.hashes[0][0]) <= 2
+    assert best_distance(fa, fb) <= 8
+    assert verify_pair((fa[Col.DEDUP_DESCRIPTOR], None), (fb[Col.DEDUP_DESCRIPTOR], None), True, 0.8, 0.9)
+    records = [_fetched(uid, im) for uid, im in {
+        "photo": photo.resize((640, 480)),
+        "bright": bright,
+        "bright_jpeg": _jpeg_copy(bright, 40),
+        "other": other.resize((640, 480)),
+        "other_bright": ImageEnhance.Brightness(other).enhance(1.25),
+    }.items()]
+    expected = [drop("bright", "photo", NEAR), drop("bright_jpeg", "photo", NEAR), drop("other_bright", "other", NEAR)]
+    p = in_process_pipeline()
+    out = p | beam.Create(records) | Deduplicate(CurateConfig())
+    assert_that(out, equal_to(expected))
+    p.run()
+
+
+def test_colour_distance_models_a_brightening_clipped_at_white():
+    """Light blue stripes brightened by 25 % clip in the blue channel only (they turn cyan): no
+    single gain fits all channels, the clipped brightening does."""
+    flag = Image.new("RGB", (450, 300), (255, 255, 255))
+    draw = ImageDraw.Draw(flag)
+    draw.rectangle((0, 0, 450, 100), fill=(116, 172, 223))
+    draw.rectangle((0, 200, 450, 300), fill=(116, 172, 223))
+    draw.ellipse((200, 125, 250, 175), fill=(240, 190, 40))
+    bright = ImageEnhance.Brightness(flag).enhance(1.25)
+    a = dedup.parse_descriptor(image_hashes(flag)[Col.DEDUP_DESCRIPTOR])
+    b = dedup.parse_descriptor(image_hashes(bright)[Col.DEDUP_DESCRIPTOR])
+    assert dedup.colour_distance(a.thumbs[0], b.thumbs[0]) <= 4  # a linear fit alone: about 11
+    assert dedup.colour_distance(b.thumbs[0], a.thumbs[0]) <= 4
 
 
 def test_object_views_are_compared_level_by_level():

@@ -89,3 +89,32 @@ def test_hostile_bodies_cost_bounded_memory_and_time(server, tmp_path):
     assert {row[Col.URL]: row[Col.REASON] for row in ledger} == expected
     print(f"hostile run: peak RSS {peak_mb:.0f} MB (harmless run {baseline_mb:.0f} MB), {seconds:.1f} s")
     assert peak_mb - baseline_mb < EXTRA_LIMIT_MB, f"peak RSS {peak_mb:.0f} MB vs {baseline_mb:.0f} MB"
+
+
+RELEASE_PROBE = """
+import sys
+sys.path.insert(0, {repo!r})
+from pipeline.cli import release_freed_memory
+from transforms.clip_score import keep_freed_memory
+
+def rss_mb():
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmRSS:"))
+
+keep_freed_memory()  # what loading CLIP does to the whole process
+blocks = [bytearray(b"x" * 4_000_000) for _ in range(100)]  # 400 MB in heap blocks, all touched
+del blocks
+kept = rss_mb()
+release_freed_memory()  # what `curate run` does between phases
+print(kept, rss_mb())
+"""
+
+
+def test_phases_hand_back_the_memory_clip_told_the_heap_to_keep():
+    """CLIP's heap policy keeps freed blocks for speed; between phases they go back to the OS, so a
+    phase does not start on the last one's high-water mark."""
+    probe = subprocess.run([sys.executable, "-c", RELEASE_PROBE.format(repo=str(REPO))], capture_output=True,
+                           text=True, timeout=120, env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    kept, released = map(float, probe.stdout.split()[-2:])
+    assert kept - released > 300, (kept, released)

@@ -3,15 +3,17 @@
 Fetch phase: `image_hashes` turns one decoded image into three small columns:
   - PHASH: imagehash's 64-bit pHash (computed on a 128-px box-filtered copy, for speed),
   - PHASH_MIRROR: the pHash of the horizontally flipped image (so a flipped copy is found),
-  - DEDUP_DESCRIPTOR (325 bytes, version 4): header (version, flags, aspect ratios), the boxes of
+  - DEDUP_DESCRIPTOR (373 bytes, version 5): header (version, flags, aspect ratios), the boxes of
     the trimmed and object views in the full image, and for up to three views a robust hash pair
-    (`_phash_pair`: pHash's DCT bits on log grey, with a dead zone at the median, so symmetric
-    pictures and brightness changes do not turn bits into noise) and an RGB thumbnail (6x6; 4x4 for
-    the object). The views are levels: the full image (0); the trimmed view (1), the image with ONE
-    uniform border removed (padding, letterboxing, or the flat background of clip art); the object
-    view (2), one level further in, when a border of another colour lies inside the first (a padded
-    clip art: black padding, then a white canvas, then the object); deeper borders (a frame inside
-    the object) are not followed. Boxes are found on a <= 128-px rendering and each view is
+    (`_robust_hashes`: pHash's DCT bits on log grey, with a dead zone at the median, so symmetric
+    pictures and brightness changes do not turn bits into noise), the same pair of the view
+    brightened by 25 % (pale tones clipped to white, as a brighter copy shows them: the log takes
+    out a gain, not the clipping) and an RGB thumbnail (6x6; 4x4 for the object). The views are
+    levels: the full image (0); the trimmed view (1), the image with ONE uniform border removed
+    (padding, letterboxing, or the flat background of clip art); the object view (2), one level
+    further in, when a border of another colour lies inside the first (a padded clip art: black
+    padding, then a white canvas, then the object); deeper borders (a frame inside the object) are
+    not followed. Boxes are found on a <= 128-px rendering and each view is
     rendered again from the original (a small object keeps its detail); a view that is a solid
     block (a square on a flat background) is left out, since all solid blocks hash alike.
   Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
@@ -19,16 +21,17 @@ Fetch phase: `image_hashes` turns one decoded image into three small columns:
 Decide phase: `Deduplicate` (features table only, never image bytes):
   1. exact: group by sha256, keep the best sample per group (`quality_key`).
   2. near: every group survivor emits r+1 band keys per hash variant (robust hash and mirror of the
-     full and of the trimmed view from the descriptor, or the PHASH columns without one; repeats
-     skipped). By the pigeonhole principle two hashes within Hamming
+     full and of the trimmed view and their brightened hashes from the descriptor, or the PHASH
+     columns without one; repeats skipped). By the pigeonhole principle two hashes within Hamming
      distance r agree on at least one band, so a GroupByKey on (band, value) finds every candidate
      without all-pairs comparison. Buckets larger than `dedup_max_bucket` are split again by
      pigeonhole on the remaining bits (recall kept, no truncation) and counted.
   3. verify: candidate edges are joined with the descriptors (and CLIP image embeddings) by uid.
      An edge passes when every second look both ends have agrees (`verify_pair`): the descriptors
      must match on one pair of views (full/full, full/trimmed, trimmed/full, never trimmed/trimmed
-     alone) in one orientation, with the aspect ratio, the robust-hash distance (<= r), the
-     thumbnail layout (correlation) and the thumbnail colour after a global brightness/contrast fit
+     alone) in one orientation, with the aspect ratio, the robust-hash distance (<= r; the darker
+     view's brightened hash may stand in for its hash), the thumbnail layout (correlation) and the
+     thumbnail colour after a global brightness/contrast fit (or a brightening clipped at white)
      all agreeing; when both images have views further in than the matched ones, those must agree
      too, level by level (a small object barely shows in a large canvas's full view): the view one
      level in on each side (and, for full/full, the next one as well). A brightened copy whose
@@ -64,12 +67,13 @@ _OBJECT_THUMB_BYTES = OBJECT_SIDE * OBJECT_SIDE * 3
 _HEADER_BYTES = 5  # version, flags, aspect of the full, the trimmed and the object view
 _BOXES_OFFSET = _HEADER_BYTES  # box of the trimmed and of the object view in the full image (2 x 4)
 _HASHES_OFFSET = _BOXES_OFFSET + 8
-_THUMBS_OFFSET = _HASHES_OFFSET + 48
-# descriptor = header (5) + (robust pHash, robust mirror pHash) of the full, trimmed and object view
-# (3 x 16) + 6x6 RGB thumbnails of the full and the trimmed view (2 x 108) + 4x4 RGB thumbnail of
-# the object view (48) = 317 bytes
+_VIEW_HASH_BYTES = 32  # robust pHash, its mirror, the brightened robust pHash, its mirror
+_THUMBS_OFFSET = _HASHES_OFFSET + 3 * _VIEW_HASH_BYTES
+# descriptor = header (5) + boxes (8) + the four hashes of the full, trimmed and object view (3 x 32)
+# + 6x6 RGB thumbnails of the full and the trimmed view (2 x 108) + 4x4 RGB thumbnail of the object
+# view (48) = 373 bytes
 DESCRIPTOR_BYTES = _THUMBS_OFFSET + 2 * _THUMB_BYTES + _OBJECT_THUMB_BYTES
-DESCRIPTOR_VERSION = 4
+DESCRIPTOR_VERSION = 5
 _HAS_TRIM = 1
 _HAS_OBJECT = 2
 _WORK_SIDE = 128  # images are box-reduced to at most this before anything else (speed)
@@ -83,6 +87,13 @@ _ASPECT_SCALE = 32.0  # aspect ratios are stored as round(log2(w / h) * 32) + 12
 _DEAD_ZONE = 0.01
 _LOG_OFFSET = 2.0  # the robust hash looks at log(grey + _LOG_OFFSET)
 _MIRROR_SIGNS = np.tile((-1.0) ** np.arange(8), 8)  # a horizontal flip negates odd columns
+_DCT_ROWS = scipy.fft.dct(np.eye(32), axis=0)[:8]  # the first 8 rows of scipy's 32-point DCT-II
+# The brightened hash: the robust hash of the view as a brightness increase of this factor shows
+# it, pale tones clipped to white. The log takes a gain out of the bits, not the clipping: a
+# brighter copy of a pale picture moves 10-20 bits from its original's hash, but stays near its
+# brightened hash (for gains of about 1.15 to 1.4, not only this one).
+_BRIGHTEN = 1.25
+_BRIGHTEN_LUT = [min(255, round(i * _BRIGHTEN)) for i in range(256)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,10 +205,12 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         else:
             break  # a third border (a frame inside the object): levels are matched, not the innermost
         border = colour
-    grey, grey_mirror, robust = _phash_pair(_hash_view(small))
+    thumb, brightened = _grey_thumbs(_hash_view(small))
+    # imagehash's pHash of the 32x32 thumbnail (it skips its resize at that size)
+    grey, grey_mirror = imagehash.phash(thumb), imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     flags = 0
     aspects = [_aspect_byte(image.width, image.height), 128, 128]
-    hashes = [robust, (0, 0), (0, 0)]
+    hashes = [_robust_hashes(thumb, brightened), (0, 0, 0, 0), (0, 0, 0, 0)]
     thumbs = [_thumb(small, DESCRIPTOR_SIDE), bytes(_THUMB_BYTES), bytes(_OBJECT_THUMB_BYTES)]
     boxes = [bytes(4), bytes(4)]
     # the trimmed view (level 1) and the object view (level 2), when the image has them
@@ -207,13 +220,13 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         flags |= flag
         view, region = views[level]
         aspects[level] = _aspect_byte(region[2] - region[0], region[3] - region[1])
-        hashes[level] = _phash_pair(_hash_view(view))[2]
+        hashes[level] = _robust_hashes(*_grey_thumbs(_hash_view(view)))
         thumbs[level] = _thumb(view, thumb_side)
         boxes[level - 1] = _box_bytes(region, image.size)
     descriptor = (
         bytes((DESCRIPTOR_VERSION, flags, *aspects))
         + b"".join(boxes)
-        + b"".join(h.to_bytes(8, "big") + m.to_bytes(8, "big") for h, m in hashes)
+        + b"".join(b"".join(h.to_bytes(8, "big") for h in view) for view in hashes)
         + b"".join(thumbs)
     )
     return {Col.PHASH: str(grey), Col.PHASH_MIRROR: str(grey_mirror), Col.DEDUP_DESCRIPTOR: descriptor}
@@ -247,14 +260,17 @@ def _hash_view(image: Image.Image) -> Image.Image:
     return image.getchannel("RGB"[int(channel_std.argmax())])
 
 
-def _bits(values: np.ndarray) -> int:
-    return int.from_bytes(np.packbits(values).tobytes(), "big")
+def _grey_thumbs(image: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """The 32x32 grey thumbnail pHash looks at, and the same of the image brightened by
+    `_BRIGHTEN` (clipped pixel by pixel before the reduction, as a brighter copy was)."""
+    thumb = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    lut = _BRIGHTEN_LUT * len(image.getbands())
+    brightened = image.point(lut).convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    return thumb, brightened
 
 
-def _phash_pair(image: Image.Image):
-    """(imagehash pHash, imagehash pHash of the mirror, (robust hash, robust mirror hash)) from
-    one 32x32 thumbnail (the one imagehash.phash computes; phash of a 32x32 image skips the
-    resize, so the first two are imagehash's).
+def _robust_hashes(thumb: Image.Image, brightened: Image.Image) -> tuple[int, int, int, int]:
+    """(robust hash, robust mirror hash, the same two of the brightened thumbnail).
 
     The robust hash is what search and verification use: pHash's 8x8 low-frequency DCT
     coefficients against their median, but (1) computed on log(grey + 2): a brightness change
@@ -262,19 +278,17 @@ def _phash_pair(image: Image.Image):
     log compresses the light tones that such a change clips to white, and (2) with a dead
     zone around the median (`_DEAD_ZONE`): coefficients near it are 0 bits, where pHash's bits
     would be noise (symmetric pictures have many zero coefficients). The mirror's coefficients
-    are the same with odd columns negated, so no second DCT is needed.
+    are the same with odd columns negated, so no second DCT is needed. Both thumbnails are done in
+    one vectorised pass (the 8x8 corner of the 2-D DCT as two small matrix products).
     """
-    thumb = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-    plain = imagehash.phash(thumb)
-    mirror = imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-    grey = np.log(np.asarray(thumb, dtype=np.float64) + _LOG_OFFSET)
-    coeffs = scipy.fft.dct(scipy.fft.dct(grey, axis=0), axis=1)[:8, :8].ravel()
-    robust = []
-    for c in (coeffs, coeffs * _MIRROR_SIGNS):
-        median = np.median(c)
-        dead = _DEAD_ZONE * float(np.abs(c[1:]).max())
-        robust.append(_bits(c > median + dead))
-    return plain, mirror, tuple(robust)
+    grey = np.log(np.stack([np.asarray(t, dtype=np.float64) for t in (thumb, brightened)]) + _LOG_OFFSET)
+    coeffs = (_DCT_ROWS @ grey @ _DCT_ROWS.T).reshape(2, 1, 64)
+    coeffs = np.concatenate([coeffs, coeffs * _MIRROR_SIGNS], axis=1).reshape(4, 64)
+    ordered = np.sort(coeffs, axis=1)  # the median of 64 values: the mean of the middle two
+    median = (ordered[:, 31:32] + ordered[:, 32:33]) / 2
+    dead = _DEAD_ZONE * np.abs(coeffs[:, 1:]).max(axis=1, keepdims=True)
+    rows = np.packbits(coeffs > median + dead, axis=1)
+    return tuple(int.from_bytes(row.tobytes(), "big") for row in rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,9 +466,10 @@ def _hex_to_int(value) -> Optional[int]:
 class Descriptor:
     """The parsed DEDUP_DESCRIPTOR: per view (0 = full image, 1 = trimmed image, 2 = object: the
     view one level further in, when there is one; None where a view is absent) its aspect byte, its
-    robust hash and robust mirror hash, and its RGB thumbnail."""
+    robust hash and robust mirror hash (`hashes`), the same two of the view brightened
+    (`bright`), and its RGB thumbnail."""
 
-    __slots__ = ("aspects", "boxes", "hashes", "thumbs")
+    __slots__ = ("aspects", "boxes", "hashes", "bright", "thumbs")
 
     def __init__(self, data: bytes):
         present = (True, bool(data[1] & _HAS_TRIM), bool(data[1] & _HAS_OBJECT))
@@ -463,15 +478,12 @@ class Descriptor:
             tuple(c / 255.0 for c in data[_BOXES_OFFSET + 4 * (v - 1) : _BOXES_OFFSET + 4 * v]) if present[v] else None
             for v in (1, 2)
         ]
-        self.hashes = [
-            (
-                int.from_bytes(data[_HASHES_OFFSET + 16 * v : _HASHES_OFFSET + 16 * v + 8], "big"),
-                int.from_bytes(data[_HASHES_OFFSET + 16 * v + 8 : _HASHES_OFFSET + 16 * v + 16], "big"),
-            )
-            if present[v]
-            else None
-            for v in range(3)
+        words = [
+            [int.from_bytes(data[o : o + 8], "big") for o in range(start, start + _VIEW_HASH_BYTES, 8)]
+            for start in range(_HASHES_OFFSET, _THUMBS_OFFSET, _VIEW_HASH_BYTES)
         ]
+        self.hashes = [tuple(words[v][:2]) if present[v] else None for v in range(3)]
+        self.bright = [tuple(words[v][2:]) if present[v] else None for v in range(3)]
         sides = (DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, OBJECT_SIDE)
         offsets = (_THUMBS_OFFSET, _THUMBS_OFFSET + _THUMB_BYTES, _THUMBS_OFFSET + 2 * _THUMB_BYTES)
         self.thumbs = [
@@ -518,9 +530,12 @@ def colour_distance(x: np.ndarray, y: np.ndarray) -> float:
     """How far two thumbnails (H x W x 3, 0-255) are apart once a global brightness/contrast change
     is taken out, mostly in colour: per cell, the worst channel's deviation from the cell's mean
     residual (grey -> beige, orange -> red) plus a little of that mean residual (what is left of a
-    brightness change clipped at white), averaged over cells; the better of both fit directions."""
+    brightness change clipped at white), averaged over cells; the best of both fit directions, on
+    the thumbnails as they are and with the darker one brightened first (`_brighten_darker`: a
+    brightness increase clips each channel at white, which no single linear fit models)."""
     best = math.inf
-    for residual in (_fit_residual(x, y), _fit_residual(y, x)):
+    xb, yb = _brighten_darker(x, y)
+    for residual in (_fit_residual(x, y), _fit_residual(y, x), _fit_residual(xb, yb), _fit_residual(yb, xb)):
         luma = residual.mean(axis=2, keepdims=True)
         chroma = np.abs(residual - luma).max(axis=2)
         best = min(best, float((chroma + _LUMA_WEIGHT * np.abs(luma[..., 0])).mean()))
@@ -575,7 +590,7 @@ def _level_agreement(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bo
     oa, ob = va + 1, vb + 1
     if abs(int(a.aspects[oa]) - int(b.aspects[ob])) > _OBJECT_ASPECT_TOLERANCE:
         return 0
-    distance = hamming(a.hashes[oa][0], b.hashes[ob][int(flipped)])
+    distance = _view_distance(a, oa, b, ob, flipped)[0]
     if distance > _OBJECT_LOOSE_RADIUS_FACTOR * radius:
         return 0
     x, y = _thumb_pair(a, oa, b, ob, flipped)
@@ -586,6 +601,27 @@ def _level_agreement(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bo
         return 0
     strict = distance <= radius and colour <= max_distance
     return 2 if strict else 1
+
+
+def _view_distance(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool) -> tuple[int, bool]:
+    """(robust-hash distance of view va of a and view vb of b (b mirrored when `flipped`), whether
+    the brightened hash gave it). The darker view's brightened hash stands in for its hash when
+    that is closer: a brighter copy has lost the pale tones the brightened hash has lost too."""
+    f = int(flipped)
+    plain = hamming(a.hashes[va][0], b.hashes[vb][f])
+    if a.thumbs[va].mean() < b.thumbs[vb].mean():
+        brightened = hamming(a.bright[va][0], b.hashes[vb][f])
+    else:
+        brightened = hamming(a.hashes[va][0], b.bright[vb][f])
+    return min(plain, brightened), brightened < plain
+
+
+def _brighten_darker(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two thumbnails with the darker one brightened as the brightened hash is (`_BRIGHTEN`,
+    clipped at white per channel): what a brighter copy of it would show."""
+    if x.mean() < y.mean():
+        return np.minimum(255.0, x * _BRIGHTEN), y
+    return x, np.minimum(255.0, y * _BRIGHTEN)
 
 
 def _inner_box(d: Descriptor, v: int, flipped: bool = False) -> tuple:
@@ -655,7 +691,7 @@ def descriptor_match(
                 continue
             if abs(int(a.aspects[va]) - int(b.aspects[vb])) > _ASPECT_TOLERANCE:
                 continue
-            distance = hamming(a.hashes[va][0], b.hashes[vb][int(flipped)])
+            distance, brightened = _view_distance(a, va, b, vb, flipped)
             if distance > two_view_radius:
                 continue
             check_objects = a.hashes[va + 1] is not None and b.hashes[vb + 1] is not None
@@ -668,6 +704,9 @@ def descriptor_match(
                 continue
             x, y = _thumb_pair(a, va, b, vb, flipped)
             correlation, colour = thumb_correlation(x, y), colour_distance(x, y)
+            if brightened and correlation < min_similarity:
+                # the hashes say one is a brightened copy: clipping to white changed its layout too
+                correlation = max(correlation, thumb_correlation(*_brighten_darker(x, y)))
             if correlation < min_similarity or colour > max_distance:
                 continue
             if check_objects and not objects:
@@ -715,13 +754,18 @@ def hash_variants(record: dict, mirror: bool = True) -> tuple:
     """The distinct hashes a record is searched under, as ((variant, value), ...).
 
     With a descriptor: variants 0/1 are the robust hash / robust mirror hash of the full image, 2/3
-    the same of the border-trimmed image (when it has a trimmed view that is not a solid block).
-    Without one (hash-only records, or a descriptor of another version): the PHASH / PHASH_MIRROR
-    columns. An odd and an even variant matching means one image is the other's mirror.
+    the same of the border-trimmed image (when it has a trimmed view that is not a solid block),
+    4 and 6 the brightened hash of the full and of the trimmed image (so a brighter copy, whose
+    hash moved towards it, is a candidate). Without one (hash-only records, or a descriptor of
+    another version): the PHASH / PHASH_MIRROR columns. An odd and an even variant matching means
+    one image is the other's mirror.
     """
     descriptor = parse_descriptor(record.get(Col.DEDUP_DESCRIPTOR))
     if descriptor is not None:
-        values = list(descriptor.hashes[0]) + list(descriptor.hashes[1] or ())
+        # the brightened hashes unmirrored only: one meeting the other's mirror hash is a
+        # brightened flip already
+        brightened = [descriptor.bright[0][0], None, (descriptor.bright[1] or (None,))[0], None]
+        values = [*descriptor.hashes[0], *(descriptor.hashes[1] or (None, None)), *brightened]
     else:
         values = [_hex_to_int(record.get(Col.PHASH)), _hex_to_int(record.get(Col.PHASH_MIRROR))]
     if values[0] is None:

@@ -27,7 +27,7 @@ import math
 import posixpath
 import tarfile
 import uuid
-from typing import BinaryIO, Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -102,12 +102,21 @@ def _file_count(total: int, rows_per_file: int) -> int:
     return max(1, math.ceil(total / rows_per_file))
 
 
-def _write_table_file(bucket_and_records, total: int, directory: str, prefix: str, schema: pa.Schema, rows_per_file: int) -> str:
-    bucket, records = bucket_and_records
-    rows = sorted(records, key=sort_key)
+def table_row(record: dict, names: Sequence[str]) -> tuple:
+    """(sort key, values in schema order): what a table write shuffles. A tuple, not the record:
+    the shuffle holds every row of the table at once, and a dict repeats its ~40 key names in each
+    row's encoding and costs a hash table per row once decoded."""
+    return sort_key(record), tuple(record.get(name) for name in names)
+
+
+def _write_table_file(bucket_and_rows, total: int, directory: str, prefix: str, schema: pa.Schema, rows_per_file: int) -> str:
+    bucket, rows = bucket_and_rows
+    values = [row[1] for row in sorted(rows, key=lambda row: row[0])]
+    columns = list(zip(*values)) if values else [[] for _ in schema.names]
     count = _file_count(total, rows_per_file)
     path = join_path(directory, f"{prefix}-{bucket:05d}-of-{count:05d}.parquet")
-    write_atomically(path, parquet_bytes(to_table(rows, schema)))
+    table = pa.Table.from_arrays([pa.array(column, type=field.type) for column, field in zip(columns, schema)], schema=schema)
+    write_atomically(path, parquet_bytes(table))
     return path
 
 
@@ -130,10 +139,12 @@ class WriteTable(beam.PTransform):
 
     def expand(self, records):
         directory, prefix, schema, per_file = self._directory, self._prefix, self._schema, self._rows_per_file
+        names = list(schema.names)
         total = beam.pvalue.AsSingleton(records | "Count" >> beam.combiners.Count.Globally())
         files = (
             records
-            | "Bucket" >> beam.Map(lambda r, n: (bucket_of(r[Col.UID], _file_count(n, per_file)), r), n=total)
+            | "Bucket" >> beam.Map(lambda r, n: (bucket_of(r[Col.UID], _file_count(n, per_file)), table_row(r, names)),
+                                   n=total)
             | "Group" >> beam.GroupByKey()
             | "Write" >> beam.Map(_write_table_file, total, directory, prefix, schema, per_file)
         )
