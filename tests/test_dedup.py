@@ -361,6 +361,18 @@ def _fetched(uid: str, image: Image.Image, quality: int = 90) -> dict:
         **image_hashes(decoded),
     }
 
+def assert_dedup_decisions(records: list[dict], expected: list[dict]) -> None:
+    """Run the Beam Deduplicate transform (default config) and compare its drop decisions."""
+    p = in_process_pipeline()
+    out = p | beam.Create(records) | Deduplicate(CurateConfig())
+    assert_that(out, equal_to(expected))
+    p.run()
+
+
+def _fetched_all(images: dict) -> list[dict]:
+    return [_fetched(uid, image) for uid, image in images.items()]
+
+
 
 def _recolour(image: Image.Image, old: tuple, new: tuple, tol: int = 40) -> Image.Image:
     """The same picture with every pixel near `old` painted `new` (same layout, other colour)."""
@@ -424,10 +436,7 @@ def test_synthetic_shapes_distinct_pictures_stay_apart_edited_copies_merge():
     assert all(r[Col.PHASH] is not None for r in records)
     # the padded copy is the largest: it survives, every other copy of the base points to it
     expected = [drop(uid, "copy_pad", NEAR) for uid in ("base", "copy_resized_jpeg", "copy_bright", "copy_flip", "copy_crop")]
-    p = in_process_pipeline()
-    out = p | beam.Create(records) | Deduplicate(CurateConfig())
-    assert_that(out, equal_to(expected))
-    p.run()
+    assert_dedup_decisions(records, expected)
 
 
 def test_equal_grey_colours_are_hashed_not_treated_as_blank():
@@ -521,15 +530,12 @@ def test_small_objects_on_like_canvases_are_told_apart_by_the_object_view():
     assert not ok("figure", "lips") and not ok("figure_pad", "lips_pad") and not ok("figure_pad", "lips")
     assert ok("figure", "figure_pad") and ok("figure", "figure_jpeg") and ok("figure", "figure_flip")
     assert ok("figure_pad", "figure_jpeg")
-    records = [_fetched(uid, im) for uid, im in {
+    records = _fetched_all({
         "figure": figure, "lips": lips, "figure_pad": pad(figure), "lips_pad": pad(lips),
         "figure_jpeg": _jpeg_copy(figure.resize((300, 400)), 40),
-    }.items()]
+    })
     expected = [drop("figure", "figure_pad", NEAR), drop("figure_jpeg", "figure_pad", NEAR), drop("lips", "lips_pad", NEAR)]
-    p = in_process_pipeline()
-    out = p | beam.Create(records) | Deduplicate(CurateConfig())
-    assert_that(out, equal_to(expected))
-    p.run()
+    assert_dedup_decisions(records, expected)
 
 
 def test_old_descriptor_versions_fall_back_to_the_hash_columns():
@@ -599,18 +605,15 @@ def test_brightened_copy_of_a_pale_photo_is_found_by_the_brightened_hash():
     assert hamming(a.bright[0][0], b.hashes[0][0]) <= 2
     assert best_distance(fa, fb) <= 8
     assert verify_pair((fa[Col.DEDUP_DESCRIPTOR], None), (fb[Col.DEDUP_DESCRIPTOR], None), True, 0.8, 0.9)
-    records = [_fetched(uid, im) for uid, im in {
+    records = _fetched_all({
         "photo": photo.resize((640, 480)),
         "bright": bright,
         "bright_jpeg": _jpeg_copy(bright, 40),
         "other": other.resize((640, 480)),
         "other_bright": ImageEnhance.Brightness(other).enhance(1.25),
-    }.items()]
+    })
     expected = [drop("bright", "photo", NEAR), drop("bright_jpeg", "photo", NEAR), drop("other_bright", "other", NEAR)]
-    p = in_process_pipeline()
-    out = p | beam.Create(records) | Deduplicate(CurateConfig())
-    assert_that(out, equal_to(expected))
-    p.run()
+    assert_dedup_decisions(records, expected)
 
 
 def test_colour_distance_models_a_brightening_clipped_at_white():
