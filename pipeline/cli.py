@@ -7,8 +7,6 @@ Our own flags are parsed here; everything else (--runner, --project, --region, -
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import hashlib
 import json
 import logging
@@ -21,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import progress
+from pipeline.heap import release_freed_memory
 from pipeline.config import build_config, phase_fingerprint
 from pipeline.decide import build_decide
 from pipeline.fetch import build_fetch, build_retry
@@ -112,23 +111,8 @@ def phase_is_current(phase: str, config, layout: Layout) -> bool:
     return bool(info) and info.get("fingerprint") == fingerprint(config, phase)
 
 
-def release_freed_memory() -> None:
-    """Between phases: glibc's default heap policy again, and the heap's free pages back to the OS.
-    CLIP asks glibc to keep freed blocks (`clip_score.keep_freed_memory`, worth ~10% of inference
-    time); left in force, the next phase would start on the last one's high-water mark and never
-    give back what it frees, so a run's peak would grow with the rows of two phases, not one."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD, glibc's default
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, glibc's default
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
-    release_freed_memory()
+    release_freed_memory()  # each phase starts on a trimmed heap with glibc's default policy
     started = time.time()
     later = PHASES[PHASES.index(phase):]
     for stale in later:  # a crash from here on must not leave a marker that says "done"

@@ -9,6 +9,7 @@ from schemas.columns import (  # noqa: F401
     SHARD_SCHEMA,
     Col,
     Status,
+    rows_to_table,
     to_table,
 )
 from schemas.reasons import REASON_DESCRIPTIONS, TRANSIENT_REASONS, DropReason  # noqa: F401

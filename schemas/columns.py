@@ -187,5 +187,10 @@ SAMPLE_JSON_COLUMNS = [f.name for f in SHARD_SCHEMA if f.name != Col.KEY]
 
 def to_table(records: list[dict], schema: pa.Schema) -> pa.Table:
     """Records (dicts keyed by Col names; unknown keys ignored, missing ones null) to a table."""
-    columns = {name: [r.get(name) for r in records] for name in schema.names}
-    return pa.Table.from_pydict(columns, schema=schema)
+    return rows_to_table([tuple(r.get(name) for name in schema.names) for r in records], schema)
+
+
+def rows_to_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    """Rows (tuples of values in the schema's column order) to a table."""
+    columns = list(zip(*rows)) if rows else [()] * len(schema.names)
+    return pa.Table.from_pydict(dict(zip(schema.names, columns)), schema=schema)

@@ -94,8 +94,7 @@ def test_hostile_bodies_cost_bounded_memory_and_time(server, tmp_path):
 RELEASE_PROBE = """
 import sys
 sys.path.insert(0, {repo!r})
-from pipeline.cli import release_freed_memory
-from transforms.clip_score import keep_freed_memory
+from pipeline.heap import keep_freed_memory, release_freed_memory
 
 def rss_mb():
     with open("/proc/self/status") as handle:

@@ -56,6 +56,7 @@ from torch import nn
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.metrics import Metrics
 
+from pipeline.heap import keep_freed_memory
 from schemas import Col, DropReason
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
 from transforms.write_output import RawImageReader, ReadsRawImages
@@ -427,19 +428,6 @@ def prune_class_token_last_block(model) -> bool:
         return False
     visual.transformer.resblocks[-1] = ClassTokenOnlyBlock(visual.transformer.resblocks[-1])
     return True
-
-
-def keep_freed_memory() -> None:
-    """glibc returns big freed blocks to the OS and page-faults them back on the next batch (~10% of
-    CPU inference time); keep them in the heap instead. Process-wide, Linux/glibc only."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not hand freed heap back eagerly
-    except (OSError, AttributeError):
-        pass
 
 
 def vision_int8_engine() -> Optional[str]:

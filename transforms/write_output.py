@@ -36,7 +36,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from apache_beam.metrics import Metrics
 
-from schemas import SAMPLE_JSON_COLUMNS, SHARD_SCHEMA, Col, to_table
+from schemas import SAMPLE_JSON_COLUMNS, SHARD_SCHEMA, Col, rows_to_table, to_table
 from transforms.base import iter_tar_members
 
 RANK_BUCKET_HEX_DIGITS = 3  # 4096 buckets
@@ -112,11 +112,9 @@ def table_row(record: dict, names: Sequence[str]) -> tuple:
 def _write_table_file(bucket_and_rows, total: int, directory: str, prefix: str, schema: pa.Schema, rows_per_file: int) -> str:
     bucket, rows = bucket_and_rows
     values = [row[1] for row in sorted(rows, key=lambda row: row[0])]
-    columns = list(zip(*values)) if values else [[] for _ in schema.names]
     count = _file_count(total, rows_per_file)
     path = join_path(directory, f"{prefix}-{bucket:05d}-of-{count:05d}.parquet")
-    table = pa.Table.from_arrays([pa.array(column, type=field.type) for column, field in zip(columns, schema)], schema=schema)
-    write_atomically(path, parquet_bytes(table))
+    write_atomically(path, parquet_bytes(rows_to_table(values, schema)))
     return path
 
 
