@@ -23,7 +23,7 @@ from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
 from transforms.read_input import ReadRows
-from transforms.write_output import WriteRawImages, WriteTable
+from transforms.write_output import WriteRawImages, WriteTablePerBundle
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ def decode_and_describe(record: dict, config: CurateConfig) -> dict:
     apply_decoded(record, decoded)
     if config.dedup_near:
         record.update(image_hashes(decoded.rgb, config.blank_std_threshold))
-    else:  # the ledger's pHash only; the near-dedup descriptor is the costly part
-        record[Col.PHASH] = str(imagehash.phash(decoded.rgb))
+    else:  # the ledger's pHash only; the near-dedup descriptor is the costly part. pHash
+        # reduces its input to 32x32 first: the blank check's 32x32 box thumbnail is that already
+        record[Col.PHASH] = str(imagehash.phash(decoded.thumbnail))
     return record
 
 
@@ -85,7 +86,8 @@ def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir:
     for index, done in enumerate(dropped + [survivors]):
         done | f"ProgressDone{index}" >> ReportProgress("fetch", "rows done")
     all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
-    all_rows | "WriteFeatures" >> WriteTable(features_dir, "features", FEATURES_SCHEMA, config.ledger_rows_per_file)
+    # the features table is read back whole by decide: written per bundle, never held in a shuffle
+    all_rows | "WriteFeatures" >> WriteTablePerBundle(features_dir, "features", FEATURES_SCHEMA)
     return all_rows
 
 

@@ -160,7 +160,7 @@ def test_same_input_and_config_give_byte_identical_outputs(server, demo_output, 
     again = tmp_path / "again"
     code = run_cli(
         "run", "--input", str(server.root / "rows.csv"), "--output", str(again), "--allow-host", server.allow,
-        "--set", "request_deadline_s=3", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
+        "--set", "request_deadline_s=6", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
     )
     assert code == 0
     assert _digests(again) == _digests(demo_output)
@@ -223,7 +223,7 @@ def test_rerun_skips_up_to_date_phases_and_reruns_what_a_changed_key_feeds(serve
     before = {phase: layout.read_phase_info(phase)["finished_at"] for phase in ("fetch", "decide", "write")}
     digests = _digests(out)
     common = ["--input", str(server.root / "rows.csv"), "--output", str(out), "--allow-host", server.allow,
-              "--set", "request_deadline_s=3", "--set", "backoff_base_s=0.05"]
+              "--set", "request_deadline_s=6", "--set", "backoff_base_s=0.05"]
     assert run_cli("run", *common, "--set", "samples_per_shard=16") == 0
     assert {p: layout.read_phase_info(p)["finished_at"] for p in before} == before  # nothing ran
     assert _digests(out) == digests
@@ -269,7 +269,7 @@ def test_multi_process_direct_runner_gives_the_same_bytes(server, demo_output, t
     out = tmp_path / "multi"
     code = run_cli(
         "run", "--input", str(server.root / "rows.csv"), "--output", str(out), "--allow-host", server.allow,
-        "--set", "request_deadline_s=3", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
+        "--set", "request_deadline_s=6", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
         "--direct_num_workers", "2", "--direct_running_mode", "multi_processing",
     )
     assert code == 0

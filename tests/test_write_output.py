@@ -9,6 +9,7 @@ import random
 import tarfile
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 from apache_beam.testing.util import assert_that, equal_to
@@ -22,6 +23,7 @@ from transforms.write_output import (
     TarWriter,
     WriteRawImages,
     WriteTable,
+    WriteTablePerBundle,
     read_tar_samples,
     tar_bytes,
 )
@@ -73,6 +75,32 @@ def test_write_table_splits_by_uid_hash_and_sorts(tmp_path):
 def test_write_table_of_nothing_still_writes_a_schema_file(tmp_path):
     with in_process_pipeline() as p:
         _ = p | beam.Create([]) | WriteTable(str(tmp_path), "t", FEATURES_SCHEMA, 20)
+    (path,) = glob.glob(f"{tmp_path}/t-*.parquet")
+    assert pq.read_table(path).num_rows == 0 and pq.read_schema(path).names == FEATURES_SCHEMA.names
+
+
+def test_per_bundle_table_holds_every_row_once_with_float16_embeddings(tmp_path):
+    import numpy as np
+
+    records = [dict(sample(i), **{Col.STATUS: "kept", Col.IMAGE_EMBEDDING: np.full(4, i / 8, np.float16)})
+               for i in range(2500)]
+    with in_process_pipeline() as p:
+        _ = p | beam.Create(records) | WriteTablePerBundle(str(tmp_path), "t", FEATURES_SCHEMA)
+    files = sorted(glob.glob(f"{tmp_path}/t-*-of-*.parquet"))
+    assert files and glob.glob(f"{tmp_path}/*") == glob.glob(f"{tmp_path}/t-*-of-*.parquet")  # no temp left
+    table = pa.concat_tables([pq.read_table(path) for path in files])
+    assert table.schema == FEATURES_SCHEMA
+    by_uid = {row[Col.UID]: row for row in table.to_pylist()}
+    assert len(by_uid) == table.num_rows == len(records)
+    for record in records[::97]:
+        row = by_uid[record[Col.UID]]
+        assert row[Col.CAPTION] == record[Col.CAPTION] and row[Col.WIDTH] == 256
+        assert row[Col.IMAGE_EMBEDDING] == [float(v) for v in record[Col.IMAGE_EMBEDDING]]
+
+
+def test_per_bundle_table_of_nothing_still_writes_a_schema_file(tmp_path):
+    with in_process_pipeline() as p:
+        _ = p | beam.Create([]) | WriteTablePerBundle(str(tmp_path), "t", FEATURES_SCHEMA)
     (path,) = glob.glob(f"{tmp_path}/t-*.parquet")
     assert pq.read_table(path).num_rows == 0 and pq.read_schema(path).names == FEATURES_SCHEMA.names
 

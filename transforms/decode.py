@@ -48,6 +48,7 @@ class DecodedImage:
     original_width: int
     original_height: int
     rgb: Image.Image  # oriented RGB image before resizing/padding: what hashing looks at
+    thumbnail: Optional[Image.Image] = None  # rgb box-reduced to 32x32 (`blank_thumbnail`)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -109,13 +110,22 @@ def _resize(image: Image.Image, config: CurateConfig) -> Image.Image:
     return image
 
 
-def is_blank(image: Image.Image, std_threshold: float) -> bool:
+BLANK_THUMB_SIDE = 32
+
+
+def blank_thumbnail(image: Image.Image) -> Image.Image:
+    """The 32x32 box-filtered copy the blank check looks at (also the ledger pHash's input when
+    near-dedup is off: pHash reduces to 32x32 first anyway)."""
+    return image.resize((BLANK_THUMB_SIDE, BLANK_THUMB_SIDE), Image.Resampling.BOX)
+
+
+def is_blank(image: Image.Image, std_threshold: float, thumbnail: Optional[Image.Image] = None) -> bool:
     """Near-uniform images (blank, single colour, faint noise) carry nothing to learn from.
 
     Per colour channel, not grey level: a red shape on a teal background has almost no
     luminance contrast but is plainly not blank.
     """
-    thumb = image.resize((32, 32), Image.Resampling.BOX)
+    thumb = thumbnail if thumbnail is not None else blank_thumbnail(image)
     spread = np.asarray(thumb, dtype=np.float32).reshape(-1, 3).std(axis=0)
     return float(spread.max()) < std_threshold
 
@@ -174,7 +184,8 @@ def decode_image(data: bytes, config: CurateConfig) -> DecodedImage:
     except Exception as error:  # noqa: BLE001
         raise ImageRejected(DropReason.DECODE_ERROR, f"{type(error).__name__}: {error}") from error
 
-    if is_blank(rgb, config.blank_std_threshold):
+    thumbnail = blank_thumbnail(rgb)
+    if is_blank(rgb, config.blank_std_threshold, thumbnail):
         raise ImageRejected(DropReason.BLANK_IMAGE, "near-uniform pixels")
 
     # Original size is reported in upright orientation, like what a viewer shows.
@@ -199,6 +210,7 @@ def decode_image(data: bytes, config: CurateConfig) -> DecodedImage:
         original_width=original_width,
         original_height=original_height,
         rgb=rgb,
+        thumbnail=thumbnail,
     )
 
 

@@ -154,6 +154,37 @@ class WriteTable(beam.PTransform):
         return (files, empty) | "Paths" >> beam.Flatten()
 
 
+class WriteTablePerBundle(beam.PTransform):
+    """Records -> DIR/PREFIX-SSSSS-of-NNNNN.parquet, written bundle by bundle by Beam's own
+    WriteToParquet (each bundle streams its rows into a temporary file, row group by row group;
+    a final step renames the files into place, and writes one empty file for an empty input).
+
+    For a table its phase writes and the next phase reads back whole (the features table): no
+    shuffle, so memory does not grow with the row count. `WriteTable`'s uid buckets and sort
+    would have the runner hold every row of the table at once (the in-memory runners keep a whole
+    GroupByKey in memory). Files and row order follow bundles, so they are not byte-identical from
+    run to run; what is read from them is (the decide and write phases order by uid).
+    """
+
+    ROW_GROUP_BYTES = 8 * 2**20  # Arrow data a bundle's writer holds before it writes a row group
+
+    def __init__(self, directory: str, prefix: str, schema: pa.Schema):
+        super().__init__()
+        self._directory = directory
+        self._prefix = prefix
+        self._schema = schema
+
+    def expand(self, records):
+        names = list(self._schema.names)
+        return (
+            records
+            | "Columns" >> beam.Map(lambda record: {name: record.get(name) for name in names})
+            | "Write" >> beam.io.WriteToParquet(
+                join_path(self._directory, self._prefix), self._schema, codec="zstd", file_name_suffix=".parquet",
+                row_group_buffer_size=self.ROW_GROUP_BYTES, record_batch_size=1000)
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # WebDataset shards
 # ---------------------------------------------------------------------------------------------
