@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,7 +47,7 @@ class DecodedImage:
     original_width: int
     original_height: int
     rgb: Image.Image  # oriented RGB image before resizing/padding: what hashing looks at
-    thumbnail: Optional[Image.Image] = None  # rgb box-reduced to 32x32 (`blank_thumbnail`)
+    thumbnail: Image.Image  # rgb box-reduced to 32x32 (`blank_thumbnail`)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -119,14 +118,14 @@ def blank_thumbnail(image: Image.Image) -> Image.Image:
     return image.resize((BLANK_THUMB_SIDE, BLANK_THUMB_SIDE), Image.Resampling.BOX)
 
 
-def is_blank(image: Image.Image, std_threshold: float, thumbnail: Optional[Image.Image] = None) -> bool:
+def is_blank(thumbnail: Image.Image, std_threshold: float) -> bool:
     """Near-uniform images (blank, single colour, faint noise) carry nothing to learn from.
+    Looks at the image's `blank_thumbnail`.
 
     Per colour channel, not grey level: a red shape on a teal background has almost no
     luminance contrast but is plainly not blank.
     """
-    thumb = thumbnail if thumbnail is not None else blank_thumbnail(image)
-    spread = np.asarray(thumb, dtype=np.float32).reshape(-1, 3).std(axis=0)
+    spread = np.asarray(thumbnail, dtype=np.float32).reshape(-1, 3).std(axis=0)
     return float(spread.max()) < std_threshold
 
 
@@ -185,7 +184,7 @@ def decode_image(data: bytes, config: CurateConfig) -> DecodedImage:
         raise ImageRejected(DropReason.DECODE_ERROR, f"{type(error).__name__}: {error}") from error
 
     thumbnail = blank_thumbnail(rgb)
-    if is_blank(rgb, config.blank_std_threshold, thumbnail):
+    if is_blank(thumbnail, config.blank_std_threshold):
         raise ImageRejected(DropReason.BLANK_IMAGE, "near-uniform pixels")
 
     # Original size is reported in upright orientation, like what a viewer shows.

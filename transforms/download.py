@@ -461,7 +461,7 @@ class _FetchDoFn(beam.DoFn):
             self._loop.call_soon_threadsafe(self._start_fetches)
 
     def _route(self, record: dict, downloaded: bool):
-        if downloaded and record.get(Col.HTTP_STATUS) is not None and record.get(Col.BYTES) is not None:
+        if downloaded and record.get(Col.BYTES) is not None:  # a body came back
             self._ok.inc()
             self._bytes.inc(record[Col.BYTES])
         if is_dropped(record):
