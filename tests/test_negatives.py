@@ -126,6 +126,49 @@ def test_exact_neighbours_skip_self_ceiling_phash_and_same_caption():
     assert found[0][0] == pytest.approx(0.8, abs=1e-3)
 
 
+def _brute_force_neighbours(anchor, pool, k, ceiling, radius):
+    """Reference: every pair scored in float64, filtered, sorted by (-cosine, uid)."""
+    from transforms.negatives import normalised_caption, too_close
+
+    def unit(member):
+        v = np.frombuffer(member[2], dtype=np.float16).astype(np.float32)
+        return (v / np.linalg.norm(v)).astype(np.float64)
+
+    kept = []
+    for other in pool:
+        score = float(unit(other) @ unit(anchor))
+        if other[0] == anchor[0] or score > ceiling or too_close(anchor, other, radius):
+            continue
+        if normalised_caption(other[1]) == normalised_caption(anchor[1]):
+            continue
+        kept.append((score, other[0]))
+    return sorted(kept, key=lambda c: (-c[0], c[1]))[:k]
+
+
+def test_exact_neighbours_match_brute_force_in_a_crowded_space():
+    # A tight cluster where ~40% of pairs sit above the ceiling (the random-weights case), and a
+    # looser one sharing one caption, whose valid neighbours lie 30-80 candidates deep (past the
+    # first depth); some rows share a pHash.
+    rng = np.random.default_rng(3)
+    centre, other_centre = rng.normal(size=32), rng.normal(size=32)
+    pool = []
+    for i in range(400):
+        if i % 4 == 0:
+            vector, caption = other_centre + 0.25 * rng.normal(size=32), "the same caption"
+        else:
+            vector, caption = centre + (0.1 if i % 5 else 0.5) * rng.normal(size=32), f"caption {i}"
+        phash = "0" * 16 if i % 11 == 0 else f"{int(rng.integers(1, 2**62)):016x}"
+        pool.append(_member(f"u{i:03d}", vector.astype(np.float32), caption=caption, phash=phash))
+    queries = pool[::9]
+    found = exact_neighbours(queries, pool, k=3, ceiling=0.95, radius=8)
+    assert set(found) == {q[0] for q in queries}
+    for query in queries:
+        expected = _brute_force_neighbours(query, pool, 3, 0.95, 8)
+        assert len(expected) == 3
+        assert [uid for _, uid, _ in found[query[0]]] == [uid for _, uid in expected]
+        assert [score for score, _, _ in found[query[0]]] == pytest.approx([s for s, _ in expected], abs=1e-6)
+
+
 def test_centroids_and_assignment_are_deterministic():
     from transforms.negatives import _sample_key, assign, train_centroids
 

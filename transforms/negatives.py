@@ -38,6 +38,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas import Col
+from transforms.dedup import hamming
 
 METRICS_NAMESPACE = "negatives"
 LEXICON_PATH = Path(__file__).resolve().parent / "data" / "negatives_lexicon.json"
@@ -301,12 +302,8 @@ def _vectors(members: Sequence[Member]) -> np.ndarray:
     return np.ascontiguousarray(matrix)
 
 
-_SEARCH_ENTRIES = 4_000_000  # queries x depth per faiss call in the exact search
-_CEILING_MARGIN = 1e-3  # float32 cosine error of unit vectors is ~1e-6
-
-
-def _hamming(a: int, b: int) -> int:
-    return bin(a ^ b).count("1")
+_SEARCH_ENTRIES = 4_000_000  # queries x pool cosines per block of the exact search (16 MB)
+_FLOAT32_SLACK = 1e-4  # float32 cosines of unit vectors are off by ~1e-6 from float64 ones
 
 
 def too_close(anchor: Member, other: Member, radius: int) -> bool:
@@ -315,9 +312,17 @@ def too_close(anchor: Member, other: Member, radius: int) -> bool:
         return False
     for mine in (anchor[3], anchor[4]):
         for theirs in (other[3], other[4]):
-            if mine is not None and theirs is not None and _hamming(mine, theirs) <= radius:
+            if mine is not None and theirs is not None and hamming(mine, theirs) <= radius:
                 return True
     return False
+
+
+def _best_first(cosines: np.ndarray, depth: int) -> np.ndarray:
+    """Indices of the `depth` highest finite cosines, best first, ties by index."""
+    depth = min(depth, cosines.size)
+    top = np.argpartition(-cosines, depth - 1)[:depth] if depth < cosines.size else np.arange(cosines.size)
+    top = top[np.isfinite(cosines[top])]
+    return top[np.lexsort((top, -cosines[top]))]
 
 
 def exact_neighbours(
@@ -325,52 +330,61 @@ def exact_neighbours(
 ) -> dict[str, list[tuple[float, str, str]]]:
     """uid -> up to k (cosine, neighbour uid, neighbour caption), best first, ties by uid.
 
-    Exact inner product search (faiss IndexFlatIP) of `queries` against `pool`, skipping self,
-    cosines above `ceiling`, pHash near-duplicates and identical captions. Searches deeper for the
-    queries whose first candidates were all skipped.
+    Exact search of `queries` against `pool`, skipping self, cosines above `ceiling`, pHash
+    near-duplicates and identical captions. Written by hand on a numpy matrix product rather than
+    faiss's IndexFlatIP: faiss returns the top cosines and cannot skip those above the ceiling, so
+    in a crowded space (random weights, or many near-copies) every query needed a search nearly as
+    deep as the pool, redone from scratch at each deeper round. Here each block of queries takes
+    one product, cosines over the ceiling are masked out, and candidates are checked best first
+    until k are found.
     """
-    import faiss
-
     if not queries or not pool or k <= 0:
         return {}
     pool_vectors = _vectors(pool)
     query_vectors = _vectors(queries)
-    index = faiss.IndexFlatIP(pool_vectors.shape[1])
-    index.add(pool_vectors)
     pool_captions = [normalised_caption(m[1]) for m in pool]
     result: dict[str, list] = {}
-    pending = np.arange(len(queries))
-    depth = min(len(pool), k + 16)
-    while pending.size:
-        still = []
-        # Deep rounds search few queries at a time: a (queries x depth) result stays ~4M entries.
-        step = max(1, _SEARCH_ENTRIES // depth)
-        for start in range(0, pending.size, step):
-            chunk = pending[start:start + step]
-            inner, ids = index.search(query_vectors[chunk], depth)
-            for row, query_index in enumerate(chunk):
-                anchor = queries[query_index]
-                anchor_caption = normalised_caption(anchor[1])
-                # Vectorised first cut on faiss's float32 cosines (with a margin far above their
-                # rounding): in a crowded space most of a deep list is over the ceiling.
-                candidates = ids[row][(ids[row] >= 0) & (inner[row] <= ceiling + _CEILING_MARGIN)]
-                # recomputed in float64 so a pair scores the same in every group it meets in
-                scores = pool_vectors[candidates].astype(np.float64) @ query_vectors[query_index].astype(np.float64)
-                found = []
-                for j, score in zip(candidates.tolist(), scores.tolist()):
-                    if score > ceiling:
-                        continue
-                    other = pool[j]
-                    if other[0] == anchor[0] or pool_captions[j] == anchor_caption or too_close(anchor, other, radius):
-                        continue
-                    found.append((score, other[0], other[1]))
-                if len(found) < k and depth < len(pool):
-                    still.append(query_index)
-                else:
-                    result[anchor[0]] = top_k(found, k)
-        pending = np.asarray(still, dtype=np.int64)
-        depth = min(len(pool), depth * 4)
+    block = max(1, _SEARCH_ENTRIES // len(pool))
+    for start in range(0, len(queries), block):
+        cosines = query_vectors[start:start + block] @ pool_vectors.T
+        cosines[cosines > ceiling + _FLOAT32_SLACK] = -np.inf
+        for row in range(cosines.shape[0]):
+            anchor = queries[start + row]
+            result[anchor[0]] = _first_valid(
+                anchor, query_vectors[start + row], cosines[row], pool, pool_vectors, pool_captions, k, ceiling, radius
+            )
     return result
+
+
+def _first_valid(anchor, anchor_vector, cosines, pool, pool_vectors, pool_captions, k, ceiling, radius) -> list:
+    """The anchor's best k valid neighbours: candidates best first (float32), each re-scored in
+    float64 so a pair scores the same in every group it meets in; stops once k are found and the
+    rest are below the k-th by more than float32's error."""
+    anchor_caption = normalised_caption(anchor[1])
+    anchor64 = anchor_vector.astype(np.float64)
+    found, visited = [], set()
+    cutoff = -np.inf
+    depth = k + 16
+    while True:
+        order = _best_first(cosines, depth)
+        for j in order.tolist():
+            if j in visited:
+                continue
+            visited.add(j)
+            if cosines[j] < cutoff:
+                return top_k(found, k)
+            score = float(pool_vectors[j].astype(np.float64) @ anchor64)
+            other = pool[j]
+            if score > ceiling or other[0] == anchor[0] or pool_captions[j] == anchor_caption:
+                continue
+            if too_close(anchor, other, radius):
+                continue
+            found.append((score, other[0], other[1]))
+            if len(found) == k:
+                cutoff = cosines[j] - _FLOAT32_SLACK
+        if order.size < min(depth, cosines.size) or depth >= cosines.size:
+            return top_k(found, k)  # no finite cosine left
+        depth *= 4
 
 
 def top_k(candidates: Iterable[tuple[float, str, str]], k: int) -> list[tuple[float, str, str]]:
