@@ -1,7 +1,7 @@
 """Phase 2, decide: features table only (no image bytes) -> the decisions table.
 
-Order of decisions: per-sample filters first (language, CLIP score), then duplicate clusters over
-what is left, so a cluster's survivor is always a sample that passes the filters. Each dropped
+Order of decisions: per-sample filters first (language, then CLIP score), then duplicate clusters
+over what is left, so a cluster's survivor is always a sample that passes the filters. Each dropped
 uid gets exactly one reason: the first filter that dropped it.
 """
 
@@ -13,9 +13,10 @@ import numpy as np
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
 from schemas import DECISIONS_SCHEMA, Col, Status
+from transforms.base import DropCounters
 from transforms.caption import language_drop_reason
 from transforms.dedup import Deduplicate
-from transforms.negatives import MineHardNegatives
+from transforms.negatives import NEGATIVES_INPUT_COLUMNS, MineHardNegatives
 from transforms.write_output import WriteTable
 
 # Columns the decide phase reads from the features table (never image bytes).
@@ -41,18 +42,6 @@ def _tag_order(order: int):
     return lambda drop: (drop[Col.UID], dict(drop, order=order))
 
 
-def _without(uid_and_groups):
-    uid, groups = uid_and_groups
-    if groups["alive"] and not groups["drops"]:
-        yield groups["alive"][0]
-
-
-def _language_drop(record: dict, config: CurateConfig):
-    reason = language_drop_reason(record.get(Col.LANG), config)
-    if reason is not None:
-        yield {Col.UID: record[Col.UID], Col.REASON: reason.value}
-
-
 def compact_embeddings(record: dict) -> dict:
     """Embeddings as float16 arrays: Parquet reads them as lists of Python floats, ~16 times the
     memory (a 512-d vector: ~20 KB as a list, 1 KB as an array), and every join below holds them."""
@@ -69,15 +58,41 @@ def read_alive_features(pipeline: beam.Pipeline, layout: Layout):
     return alive | "CompactEmbeddings" >> beam.Map(compact_embeddings)
 
 
-def filter_drops(alive, config: CurateConfig) -> list:
-    """Per-sample filters: each returns a PCollection of {uid, reason}."""
-    drops = []
-    if config.languages:
-        drops.append(alive | "LanguageFilter" >> beam.FlatMap(_language_drop, config=config))
-    from transforms.clip_score import ClipScoreFilter  # imports torch: only where it is needed
+FILTER_DROPS = "filter_drops"
 
-    drops.append(alive | "ClipFilter" >> ClipScoreFilter(config))
-    return drops
+
+class _PerSampleFilters(beam.DoFn):
+    """Per-sample filters in order (language, then CLIP score): a record that passes both goes on
+    to dedup; one that fails gets the first filter's reason, tagged FILTER_DROPS. Deciding per
+    record, with the only global statistic (the top-percent cutoff) as a side input, needs no
+    join of drops back onto full records."""
+
+    def __init__(self, config: CurateConfig):
+        self._config = config
+        self._drops = DropCounters("decide_filters")
+
+    def process(self, record: dict, global_cutoff=None):
+        from transforms.clip_score import clip_drop_reason  # imports torch: only where it is needed
+
+        reason = language_drop_reason(record.get(Col.LANG), self._config)
+        if reason is None:
+            reason = clip_drop_reason(record, self._config, global_cutoff)
+        if reason is None:
+            yield record
+        else:
+            self._drops.inc(reason.value)
+            uid = record[Col.UID]
+            yield beam.pvalue.TaggedOutput(FILTER_DROPS, (uid, {Col.UID: uid, Col.REASON: reason.value, "order": 0}))
+
+
+def apply_filters(alive, config: CurateConfig):
+    """alive records -> (records that pass every filter, (uid, drop) for the rest)."""
+    from transforms.clip_score import global_cutoff_side_input
+
+    verdicts = alive | "Filters" >> beam.ParDo(
+        _PerSampleFilters(config), **global_cutoff_side_input(alive, config)
+    ).with_outputs(FILTER_DROPS, main="remaining")
+    return verdicts.remaining, verdicts[FILTER_DROPS]
 
 
 def duplicate_drops(remaining, config: CurateConfig) -> list:
@@ -89,8 +104,8 @@ def duplicate_drops(remaining, config: CurateConfig) -> list:
 
 def _kept_record(uid_and_groups):
     _, groups = uid_and_groups
-    if groups["decision"] and groups["decision"][0][Col.STATUS] == Status.KEPT:
-        yield groups["alive"][0]
+    if groups["decision"] and groups["decision"][0][Col.STATUS] == Status.KEPT and groups["candidate"]:
+        yield groups["candidate"][0]
 
 
 def _attach_negatives(uid_and_groups) -> dict:
@@ -100,13 +115,18 @@ def _attach_negatives(uid_and_groups) -> dict:
     return decision
 
 
-def with_hard_negatives(decisions, keyed_alive, config: CurateConfig):
-    """Mine negatives among the kept samples only, and attach them to their decisions."""
+def with_hard_negatives(decisions, remaining, config: CurateConfig):
+    """Mine negatives among the kept samples only, and attach them to their decisions. Kept samples
+    are found by joining the decisions with the records that passed the filters, cut down first to
+    the columns mining reads (the join holds all of them at once)."""
     if config.negatives_k <= 0 and not config.negatives_captions:
         return decisions
     keyed_decisions = decisions | "KeyDecisions" >> beam.Map(lambda d: (d[Col.UID], d))
+    candidates = remaining | "NegativesColumns" >> beam.Map(
+        lambda r: (r[Col.UID], {column: r.get(column) for column in NEGATIVES_INPUT_COLUMNS})
+    )
     kept = (
-        {"alive": keyed_alive, "decision": keyed_decisions}
+        {"candidate": candidates, "decision": keyed_decisions}
         | "JoinKept" >> beam.CoGroupByKey()
         | "KeptRecords" >> beam.FlatMap(_kept_record)
     )
@@ -120,39 +140,20 @@ def with_hard_negatives(decisions, keyed_alive, config: CurateConfig):
 
 def build_decide(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     alive = read_alive_features(pipeline, layout)
-    keyed_alive = alive | "KeyAlive" >> beam.Map(lambda r: (r[Col.UID], r))
 
-    filtered = filter_drops(alive, config)
-    keyed_filter_drops = [
-        drops | f"KeyFilterDrop{i}" >> beam.Map(_tag_order(i)) for i, drops in enumerate(filtered)
-    ]
-    if keyed_filter_drops:
-        all_filter_drops = keyed_filter_drops | "FilterDrops" >> beam.Flatten()
-        remaining = (
-            {"alive": keyed_alive, "drops": all_filter_drops}
-            | "JoinFilterDrops" >> beam.CoGroupByKey()
-            | "Remaining" >> beam.FlatMap(_without)
-        )
-    else:
-        all_filter_drops = None
-        remaining = alive
+    remaining, filter_drops = apply_filters(alive, config)
 
     dup_drops = [
         drops | f"KeyDupDrop{i}" >> beam.Map(_tag_order(100 + i))
         for i, drops in enumerate(duplicate_drops(remaining, config))
     ]
-    every_drop = ([all_filter_drops] if all_filter_drops is not None else []) + dup_drops
-    drops = (
-        every_drop | "AllDrops" >> beam.Flatten()
-        if every_drop
-        else pipeline | "NoDrops" >> beam.Create([]).with_output_types(tuple)
-    )
+    drops = [filter_drops] + dup_drops | "AllDrops" >> beam.Flatten()
     alive_uids = alive | "AliveUids" >> beam.Map(lambda r: (r[Col.UID], None))  # the join needs no more
     decisions = (
         {"alive": alive_uids, "drops": drops}
         | "JoinDecisions" >> beam.CoGroupByKey()
         | "Decide" >> beam.Map(_decision)
     )
-    decisions = with_hard_negatives(decisions, keyed_alive, config)
+    decisions = with_hard_negatives(decisions, remaining, config)
     decisions | "WriteDecisions" >> WriteTable(layout.decisions, "decisions", DECISIONS_SCHEMA, config.ledger_rows_per_file)
     return decisions

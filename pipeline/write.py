@@ -22,22 +22,22 @@ _FEATURE_COLUMNS = [name for name in LEDGER_SCHEMA.names if name != Col.SHARD] +
 assert set(SHARD_SCHEMA.names) - {Col.KEY, Col.HARD_NEGATIVES} <= set(_FEATURE_COLUMNS)
 
 
-def _to_shard_item(uid_and_groups):
-    uid, groups = uid_and_groups
-    # A dropped uid has no position; a kept uid without a fetched sample is caught by the accounting.
-    # Repeated input rows share a uid: only the row whose image was stored is in "sample".
-    if groups["position"] and groups["sample"]:
-        shard_index, position = groups["position"][0]
-        record = dict(groups["sample"][0])
-        decision = groups["decision"][0] if groups["decision"] else {}
-        record[Col.HARD_NEGATIVES] = decision.get(Col.HARD_NEGATIVES)
-        yield shard_index, (position, record)
+SHARD_ITEMS = "shard_items"  # tagged output of the join: (shard, (position, record)) per kept sample
 
 
-def _ledger_rows(uid_and_groups):
+def _ledger_rows_and_shard_items(uid_and_groups):
+    """One join serves both outputs (a second join would hold every feature row again): the
+    uid's ledger rows, and a shard item for a kept uid with a fetched sample."""
     uid, groups = uid_and_groups
     decision = groups["decision"][0] if groups["decision"] else None
     position = groups["position"][0] if groups["position"] else None
+    # Repeated input rows share a uid: only the row whose image was stored has a raw location.
+    stored = [row for row in groups["features"] if row[Col.RAW_FILE] is not None]
+    if position is not None and stored:
+        shard_index, offset_in_shard = position
+        record = dict(stored[0])
+        record[Col.HARD_NEGATIVES] = decision.get(Col.HARD_NEGATIVES) if decision else None
+        yield beam.pvalue.TaggedOutput(SHARD_ITEMS, (shard_index, (offset_in_shard, record)))
     for row in groups["features"]:
         row = dict(row)
         if row[Col.STATUS] == Status.KEPT:
@@ -54,33 +54,22 @@ def _ledger_rows(uid_and_groups):
 
 def build_write(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     decisions = pipeline | "ReadDecisions" >> beam.io.ReadFromParquet(layout.decisions_glob())
-    keyed_decisions = decisions | "KeyDecisions" >> beam.Map(lambda d: (d[Col.UID], d))
     positions = (
         decisions
         | "KeptUids" >> beam.FlatMap(lambda d: [d[Col.UID]] if d[Col.STATUS] == Status.KEPT else [])
         | "Positions" >> AssignShardPositions(config.samples_per_shard)
     )
     features = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob(), columns=_FEATURE_COLUMNS)
-    samples = (
-        features
-        | "FetchedOnly" >> beam.Filter(lambda row: row[Col.RAW_FILE] is not None)
-        | "KeySamples" >> beam.Map(lambda row: (row[Col.UID], row))
-    )
-    (
-        {"sample": samples, "position": positions, "decision": keyed_decisions}
-        | "JoinSamples" >> beam.CoGroupByKey()
-        | "ToShards" >> beam.FlatMap(_to_shard_item)
-        | "WriteShards" >> WriteFinalShards(layout.shards, layout.raw_shards)
-    )
-
-    ledger = (
+    joined = (
         {
             "features": features | "KeyFeatures" >> beam.Map(lambda r: (r[Col.UID], r)),
-            "decision": keyed_decisions,
+            "decision": decisions | "KeyDecisions" >> beam.Map(lambda d: (d[Col.UID], d)),
             "position": positions,
         }
-        | "JoinLedger" >> beam.CoGroupByKey()
-        | "LedgerRows" >> beam.FlatMap(_ledger_rows)
+        | "Join" >> beam.CoGroupByKey()
+        | "LedgerRowsAndShardItems" >> beam.FlatMap(_ledger_rows_and_shard_items).with_outputs(SHARD_ITEMS, main="ledger")
     )
+    joined[SHARD_ITEMS] | "WriteShards" >> WriteFinalShards(layout.shards, layout.raw_shards)
+    ledger = joined.ledger
     ledger | "WriteLedger" >> WriteTable(layout.ledger, "ledger", LEDGER_SCHEMA, config.ledger_rows_per_file)
     return ledger

@@ -30,9 +30,10 @@ weights packed for oneDNN, the text tower's for FBGEMM), used only if at load ti
 fp32 on a probe batch (mean cosine >= `INT8_MIN_FIDELITY`), else fp32. `precision="fp32"` turns
 the approximate part off.
 
-Decide phase: `ClipScoreFilter` turns `clip_score` into LOW_CLIP_SCORE drops: an absolute
+Decide phase: `clip_drop_reason` (pure) turns `clip_score` into a LOW_CLIP_SCORE drop: an absolute
 threshold, per-language thresholds, or the global top X% (Beam ApproximateQuantiles over the whole
-dataset, as a side input: never per shard). Scores stay in the features table for dropped rows.
+dataset, `GlobalClipCutoff`, as a side input: never per shard); `ClipScoreFilter` wraps both.
+Scores stay in the features table for dropped rows.
 """
 
 from __future__ import annotations
@@ -1043,8 +1044,48 @@ def quantile_cutoff(quantiles: Sequence[float], keep_top_percent: float) -> floa
     return float(quantiles[low] * (1 - fraction) + quantiles[high] * fraction)
 
 
-def _drop_row(uid: str) -> dict:
-    return {Col.UID: uid, Col.REASON: DropReason.LOW_CLIP_SCORE.value}
+def clip_drop_reason(record: dict, config, global_cutoff: Optional[float] = None) -> Optional[DropReason]:
+    """The decision half of the CLIP filter (pure): LOW_CLIP_SCORE when the record's score is below
+    the global cutoff (`clip_keep_top_percent` mode, from `GlobalClipCutoff`) or else below its
+    language's threshold."""
+    if config.clip_keep_top_percent is not None:
+        threshold = float("-inf") if global_cutoff is None else global_cutoff
+    else:
+        threshold = threshold_for(record.get(Col.LANG), config.clip_threshold, config.clip_thresholds_per_lang)
+    return DropReason.LOW_CLIP_SCORE if is_low_score(record.get(Col.CLIP_SCORE), threshold) else None
+
+
+class GlobalClipCutoff(beam.PTransform):
+    """The statistics half of the CLIP filter: feature records -> one float, the score at the
+    global (100 - `clip_keep_top_percent`) percentile (Beam ApproximateQuantiles over the whole
+    dataset, never per shard or per bundle). Use it only when that mode is set; pass it to
+    `clip_drop_reason` as a singleton side input."""
+
+    QUANTILES = 1000  # cut points: 0.1% resolution
+
+    def __init__(self, config, label: str = "GlobalClipCutoff"):
+        super().__init__(label=label)
+        self._top_percent = config.clip_keep_top_percent
+        if self._top_percent is None or not 0 < float(self._top_percent) <= 100:
+            raise ValueError(f"clip_keep_top_percent must be in (0, 100], got {self._top_percent}")
+
+    def expand(self, features):
+        top = float(self._top_percent)
+        return (
+            features
+            | "Scores" >> beam.FlatMap(lambda r: [] if r.get(Col.CLIP_SCORE) is None else [float(r[Col.CLIP_SCORE])])
+            | "Quantiles" >> beam.ApproximateQuantiles.Globally(self.QUANTILES + 1)
+            | "Cutoff" >> beam.Map(lambda q: quantile_cutoff(q, top))
+        )
+
+
+def global_cutoff_side_input(features, config) -> dict:
+    """Keyword arguments for a Map/FlatMap calling `clip_drop_reason`: the global cutoff as a
+    singleton side input in top-percent mode, nothing otherwise."""
+    if config.clip_keep_top_percent is None:
+        return {}
+    cutoff = features | GlobalClipCutoff(config)
+    return {"global_cutoff": beam.pvalue.AsSingleton(cutoff, default_value=float("-inf"))}
 
 
 class ClipScoreFilter(beam.PTransform):
@@ -1054,44 +1095,20 @@ class ClipScoreFilter(beam.PTransform):
     set; otherwise `clip_thresholds_per_lang` with `clip_threshold` as the fallback (LAION style).
     """
 
-    QUANTILES = 1000  # cut points for top-percent: 0.1% resolution
-
     def __init__(self, config, label: str = "ClipScoreFilter"):
         super().__init__(label=label)
-        self._threshold = float(config.clip_threshold)
-        self._per_lang = dict(config.clip_thresholds_per_lang or {})
-        self._top_percent = config.clip_keep_top_percent
-        if self._top_percent is not None and not 0 < float(self._top_percent) <= 100:
-            raise ValueError(f"clip_keep_top_percent must be in (0, 100], got {self._top_percent}")
+        self._config = config
+        if config.clip_keep_top_percent is not None:
+            GlobalClipCutoff(config)  # validates the percentage now, not at run time
 
     def expand(self, features):
-        scored = features | "Scored" >> beam.Filter(lambda r: r.get(Col.CLIP_SCORE) is not None)
+        config = self._config
         dropped = Metrics.counter(METRICS_NAMESPACE, f"dropped_{DropReason.LOW_CLIP_SCORE.value}")
 
-        if self._top_percent is not None:
-            top = float(self._top_percent)
-            # one global distribution over the whole dataset, never per shard or per bundle
-            cutoff = (
-                scored
-                | "Scores" >> beam.Map(lambda r: float(r[Col.CLIP_SCORE]))
-                | "Quantiles" >> beam.ApproximateQuantiles.Globally(self.QUANTILES + 1)
-                | "Cutoff" >> beam.Map(lambda q: quantile_cutoff(q, top))
-            )
-
-            def below_cutoff(record, threshold):
-                if is_low_score(record[Col.CLIP_SCORE], threshold):
-                    dropped.inc()
-                    yield _drop_row(record[Col.UID])
-
-            return scored | "DropBelowPercentile" >> beam.FlatMap(
-                below_cutoff, threshold=beam.pvalue.AsSingleton(cutoff, default_value=float("-inf"))
-            )
-
-        default, per_lang = self._threshold, self._per_lang
-
-        def below_threshold(record):
-            if is_low_score(record[Col.CLIP_SCORE], threshold_for(record.get(Col.LANG), default, per_lang)):
+        def drop(record, global_cutoff=None):
+            reason = clip_drop_reason(record, config, global_cutoff)
+            if reason is not None:
                 dropped.inc()
-                yield _drop_row(record[Col.UID])
+                yield {Col.UID: record[Col.UID], Col.REASON: reason.value}
 
-        return scored | "DropBelowThreshold" >> beam.FlatMap(below_threshold)
+        return features | "Drop" >> beam.FlatMap(drop, **global_cutoff_side_input(features, config))

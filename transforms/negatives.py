@@ -47,6 +47,8 @@ CAPTION_KINDS = ("swap", "attribute", "object")
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
 EXACT_GROUP = -1  # centroid id of the single group of the exact path
+# the only columns MineHardNegatives reads from a record (members_of, caption_of)
+NEGATIVES_INPUT_COLUMNS = (Col.UID, Col.CAPTION, Col.CAPTION_CLEAN, Col.IMAGE_EMBEDDING, Col.TEXT_EMBEDDING, Col.PHASH, Col.PHASH_MIRROR)
 MAX_CAPTION_TOKENS = 256  # edits are made in the first tokens only: hostile captions stay cheap
 
 # ------------------------------------------------------------------------------------------------
