@@ -81,8 +81,7 @@ class _PerSampleFilters(beam.DoFn):
             yield record
         else:
             self._drops.inc(reason.value)
-            uid = record[Col.UID]
-            yield beam.pvalue.TaggedOutput(FILTER_DROPS, (uid, {Col.UID: uid, Col.REASON: reason.value, "order": 0}))
+            yield beam.pvalue.TaggedOutput(FILTER_DROPS, {Col.UID: record[Col.UID], Col.REASON: reason.value})
 
 
 def apply_filters(alive, config: CurateConfig):
@@ -92,7 +91,7 @@ def apply_filters(alive, config: CurateConfig):
     verdicts = alive | "Filters" >> beam.ParDo(
         _PerSampleFilters(config), **global_cutoff_side_input(alive, config)
     ).with_outputs(FILTER_DROPS, main="remaining")
-    return verdicts.remaining, verdicts[FILTER_DROPS]
+    return verdicts.remaining, verdicts[FILTER_DROPS] | "KeyFilterDrops" >> beam.Map(_tag_order(0))
 
 
 def duplicate_drops(remaining, config: CurateConfig) -> list:

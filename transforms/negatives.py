@@ -6,8 +6,8 @@ caption and cosine. A neighbour is skipped when it is the sample itself, when it
 `negatives_ceiling`, when its pHash (or mirrored pHash) is within `dedup_radius` bits, or when its
 normalised caption equals the anchor's: all of these are more likely true positives than negatives.
 
-Scale. Up to `negatives_exact_max` samples: one group, exact inner product search (faiss
-IndexFlatIP). Above it: k-means centroids (faiss) trained on a deterministic sample (the samples
+Scale. Up to `negatives_exact_max` samples: one group, exact search (`exact_neighbours`: a masked
+numpy matrix product per block of queries). Above it: k-means centroids (faiss) trained on a deterministic sample (the samples
 with the smallest uid hashes) go in as a side input; each sample joins the groups of its
 `negatives_probe` nearest centroids as a candidate and queries in the group of its nearest one;
 GroupByKey(centroid); exact search inside each group; the per-group top-k lists of a uid are
@@ -319,12 +319,18 @@ def too_close(anchor: Member, other: Member, radius: int) -> bool:
     return False
 
 
-def _best_first(cosines: np.ndarray, depth: int) -> np.ndarray:
-    """Indices of the `depth` highest finite cosines, best first, ties by index."""
-    depth = min(depth, cosines.size)
-    top = np.argpartition(-cosines, depth - 1)[:depth] if depth < cosines.size else np.arange(cosines.size)
-    top = top[np.isfinite(cosines[top])]
-    return top[np.lexsort((top, -cosines[top]))]
+def _top_unsorted(cosines: np.ndarray, depth: int) -> np.ndarray:
+    """Indices of the `depth` highest cosines along the last axis, in no order (one row or a block)."""
+    size = cosines.shape[-1]
+    if depth >= size:
+        return np.broadcast_to(np.arange(size), cosines.shape)
+    return np.argpartition(cosines, size - depth, axis=-1)[..., size - depth:]
+
+
+def _best_first(cosines: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The finite ones of a row's candidate indices, best cosine first, ties by index."""
+    candidates = candidates[np.isfinite(cosines[candidates])]
+    return candidates[np.lexsort((candidates, -cosines[candidates]))]
 
 
 def exact_neighbours(
@@ -347,28 +353,32 @@ def exact_neighbours(
     pool_captions = [normalised_caption(m[1]) for m in pool]
     result: dict[str, list] = {}
     block = max(1, _SEARCH_ENTRIES // len(pool))
+    depth = min(len(pool), k + 16)
     for start in range(0, len(queries), block):
         cosines = query_vectors[start:start + block] @ pool_vectors.T
         cosines[cosines > ceiling + _FLOAT32_SLACK] = -np.inf
+        # first candidates of the whole block in one call: no per-row temporaries of pool size
+        firsts = np.array(_top_unsorted(cosines, depth))
         for row in range(cosines.shape[0]):
             anchor = queries[start + row]
             result[anchor[0]] = _first_valid(
-                anchor, query_vectors[start + row], cosines[row], pool, pool_vectors, pool_captions, k, ceiling, radius
+                anchor, query_vectors[start + row], cosines[row], firsts[row], pool, pool_vectors, pool_captions,
+                k, ceiling, radius,
             )
     return result
 
 
-def _first_valid(anchor, anchor_vector, cosines, pool, pool_vectors, pool_captions, k, ceiling, radius) -> list:
+def _first_valid(anchor, anchor_vector, cosines, candidates, pool, pool_vectors, pool_captions, k, ceiling, radius) -> list:
     """The anchor's best k valid neighbours: candidates best first (float32), each re-scored in
     float64 so a pair scores the same in every group it meets in; stops once k are found and the
-    rest are below the k-th by more than float32's error."""
+    rest are below the k-th by more than float32's error, else searches 4x deeper."""
     anchor_caption = normalised_caption(anchor[1])
     anchor64 = anchor_vector.astype(np.float64)
     found, visited = [], set()
     cutoff = -np.inf
-    depth = k + 16
+    depth = candidates.size
     while True:
-        order = _best_first(cosines, depth)
+        order = _best_first(cosines, candidates)
         for j in order.tolist():
             if j in visited:
                 continue
@@ -384,9 +394,10 @@ def _first_valid(anchor, anchor_vector, cosines, pool, pool_vectors, pool_captio
             found.append((score, other[0], other[1]))
             if len(found) == k:
                 cutoff = cosines[j] - _FLOAT32_SLACK
-        if order.size < min(depth, cosines.size) or depth >= cosines.size:
+        if order.size < depth or depth >= cosines.size:
             return top_k(found, k)  # no finite cosine left
-        depth *= 4
+        depth = min(depth * 4, cosines.size)
+        candidates = _top_unsorted(cosines, depth)
 
 
 def top_k(candidates: Iterable[tuple[float, str, str]], k: int) -> list[tuple[float, str, str]]:

@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import math
+import pickle
 import posixpath
 import tarfile
 import uuid
@@ -103,18 +104,26 @@ def _file_count(total: int, rows_per_file: int) -> int:
 
 
 def table_row(record: dict, names: Sequence[str]) -> tuple:
-    """(sort key, values in schema order): what a table write shuffles. A tuple, not the record:
-    the shuffle holds every row of the table at once, and a dict repeats its ~40 key names in each
-    row's encoding and costs a hash table per row once decoded."""
-    return sort_key(record), tuple(record.get(name) for name in names)
+    """(sort key, the values in schema order, pickled): what a table write shuffles. Bytes, not
+    the record: the in-memory runner holds every row of the shuffle at once, decoded, and as Python
+    objects a row's ~30 values (a decision's ~10 negative dicts) cost several times their bytes."""
+    return sort_key(record), pickle.dumps(tuple(record.get(name) for name in names), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+_UNPICKLE_ROWS = 4096  # rows turned back into Python objects at a time when a file is built
 
 
 def _write_table_file(bucket_and_rows, total: int, directory: str, prefix: str, schema: pa.Schema, rows_per_file: int) -> str:
     bucket, rows = bucket_and_rows
-    values = [row[1] for row in sorted(rows, key=lambda row: row[0])]
+    rows = sorted(rows, key=lambda row: row[0])
+    chunks = [
+        rows_to_table([pickle.loads(values) for _, values in rows[start:start + _UNPICKLE_ROWS]], schema)
+        for start in range(0, len(rows), _UNPICKLE_ROWS)
+    ]
+    table = pa.concat_tables(chunks).combine_chunks() if chunks else schema.empty_table()
     count = _file_count(total, rows_per_file)
     path = join_path(directory, f"{prefix}-{bucket:05d}-of-{count:05d}.parquet")
-    write_atomically(path, parquet_bytes(rows_to_table(values, schema)))
+    write_atomically(path, parquet_bytes(table))
     return path
 
 
