@@ -16,7 +16,7 @@ from schemas import DECISIONS_SCHEMA, Col, Status
 from transforms.base import DropCounters
 from transforms.caption import language_drop_reason
 from transforms.dedup import Deduplicate
-from transforms.negatives import NEGATIVES_INPUT_COLUMNS, MineHardNegatives
+from transforms.negatives import NEGATIVES_INPUT_COLUMNS, MineHardNegatives, merge_negatives
 from transforms.write_output import WriteTable
 
 # Columns the decide phase reads from the features table (never image bytes).
@@ -107,17 +107,23 @@ def _kept_record(uid_and_groups):
         yield groups["candidate"][0]
 
 
-def _attach_negatives(uid_and_groups) -> dict:
-    _, groups = uid_and_groups
-    decision = dict(groups["decision"][0])
-    decision[Col.HARD_NEGATIVES] = groups["negatives"][0] if groups["negatives"] else None
+DECISION = "decision"  # the decision's entry among a uid's negatives partials
+
+
+def _decision_with_negatives(uid: str, entries, k: int) -> dict:
+    """A uid's decision and its negatives partials (kept uids only) -> the decision with its list."""
+    entries = list(entries)
+    decision = dict(next(payload for kind, payload in entries if kind == DECISION))
+    partials = [entry for entry in entries if entry[0] != DECISION]
+    decision[Col.HARD_NEGATIVES] = merge_negatives(uid, partials, k)[1] if partials else None
     return decision
 
 
 def with_hard_negatives(decisions, remaining, config: CurateConfig):
     """Mine negatives among the kept samples only, and attach them to their decisions. Kept samples
     are found by joining the decisions with the records that passed the filters, cut down first to
-    the columns mining reads (the join holds all of them at once)."""
+    the columns mining reads (the join holds all of them at once). The mined partials are grouped
+    by uid together with the decisions, so merging and attaching is one shuffle, not two."""
     if config.negatives_k <= 0 and not config.negatives_captions:
         return decisions
     keyed_decisions = decisions | "KeyDecisions" >> beam.Map(lambda d: (d[Col.UID], d))
@@ -129,11 +135,14 @@ def with_hard_negatives(decisions, remaining, config: CurateConfig):
         | "JoinKept" >> beam.CoGroupByKey()
         | "KeptRecords" >> beam.FlatMap(_kept_record)
     )
-    negatives = kept | "HardNegatives" >> MineHardNegatives(config)
+    partials = MineHardNegatives(config).partials(kept)
+    tagged_decisions = keyed_decisions | "TagDecisions" >> beam.MapTuple(lambda uid, d: (uid, (DECISION, d)))
+    k = config.negatives_k
     return (
-        {"decision": keyed_decisions, "negatives": negatives}
-        | "JoinNegatives" >> beam.CoGroupByKey()
-        | "AttachNegatives" >> beam.Map(_attach_negatives)
+        partials + [tagged_decisions]
+        | "DecisionsAndPartials" >> beam.Flatten()
+        | "ByUid" >> beam.GroupByKey()
+        | "AttachNegatives" >> beam.MapTuple(lambda uid, entries: _decision_with_negatives(uid, entries, k))
     )
 
 

@@ -529,6 +529,18 @@ class MineHardNegatives(beam.PTransform):
             raise ValueError("negatives_k must be >= 0, negatives_probe >= 1, negatives_sample >= 2")
 
     def expand(self, records):
+        k = self._k
+        return (
+            self.partials(records)
+            | "AllPartials" >> beam.Flatten()
+            | "ByUid" >> beam.GroupByKey()
+            | "Merge" >> beam.MapTuple(lambda uid, entries: merge_negatives(uid, entries, k))
+        )
+
+    def partials(self, records) -> list:
+        """The unmerged results, (uid, (kind, payload)) with kind "caption", "image" or "text", for
+        a caller that groups them by uid together with its own entries (`merge_negatives` takes
+        them); `expand` groups and merges them alone."""
         with_captions = self._captions
         caption_entries = records | "CaptionNegatives" >> beam.Map(
             lambda r: (str(r[Col.UID]), ("caption", caption_negatives(caption_of(r)) if with_captions else []))
@@ -538,13 +550,7 @@ class MineHardNegatives(beam.PTransform):
             members = records | "Members" >> beam.Map(members_of)
             for space in NEIGHBOUR_KINDS:
                 partials.append(self._neighbours(members, space))
-        k = self._k
-        return (
-            partials
-            | "AllPartials" >> beam.Flatten()
-            | "ByUid" >> beam.GroupByKey()
-            | "Merge" >> beam.MapTuple(lambda uid, entries: merge_negatives(uid, entries, k))
-        )
+        return partials
 
     def _neighbours(self, members, space: str):
         exact_max, centroids, group_size = self._exact_max, self._centroids, self._group_size
