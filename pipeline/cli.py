@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import progress
-from pipeline.heap import release_freed_memory
+from pipeline.heap import release_freed_memory, share_one_arena
 from pipeline.config import build_config, phase_fingerprint
 from pipeline.decide import build_decide
 from pipeline.fetch import build_fetch, build_retry
@@ -185,6 +185,7 @@ def report_or_fail(layout: Layout, quiet: bool) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    share_one_arena()  # before Beam's threads take arenas of their own (pipeline/heap.py says why)
     args, beam_args = _parser().parse_known_args(argv)
     output = args.output or args.output_dir
     if not output:

@@ -4,6 +4,10 @@ CLIP inference allocates and frees the same large blocks every batch: by default
 back to the OS and page-faults them in again (~10% of CPU inference time), so loading CLIP asks it
 to keep them. Between phases the defaults come back and the free pages are trimmed, or the next
 phase would start on the last one's high-water mark and never give back what it frees.
+
+`curate` also keeps every thread on one malloc arena: glibc gives each new thread an arena of its
+own (up to eight per core), and what Beam's worker threads free in theirs was not handed back.
+`curate decide` alone at 50k rows peaked at 1,691 MB with the default arenas and 1,408 MB with one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import gc
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 _KEEP_THRESHOLD = 1 << 30  # blocks up to 1 GiB from the heap, and freed heap kept up to 1 GiB
 
@@ -29,6 +34,13 @@ def _libc():
 def _set_thresholds(libc, threshold: int) -> None:
     libc.mallopt(_M_MMAP_THRESHOLD, threshold)
     libc.mallopt(_M_TRIM_THRESHOLD, threshold)
+
+
+def share_one_arena(arenas: int = 1) -> None:
+    """At most `arenas` malloc arenas for the process: call before threads start allocating."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, arenas)
 
 
 def keep_freed_memory() -> None:

@@ -117,3 +117,38 @@ def test_phases_hand_back_the_memory_clip_told_the_heap_to_keep():
     assert probe.returncode == 0, probe.stderr[-2000:]
     kept, released = map(float, probe.stdout.split()[-2:])
     assert kept - released > 300, (kept, released)
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+sys.path.insert(0, {repo!r})
+from pipeline.heap import share_one_arena
+
+if sys.argv[1] == "shared":
+    share_one_arena()  # what `curate` does first
+
+def allocate():
+    blocks = [bytearray(2000) for _ in range(2000)]  # over pymalloc's 512 bytes: malloc's own
+    del blocks
+
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+def _arena_count(mode: str) -> int:
+    probe = subprocess.run([sys.executable, "-c", ARENA_PROBE.format(repo=str(REPO)), mode], capture_output=True,
+                           text=True, timeout=120, env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    return sum(line.startswith("Arena ") for line in probe.stderr.splitlines())
+
+
+def test_threads_share_one_malloc_arena():
+    """Threads get malloc arenas of their own by default, which keep what they free; curate's
+    processes share one."""
+    assert _arena_count("default") > 1
+    assert _arena_count("shared") == 1
