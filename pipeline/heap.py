@@ -36,11 +36,11 @@ def _set_thresholds(libc, threshold: int) -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, threshold)
 
 
-def share_one_arena(arenas: int = 1) -> None:
-    """At most `arenas` malloc arenas for the process: call before threads start allocating."""
+def share_one_arena() -> None:
+    """One malloc arena for the whole process: call before threads start allocating."""
     libc = _libc()
     if libc is not None:
-        libc.mallopt(_M_ARENA_MAX, arenas)
+        libc.mallopt(_M_ARENA_MAX, 1)
 
 
 def keep_freed_memory() -> None:

@@ -15,12 +15,12 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import synthetic
 from pipeline.config import CurateConfig
+from pipeline.decide import apply_filters
 from pipeline.tiny_clip import TINY_CLIP_NAME, ensure_tiny_clip
 from schemas import Col, DropReason, Status
 from transforms import clip_score
 from transforms.clip_score import (
     ClipInput,
-    ClipScoreFilter,
     ClipScoring,
     OpenClipModelHandler,
     load_open_clip,
@@ -187,10 +187,15 @@ def _features(scores, langs=None):
     return [{Col.UID: f"f{i:03d}", Col.CLIP_SCORE: s, Col.LANG: lang} for i, (s, lang) in enumerate(zip(scores, langs))]
 
 
+def _clip_drops(features):
+    """The decide phase's per-sample filters (language is off): {uid, reason} per CLIP drop."""
+    return features | beam.MapTuple(lambda uid, drop: {Col.UID: uid, Col.REASON: drop[Col.REASON]})
+
+
 def _dropped_uids(features, config, expected):
     with TestPipeline(runner=FnApiRunner()) as p:
-        drops = p | beam.Create(features) | ClipScoreFilter(config)
-        assert_that(drops, equal_to([{Col.UID: u, Col.REASON: DropReason.LOW_CLIP_SCORE.value} for u in expected]))
+        _, drops = apply_filters(p | beam.Create(features), config)
+        assert_that(_clip_drops(drops), equal_to([{Col.UID: u, Col.REASON: DropReason.LOW_CLIP_SCORE.value} for u in expected]))
 
 
 def test_filter_absolute_threshold_skips_missing_scores():
@@ -211,12 +216,9 @@ def test_filter_keep_top_percent_is_global():
     # global cut at the 75th percentile (~1.49): about 150 of 200 dropped, whatever the sharding
     expected = [f[Col.UID] for f in features if f[Col.CLIP_SCORE] < 1.4925]
     with TestPipeline(runner=FnApiRunner()) as p:
-        drops = (
-            p
-            | beam.Create(features)
-            | beam.Reshuffle()  # scatter across bundles: the cut must not be per bundle
-            | ClipScoreFilter(config)
-        )
+        # scatter across bundles: the cut must not be per bundle
+        _, drops = apply_filters(p | beam.Create(features) | beam.Reshuffle(), config)
+        drops = _clip_drops(drops)
 
         def check(rows):
             uids = sorted(r[Col.UID] for r in rows)

@@ -32,7 +32,7 @@ the approximate part off.
 
 Decide phase: `clip_drop_reason` (pure) turns `clip_score` into a LOW_CLIP_SCORE drop: an absolute
 threshold, per-language thresholds, or the global top X% (Beam ApproximateQuantiles over the whole
-dataset, `GlobalClipCutoff`, as a side input: never per shard); `ClipScoreFilter` wraps both.
+dataset, `GlobalClipCutoff`, as a side input: never per shard); `pipeline.decide` applies them.
 Scores stay in the features table for dropped rows.
 """
 
@@ -1086,29 +1086,3 @@ def global_cutoff_side_input(features, config) -> dict:
         return {}
     cutoff = features | GlobalClipCutoff(config)
     return {"global_cutoff": beam.pvalue.AsSingleton(cutoff, default_value=float("-inf"))}
-
-
-class ClipScoreFilter(beam.PTransform):
-    """feature records -> {uid, reason: low_clip_score} for each uid the CLIP rule drops.
-
-    Modes, from the config: `clip_keep_top_percent` (global percentile, DataComp style) wins when
-    set; otherwise `clip_thresholds_per_lang` with `clip_threshold` as the fallback (LAION style).
-    """
-
-    def __init__(self, config, label: str = "ClipScoreFilter"):
-        super().__init__(label=label)
-        self._config = config
-        if config.clip_keep_top_percent is not None:
-            GlobalClipCutoff(config)  # validates the percentage now, not at run time
-
-    def expand(self, features):
-        config = self._config
-        dropped = Metrics.counter(METRICS_NAMESPACE, f"dropped_{DropReason.LOW_CLIP_SCORE.value}")
-
-        def drop(record, global_cutoff=None):
-            reason = clip_drop_reason(record, config, global_cutoff)
-            if reason is not None:
-                dropped.inc()
-                yield {Col.UID: record[Col.UID], Col.REASON: reason.value}
-
-        return features | "Drop" >> beam.FlatMap(drop, **global_cutoff_side_input(features, config))

@@ -7,11 +7,11 @@ caption and cosine. A neighbour is skipped when it is the sample itself, when it
 normalised caption equals the anchor's: all of these are more likely true positives than negatives.
 
 Scale. Up to `negatives_exact_max` samples: one group, exact search (`exact_neighbours`: a masked
-numpy matrix product per block of queries). Above it: k-means centroids (faiss) trained on a deterministic sample (the samples
-with the smallest uid hashes) go in as a side input; each sample joins the groups of its
-`negatives_probe` nearest centroids as a candidate and queries in the group of its nearest one;
-GroupByKey(centroid); exact search inside each group; the per-group top-k lists of a uid are
-merged. No worker ever holds the whole embedding matrix, only one group.
+numpy matrix product per block of queries). Above it: k-means centroids (faiss) trained on a
+deterministic sample (the samples with the smallest uid hashes) go in as a side input; each sample
+joins the groups of its `negatives_probe` nearest centroids as a candidate and queries in the group
+of its nearest one; GroupByKey(centroid); exact search inside each group; the per-group top-k lists
+of a uid are merged. No worker ever holds the whole embedding matrix, only one group.
 
 Caption negatives (`caption_negatives`). Rule-based, offline, deterministic edits that change
 exactly one thing, using the word lists in `transforms/data/negatives_lexicon.json`:
