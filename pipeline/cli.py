@@ -10,6 +10,9 @@ import argparse
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
+import resource
 import sys
 import time
 from typing import Optional
@@ -26,6 +29,7 @@ from pipeline.fetch import build_fetch, build_retry
 from pipeline.layout import PHASES, Layout
 from pipeline.report import AccountingError, account, funnel_text, phase_infos, write_report
 from pipeline.write import build_write
+from transforms.clip_filter import model_id
 
 log = logging.getLogger("curate")
 
@@ -71,8 +75,6 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
 def clip_model_id(config):
     if not config.clip_enabled:
         return None
-    from transforms.clip_score import model_id  # torch is imported only when CLIP runs
-
     return model_id(config)
 
 
@@ -111,6 +113,12 @@ def phase_is_current(phase: str, config, layout: Layout) -> bool:
     return bool(info) and info.get("fingerprint") == fingerprint(config, phase)
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10))
+
+
 def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
     release_freed_memory()  # each phase starts on a trimmed heap with glibc's default policy
     started = time.time()
@@ -133,7 +141,11 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
         progress.finish_phase()
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
             "clip_model_id": clip_model_id(config),
-            "fingerprint": fingerprint(config, phase)}
+            "fingerprint": fingerprint(config, phase),
+            # the process's peak so far: under `curate run`, where each phase has a process of its
+            # own, the phase's peak (local runners; on Dataflow the work runs on the workers)
+            "process_peak_rss_mb": peak_rss_mb(),
+            "pid": os.getpid()}
     layout.write_phase_info(phase, info)
     if not quiet:
         print(f"[curate] {phase} finished in {info['seconds']:.1f}s", file=sys.stderr)
@@ -184,42 +196,96 @@ def report_or_fail(layout: Layout, quiet: bool) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    share_one_arena()  # before Beam's threads take arenas of their own (pipeline/heap.py says why)
-    args, beam_args = _parser().parse_known_args(argv)
-    output = args.output or args.output_dir
-    if not output:
-        print("curate: --output is required", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    layout = Layout(output.rstrip("/"))
-    if args.command == "report":
-        return report_or_fail(layout, args.quiet)
+RETRY = "retry"  # the --retry-failed round of fetch, a task like a phase
+
+
+class PhaseFailed(RuntimeError):
+    pass
+
+
+def _layout_and_config(args):
+    output = (args.output or args.output_dir).rstrip("/")
     explicit = {k: getattr(args, k) for k in ("input", "input_format", "url_col", "caption_col")}
     explicit["output"] = output
     if args.allow_hosts:
         explicit["allow_hosts"] = args.allow_hosts
-    config = build_config(args.config, args.overrides, **explicit)
+    return Layout(output), build_config(args.config, args.overrides, **explicit)
+
+
+def run_task(task: str, config, layout: Layout, options: PipelineOptions, quiet: bool) -> None:
+    if task == RETRY:
+        retry_failed(config, layout, options, quiet)
+    else:
+        run_phase(task, config, layout, options, quiet)
+
+
+def _own_process_main(task: str, argv: list[str]) -> None:
+    """A phase's own process: the same command line, one task."""
+    share_one_arena()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args, beam_args = _parser().parse_known_args(argv)
+    layout, config = _layout_and_config(args)
+    run_task(task, config, layout, beam_options(beam_args), args.quiet)
+
+
+def run_in_own_process(task: str, argv: list[str]) -> None:
+    """Run one task of `curate run` in a fresh process and wait for it.
+
+    In one process every phase would start on the last one's high-water mark: the fetch phase
+    leaves torch, the CLIP model and lingua's language models loaded (~1 GB) and the heap its
+    buffers grew, and the decide phase's shuffles grow on top of that. A process per phase hands
+    all of it back to the OS when the phase ends, so a run peaks at its heaviest phase instead
+    of their sum. (On Dataflow each phase is a job of its own anyway: the process submits it and
+    waits.) Spawned, not forked: the parent may hold threads, and a fork would copy its heap."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_own_process_main, args=(task, argv), name=f"curate-{task}")
+    process.start()
+    try:
+        process.join()
+    except BaseException:  # Ctrl-C or an error here: leave no phase running behind us
+        process.terminate()
+        process.join()
+        raise
+    if process.exitcode != 0:
+        raise PhaseFailed(f"the {task} phase failed (exit code {process.exitcode}); its error is above")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    share_one_arena()  # before Beam's threads take arenas of their own (pipeline/heap.py says why)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, beam_args = _parser().parse_known_args(argv)
+    if not (args.output or args.output_dir):
+        print("curate: --output is required", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "report":
+        return report_or_fail(Layout((args.output or args.output_dir).rstrip("/")), args.quiet)
+    layout, config = _layout_and_config(args)
     if args.command in ("run", "fetch") and not config.input:
         print("curate: --input is required", file=sys.stderr)
         return 2
     options = beam_options(beam_args)
-    phases = PHASES if args.command == "run" else (args.command,)
-    rerun = args.force or args.command != "run"
-    if args.retry_failed:
-        if args.command not in ("run", "fetch"):
-            print("curate: --retry-failed goes with `run` or `fetch`", file=sys.stderr)
-            return 2
-        retry_failed(config, layout, options, args.quiet)
-        phases = tuple(p for p in phases if p != "fetch")
-        rerun = True
-    for phase in phases:
-        if not rerun and phase_is_current(phase, config, layout):
+    if args.retry_failed and args.command not in ("run", "fetch"):
+        print("curate: --retry-failed goes with `run` or `fetch`", file=sys.stderr)
+        return 2
+    tasks = [RETRY] if args.retry_failed else []
+    for phase in PHASES if args.command == "run" else (args.command,):
+        if phase == "fetch" and args.retry_failed:
+            continue
+        if not tasks and args.command == "run" and not args.force and phase_is_current(phase, config, layout):
             if not args.quiet:
                 print(f"[curate] {phase} is up to date, skipped (--force re-runs it)", file=sys.stderr)
             continue
-        rerun = True  # every phase after one that ran must run too
-        run_phase(phase, config, layout, options, args.quiet)
+        tasks.append(phase)  # every phase after one that runs must run too
+    try:
+        for task in tasks:
+            if args.command == "run":
+                run_in_own_process(task, argv)
+            else:
+                run_task(task, config, layout, options, args.quiet)
+    except PhaseFailed as error:
+        print(f"curate: {error}", file=sys.stderr)
+        return 1
     if args.command in ("run", "write"):
         return report_or_fail(layout, args.quiet)
     return 0

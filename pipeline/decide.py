@@ -15,6 +15,7 @@ from pipeline.layout import Layout
 from schemas import DECISIONS_SCHEMA, Col, Status
 from transforms.base import DropCounters
 from transforms.caption import language_drop_reason
+from transforms.clip_filter import clip_drop_reason, global_cutoff_side_input
 from transforms.dedup import Deduplicate
 from transforms.negatives import NEGATIVES_INPUT_COLUMNS, MineHardNegatives, merge_negatives
 from transforms.write_output import WriteTable
@@ -72,8 +73,6 @@ class _PerSampleFilters(beam.DoFn):
         self._drops = DropCounters("decide_filters")
 
     def process(self, record: dict, global_cutoff=None):
-        from transforms.clip_score import clip_drop_reason  # imports torch: only where it is needed
-
         reason = language_drop_reason(record.get(Col.LANG), self._config)
         if reason is None:
             reason = clip_drop_reason(record, self._config, global_cutoff)
@@ -86,8 +85,6 @@ class _PerSampleFilters(beam.DoFn):
 
 def apply_filters(alive, config: CurateConfig):
     """alive records -> (records that pass every filter, (uid, drop) for the rest)."""
-    from transforms.clip_score import global_cutoff_side_input
-
     verdicts = alive | "Filters" >> beam.ParDo(
         _PerSampleFilters(config), **global_cutoff_side_input(alive, config)
     ).with_outputs(FILTER_DROPS, main="remaining")

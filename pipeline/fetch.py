@@ -83,12 +83,17 @@ def process_rows(rows, config: CurateConfig, raw_dir: str, raw_prefix: str):
 
 
 def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir: str):
+    """The features table, written per bundle (decide reads it back whole; never in a shuffle).
+    The survivors are written where they are produced: a Flatten with the dropped rows would
+    have the in-memory runner hold every survivor at once (a Flatten of PCollections from
+    different stages is materialised before its consumer runs). The dropped rows, few and small
+    (no embeddings), are gathered into files of their own."""
     for index, done in enumerate(dropped + [survivors]):
         done | f"ProgressDone{index}" >> ReportProgress("fetch", "rows done")
-    all_rows = (dropped + [survivors]) | "AllRows" >> beam.Flatten()
-    # the features table is read back whole by decide: written per bundle, never held in a shuffle
-    all_rows | "WriteFeatures" >> WriteTablePerBundle(features_dir, "features", FEATURES_SCHEMA)
-    return all_rows
+    survivors | "WriteFeatures" >> WriteTablePerBundle(features_dir, "survivors", FEATURES_SCHEMA)
+    all_dropped = dropped | "AllDropped" >> beam.Flatten()
+    all_dropped | "WriteDroppedFeatures" >> WriteTablePerBundle(features_dir, "dropped", FEATURES_SCHEMA)
+    return (all_dropped, survivors) | "AllRows" >> beam.Flatten()
 
 
 def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):

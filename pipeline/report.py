@@ -450,6 +450,7 @@ def phase_figures(infos: dict, summary: dict, alive: int) -> tuple[dict, dict]:
         timings[phase] = {
             "seconds": seconds, "finished_at": info.get("finished_at"),
             "rows_per_s": round(rows[phase] / seconds, 1) if seconds else None,
+            "peak_rss_mb": info.get("process_peak_rss_mb"),
         }
     return phases, timings
 
@@ -1070,9 +1071,10 @@ def render_html(summary: dict, rows: dict, thumbs: dict[str, str]) -> str:
 
     add('<section id="time"><h2>Time and throughput per phase</h2>')
     add(_plot(plot_timings(s["timings"]), "time per phase", "No phase timings recorded."))
-    add(_table(["phase", "seconds", "rows", "rows/s", "finished at (UTC)"],
+    add(_table(["phase", "seconds", "rows", "rows/s", "peak memory (MB)", "finished at (UTC)"],
                [[p, s["timings"][p]["seconds"], s["phases"][p]["rows"], s["timings"][p]["rows_per_s"],
-                 s["timings"][p]["finished_at"]] for p in PHASES], numeric=(1, 2, 3)))
+                 s["timings"][p]["peak_rss_mb"], s["timings"][p]["finished_at"]] for p in PHASES],
+               numeric=(1, 2, 3, 4)))
     counters = [[p, name, value] for p in PHASES for name, value in s["phases"][p]["counters"].items()]
     if counters:
         add("<details><summary>Beam counters</summary>" + _table(["phase", "counter", "value"], counters, numeric=(2,))

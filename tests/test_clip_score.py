@@ -24,9 +24,8 @@ from transforms.clip_score import (
     ClipScoring,
     OpenClipModelHandler,
     load_open_clip,
-    model_id,
-    quantile_cutoff,
 )
+from transforms.clip_filter import model_id, quantile_cutoff
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pipeline.config import CurateConfig
 from pipeline.decide import apply_filters
 from schemas import Col, DropReason
 from tests.conftest import in_process_pipeline
-from transforms.clip_score import clip_drop_reason
+from transforms.clip_filter import clip_drop_reason
 
 
 def _record(uid, lang, score):

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.report import account
-from pipeline.layout import Layout
+from pipeline.layout import PHASES, Layout
 from schemas import LEDGER_SCHEMA, Col, DropReason, Status
 from tests.conftest import run_cli
 
@@ -190,6 +190,23 @@ def test_existing_webdataset_shards_are_valid_input(demo_output, tmp_path):
     for row in (r for r in rows if r[Col.STATUS] == Status.DROPPED):
         assert row[Col.REASON] == "duplicate_near" and row[Col.DUPLICATE_OF] in kept_again
         assert rotated(row) or rotated(by_uid[row[Col.DUPLICATE_OF]]), row[Col.CAPTION]
+
+
+def test_each_phase_of_a_run_has_a_process_of_its_own(demo_output):
+    """A phase starts on a fresh process, not on what the one before it loaded and grew."""
+    infos = [Layout(str(demo_output)).read_phase_info(phase) for phase in PHASES]
+    pids = {info["pid"] for info in infos}
+    assert len(pids) == len(PHASES) and os.getpid() not in pids
+    assert all(info["process_peak_rss_mb"] > 0 for info in infos)
+
+
+def test_a_phase_that_fails_in_its_process_fails_the_run(demo_output, tmp_path, capfd):
+    out = tmp_path / "broken"
+    code = run_cli("run", "--input", f"{demo_output}/shards/*.tar", "--output", str(out),
+                   "--set", f"clip_checkpoint={tmp_path / 'missing.pt'}")
+    assert code == 1
+    assert "curate: the fetch phase failed" in capfd.readouterr().err
+    assert Layout(str(out)).read_phase_info("fetch") is None  # no marker says it finished
 
 
 def test_cli_rejects_unknown_config_keys(tmp_path):

@@ -16,6 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas import FEATURES_SCHEMA, Col
 from tests.conftest import in_process_pipeline
+from transforms import write_output
 from transforms.read_input import make_uid
 from transforms.write_output import (
     AssignShardPositions,
@@ -58,7 +59,8 @@ def test_shard_positions_follow_global_uid_order():
         assert_that(positions, equal_to(expected))
 
 
-def test_write_table_splits_by_uid_hash_and_sorts(tmp_path):
+def test_write_table_splits_by_uid_hash_and_sorts(tmp_path, monkeypatch):
+    monkeypatch.setattr(write_output, "_ROW_GROUP_ROWS", 4)  # files are streamed row group by row group
     records = [dict(sample(i), **{Col.STATUS: "kept"}) for i in range(50)]
     with in_process_pipeline() as p:
         _ = p | beam.Create(records) | WriteTable(str(tmp_path), "t", FEATURES_SCHEMA, 20)
@@ -68,6 +70,7 @@ def test_write_table_splits_by_uid_hash_and_sorts(tmp_path):
     for path in files:
         column = pq.read_table(path).column(Col.UID).to_pylist()
         assert column == sorted(column)
+        assert pq.ParquetFile(path).num_row_groups == -(-len(column) // 4)
         uids += column
     assert sorted(uids) == sorted(r[Col.UID] for r in records)
 

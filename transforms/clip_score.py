@@ -1,5 +1,5 @@
-"""CLIP scoring: image and caption embeddings plus their cosine (fetch phase), and the CLIP filter
-(decide phase).
+"""CLIP scoring (fetch phase): image and caption embeddings plus their cosine. The filter that
+decides from these scores in the decide phase is `transforms.clip_filter` (no torch).
 
 Fetch phase: `ClipScoring` runs Beam's RunInference with `OpenClipModelHandler`, so the open_clip
 model loads once per worker process (RunInference keeps it in a per-process `Shared` handle that
@@ -29,11 +29,6 @@ native bf16 (AVX512-BF16 / AMX); elsewhere on CPU int8 dynamic quantisation of t
 weights packed for oneDNN, the text tower's for FBGEMM), used only if at load time it agrees with
 fp32 on a probe batch (mean cosine >= `INT8_MIN_FIDELITY`), else fp32. `precision="fp32"` turns
 the approximate part off.
-
-Decide phase: `clip_drop_reason` (pure) turns `clip_score` into a LOW_CLIP_SCORE drop: an absolute
-threshold, per-language thresholds, or the global top X% (Beam ApproximateQuantiles over the whole
-dataset, `GlobalClipCutoff`, as a side input: never per shard); `pipeline.decide` applies them.
-Scores stay in the features table for dropped rows.
 """
 
 from __future__ import annotations
@@ -84,13 +79,6 @@ _ENGINE_LOCK = threading.Lock()
 # ------------------------------------------------------------------------------------------------
 # pure helpers (no Beam)
 # ------------------------------------------------------------------------------------------------
-
-
-def model_id(config) -> str:
-    """What the run metadata records about the scoring model: `name:tag` or `name@checkpoint`."""
-    if getattr(config, "clip_checkpoint", ""):
-        return f"{config.clip_model}@{config.clip_checkpoint}"
-    return f"{config.clip_model}:{config.clip_pretrained or 'random-init'}"
 
 
 def select_device(requested: str = "auto") -> str:
@@ -919,7 +907,7 @@ class _LoadImage(ReadsRawImages):
 
 def _unbatch(keyed):
     """One (record, prediction) per sample. The prediction leaves its example (the image bytes)
-    behind: what follows is a Flatten, which a runner may materialise."""
+    behind: nothing after the model carries them."""
     records, result = keyed
     for record, inference in zip(records, result.inference):
         yield record, PredictionResult(None, inference, model_id=result.model_id)
@@ -973,6 +961,11 @@ class _AttachDoFn(beam.DoFn):
             yield record
 
 
+class ScoredRows(NamedTuple):
+    kept: beam.PCollection
+    dropped: beam.PCollection
+
+
 class ClipScoring(beam.PTransform):
     """records -> `.kept` (with embeddings and clip_score) and `.dropped` (DECODE_ERROR, plus rows
     that arrived already dropped), the same result shape as ApplyStage."""
@@ -1008,81 +1001,9 @@ class ClipScoring(beam.PTransform):
                 | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
                 | "DropExamples" >> beam.Map(_without_example)
             )
-        return (
-            (inferred, routed[_SKIP])
-            | "Merge" >> beam.Flatten()
-            | "Attach" >> beam.ParDo(_AttachDoFn()).with_outputs(DROPPED, main=KEPT)
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# decide phase: the CLIP filter
-# ------------------------------------------------------------------------------------------------
-
-
-def threshold_for(lang: Optional[str], default: float, per_lang: Optional[dict]) -> float:
-    if per_lang and lang is not None and lang in per_lang:
-        return float(per_lang[lang])
-    return float(default)
-
-
-def is_low_score(score: Optional[float], threshold: float) -> bool:
-    """Below the threshold drops; a missing score never does (that row was dropped for another reason)."""
-    return score is not None and float(score) < threshold
-
-
-def quantile_cutoff(quantiles: Sequence[float], keep_top_percent: float) -> float:
-    """Score at the (100 - keep_top_percent) percentile from ApproximateQuantiles' 101 cut points."""
-    if not quantiles:
-        return float("-inf")
-    if len(quantiles) == 1:
-        return float(quantiles[0])
-    position = (100.0 - keep_top_percent) / 100.0 * (len(quantiles) - 1)
-    low = int(np.floor(position))
-    high = min(low + 1, len(quantiles) - 1)
-    fraction = position - low
-    return float(quantiles[low] * (1 - fraction) + quantiles[high] * fraction)
-
-
-def clip_drop_reason(record: dict, config, global_cutoff: Optional[float] = None) -> Optional[DropReason]:
-    """The decision half of the CLIP filter (pure): LOW_CLIP_SCORE when the record's score is below
-    the global cutoff (`clip_keep_top_percent` mode, from `GlobalClipCutoff`) or else below its
-    language's threshold."""
-    if config.clip_keep_top_percent is not None:
-        threshold = float("-inf") if global_cutoff is None else global_cutoff
-    else:
-        threshold = threshold_for(record.get(Col.LANG), config.clip_threshold, config.clip_thresholds_per_lang)
-    return DropReason.LOW_CLIP_SCORE if is_low_score(record.get(Col.CLIP_SCORE), threshold) else None
-
-
-class GlobalClipCutoff(beam.PTransform):
-    """The statistics half of the CLIP filter: feature records -> one float, the score at the
-    global (100 - `clip_keep_top_percent`) percentile (Beam ApproximateQuantiles over the whole
-    dataset, never per shard or per bundle). Use it only when that mode is set; pass it to
-    `clip_drop_reason` as a singleton side input."""
-
-    QUANTILES = 1000  # cut points: 0.1% resolution
-
-    def __init__(self, config, label: str = "GlobalClipCutoff"):
-        super().__init__(label=label)
-        self._top_percent = config.clip_keep_top_percent
-        if self._top_percent is None or not 0 < float(self._top_percent) <= 100:
-            raise ValueError(f"clip_keep_top_percent must be in (0, 100], got {self._top_percent}")
-
-    def expand(self, features):
-        top = float(self._top_percent)
-        return (
-            features
-            | "Scores" >> beam.FlatMap(lambda r: [] if r.get(Col.CLIP_SCORE) is None else [float(r[Col.CLIP_SCORE])])
-            | "Quantiles" >> beam.ApproximateQuantiles.Globally(self.QUANTILES + 1)
-            | "Cutoff" >> beam.Map(lambda q: quantile_cutoff(q, top))
-        )
-
-
-def global_cutoff_side_input(features, config) -> dict:
-    """Keyword arguments for a Map/FlatMap calling `clip_drop_reason`: the global cutoff as a
-    singleton side input in top-percent mode, nothing otherwise."""
-    if config.clip_keep_top_percent is None:
-        return {}
-    cutoff = features | GlobalClipCutoff(config)
-    return {"global_cutoff": beam.pvalue.AsSingleton(cutoff, default_value=float("-inf"))}
+        # Scored rows are attached right after the model, in the same fused stage: a Flatten with
+        # the skipped rows first would have the in-memory runner hold every scored row at once.
+        attached = inferred | "Attach" >> beam.ParDo(_AttachDoFn()).with_outputs(DROPPED, main=KEPT)
+        skipped = routed[_SKIP] | "Skipped" >> beam.ParDo(_AttachDoFn()).with_outputs(DROPPED, main=KEPT)
+        dropped = (attached[DROPPED], skipped[DROPPED]) | "Dropped" >> beam.Flatten()
+        return ScoredRows(attached[KEPT], dropped)

@@ -110,20 +110,20 @@ def table_row(record: dict, names: Sequence[str]) -> tuple:
     return sort_key(record), pickle.dumps(tuple(record.get(name) for name in names), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-_UNPICKLE_ROWS = 4096  # rows turned back into Python objects at a time when a file is built
+_ROW_GROUP_ROWS = 8192  # rows turned back into Python objects, and written, at a time
 
 
 def _write_table_file(bucket_and_rows, total: int, directory: str, prefix: str, schema: pa.Schema, rows_per_file: int) -> str:
+    """One file of the table, streamed a row group at a time: never the whole file as Python
+    objects, as one Arrow table or as one buffer of Parquet bytes."""
     bucket, rows = bucket_and_rows
     rows = sorted(rows, key=lambda row: row[0])
-    chunks = [
-        rows_to_table([pickle.loads(values) for _, values in rows[start:start + _UNPICKLE_ROWS]], schema)
-        for start in range(0, len(rows), _UNPICKLE_ROWS)
-    ]
-    table = pa.concat_tables(chunks).combine_chunks() if chunks else schema.empty_table()
     count = _file_count(total, rows_per_file)
     path = join_path(directory, f"{prefix}-{bucket:05d}-of-{count:05d}.parquet")
-    write_atomically(path, parquet_bytes(table))
+    with open_atomically(path) as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+        for start in range(0, len(rows), _ROW_GROUP_ROWS):
+            group = [pickle.loads(values) for _, values in rows[start:start + _ROW_GROUP_ROWS]]
+            writer.write_table(rows_to_table(group, schema))
     return path
 
 
