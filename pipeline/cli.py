@@ -203,8 +203,12 @@ class PhaseFailed(RuntimeError):
     pass
 
 
+def _output(args) -> str:
+    return (args.output or args.output_dir).rstrip("/")
+
+
 def _layout_and_config(args):
-    output = (args.output or args.output_dir).rstrip("/")
+    output = _output(args)
     explicit = {k: getattr(args, k) for k in ("input", "input_format", "url_col", "caption_col")}
     explicit["output"] = output
     if args.allow_hosts:
@@ -259,7 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "report":
-        return report_or_fail(Layout((args.output or args.output_dir).rstrip("/")), args.quiet)
+        return report_or_fail(Layout(_output(args)), args.quiet)
     layout, config = _layout_and_config(args)
     if args.command in ("run", "fetch") and not config.input:
         print("curate: --input is required", file=sys.stderr)

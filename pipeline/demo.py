@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import csv
 import io
-import os
 import random
 import struct
 import subprocess

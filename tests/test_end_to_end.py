@@ -88,7 +88,6 @@ def test_each_kind_of_bad_row_gets_its_reason(demo_output):
         (first,) = [r for r in twins if r is not dup]
         assert (first[Col.SOURCE_FILE], first[Col.SOURCE_ROW]) < (dup[Col.SOURCE_FILE], dup[Col.SOURCE_ROW])
     uid_by_url = {r[Col.URL]: r[Col.UID] for r in by_kind["good"]}
-    url_by_uid = {v: k for k, v in uid_by_url.items()}
     by_sha = {}
     for row in by_kind["good"]:
         by_sha.setdefault(row[Col.SHA256], []).append(row)

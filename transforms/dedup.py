@@ -182,7 +182,6 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     scale = _WORK_SIDE / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     small = image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
-    pixels = np.asarray(small)
     if float(_channel_std(small).max()) < blank_std_threshold:  # flat in every channel
         return {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
     # The trimmed view: one uniform border removed (padding, letterboxing, or the flat background
