@@ -82,18 +82,23 @@ def process_rows(rows, config: CurateConfig, raw_dir: str, raw_prefix: str):
     return scored.kept, [captioned.dropped, fetched[DROPPED], scored.dropped]
 
 
-def _write_outputs(survivors, dropped: list, config: CurateConfig, features_dir: str):
+def _write_outputs(survivors, dropped: list, features_dir: str, unchanged=None):
     """The features table, written per bundle (decide reads it back whole; never in a shuffle).
     The survivors are written where they are produced: a Flatten with the dropped rows would
     have the in-memory runner hold every survivor at once (a Flatten of PCollections from
     different stages is materialised before its consumer runs). The dropped rows, few and small
-    (no embeddings), are gathered into files of their own."""
-    for index, done in enumerate(dropped + [survivors]):
-        done | f"ProgressDone{index}" >> ReportProgress("fetch", "rows done")
-    survivors | "WriteFeatures" >> WriteTablePerBundle(features_dir, "survivors", FEATURES_SCHEMA)
-    all_dropped = dropped | "AllDropped" >> beam.Flatten()
-    all_dropped | "WriteDroppedFeatures" >> WriteTablePerBundle(features_dir, "dropped", FEATURES_SCHEMA)
-    return (all_dropped, survivors) | "AllRows" >> beam.Flatten()
+    (no embeddings), are gathered into files of their own; so are the rows a retry round carries
+    over unchanged. Prefixes never extend one another: a sink's finalize deletes what matches
+    its own PREFIX-*-of-N glob."""
+    done = dropped + [survivors] + ([] if unchanged is None else [unchanged])
+    for index, rows in enumerate(done):  # counted where they are produced
+        rows | f"ProgressDone{index}" >> ReportProgress("fetch", "rows done")
+    written = {"survivors": survivors, "dropped": dropped | "AllDropped" >> beam.Flatten()}
+    if unchanged is not None:
+        written["unchanged"] = unchanged
+    for prefix, rows in written.items():
+        rows | f"Write{prefix.capitalize()}Features" >> WriteTablePerBundle(features_dir, prefix, FEATURES_SCHEMA)
+    return list(written.values()) | "AllRows" >> beam.Flatten()
 
 
 def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
@@ -105,7 +110,7 @@ def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     # Caption rules are cheap and static: applied before download so no bandwidth is spent on
     # rows that would be dropped anyway.
     survivors, dropped = process_rows(unique[KEPT], config, layout.raw_shards, "")
-    return _write_outputs(survivors, [dropped_early, unique[DROPPED]] + dropped, config, layout.features)
+    return _write_outputs(survivors, [dropped_early, unique[DROPPED]] + dropped, layout.features)
 
 
 _INPUT_COLUMNS = (Col.UID, Col.SOURCE_FILE, Col.SOURCE_ROW, Col.URL, Col.CAPTION, Col.EXTRA)
@@ -133,4 +138,4 @@ def build_retry(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout, r
     unchanged, transient = split[0], split[1]
     fresh = transient | "Fresh" >> beam.Map(_as_fresh_row)
     survivors, dropped = process_rows(fresh, config, layout.raw_shards, f"retry{round_number}-")
-    return _write_outputs(survivors, [unchanged] + dropped, config, layout.features_staging)
+    return _write_outputs(survivors, dropped, layout.features_staging, unchanged)
