@@ -86,10 +86,13 @@ class CurateConfig:
     clip_pretrained: str = "laion2b_s34b_b79k"  # open_clip hub tag, used when no checkpoint
     clip_checkpoint: str = ""  # local checkpoint path; wins over clip_pretrained
     clip_device: str = "auto"
-    clip_deterministic_batches: bool = True  # batches formed by uid: byte-identical reruns on any runner
+    # byte-identical reruns on any runner: fp32/bf16/fp16 scores never depend on batch make-up, so
+    # rows are scored as they come; int8's do, so its batches are formed by uid after a shuffle
+    clip_deterministic_batches: bool = True
     clip_precision: str = "auto"  # auto | fp32 | fp16 | bf16 | int8 (auto: fp16 on CUDA, checked int8/bf16 on CPU)
     clip_cpu_threads: int = 0  # CPU inference threads per process, each single-threaded in torch (0: one per core)
-    clip_min_batch_size: int = 8
+    # pairs per model call; min = max (a multiple of 32, the pass size): full, fixed passes
+    clip_min_batch_size: int = 64
     clip_max_batch_size: int = 64
     clip_threshold: float = 0.28
     clip_thresholds_per_lang: dict = dataclasses.field(default_factory=dict)

@@ -73,12 +73,17 @@ def process_rows(rows, config: CurateConfig, raw_dir: str, raw_prefix: str):
     images are in raw_dir by then, and the records say where."""
     captioned = rows | "Caption" >> CaptionStage(config)
     fetched = captioned.kept | "Fetch" >> FetchImages(config, functools.partial(decode_and_describe, config=config))
-    stored = fetched[KEPT] | "StoreImages" >> WriteRawImages(raw_dir, raw_prefix, config.raw_images_per_file)
     if not config.clip_enabled:
+        stored = fetched[KEPT] | "StoreImages" >> WriteRawImages(raw_dir, raw_prefix, config.raw_images_per_file)
         return stored, [captioned.dropped, fetched[DROPPED]]
-    from transforms.clip_score import ClipScoring  # torch is imported only when CLIP runs
+    from transforms.clip_score import ClipScoring, scores_where_produced  # torch only when CLIP runs
 
-    scored = stored | "Clip" >> ClipScoring(config, raw_directory=raw_dir)
+    # Where CLIP can score rows as they come, the images go on to it in memory, in the stage that
+    # downloads them: it scores while downloads go on. Else it reads them back from raw/ after a shuffle.
+    inline = scores_where_produced(config)
+    stored = fetched[KEPT] | "StoreImages" >> WriteRawImages(raw_dir, raw_prefix, config.raw_images_per_file,
+                                                             keep_bytes=inline)
+    scored = stored | "Clip" >> ClipScoring(config, raw_directory=raw_dir, images_inline=inline)
     return scored.kept, [captioned.dropped, fetched[DROPPED], scored.dropped]
 
 

@@ -233,31 +233,52 @@ def test_config_fields_exist():
             "clip_max_batch_size", "clip_threshold", "clip_thresholds_per_lang", "clip_keep_top_percent"} <= names
 
 
-def test_scores_do_not_depend_on_arrival_order_or_bundling(checkpoint, tmp_path):
-    """Micro-batches are cut in uid order, so any arrival order gives bitwise the same outputs."""
-    config = CurateConfig(clip_model=TINY_CLIP_NAME, clip_pretrained="", clip_checkpoint=checkpoint,
-                          clip_device="cpu", clip_precision="int8", clip_max_batch_size=4)
+def _shuffles_under(pipeline, prefix: str) -> list[str]:
+    """Labels of the GroupByKeys (Reshuffle's included) inside the composite named `prefix`."""
+    found = []
+
+    def walk(node):
+        if node.full_label.startswith(prefix) and isinstance(node.transform, beam.GroupByKey):
+            found.append(node.full_label)
+        for part in node.parts:
+            walk(part)
+
+    walk(pipeline.transforms_stack[0])
+    return found
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_scores_do_not_depend_on_arrival_order_or_bundling(checkpoint, tmp_path, precision):
+    """int8: micro-batches are cut in uid order after a shuffle. fp32 (and bf16, fp16): a sample's
+    numbers do not depend on its batch, so rows are scored as they come, no shuffle. Either way,
+    any arrival order and any batch size give bitwise the same outputs."""
     records = [
         {Col.UID: f"{index:032x}", Col.STATUS: Status.KEPT, Col.CAPTION_CLEAN: attrs.caption(),
          Col.IMAGE_BYTES: synthetic.encode_jpeg(image)}
         for index, (attrs, image) in enumerate(synthetic.iter_samples(11, size=96, seed=3))
     ]
 
-    def score(order, out):
+    def score(order, batch_size, out):
+        config = CurateConfig(clip_model=TINY_CLIP_NAME, clip_pretrained="", clip_checkpoint=checkpoint,
+                              clip_device="cpu", clip_precision=precision, clip_min_batch_size=batch_size,
+                              clip_max_batch_size=batch_size)
+        scoring = ClipScoring(config, images_inline=True)
         with TestPipeline(runner=FnApiRunner()) as p:
-            result = p | beam.Create([dict(records[i]) for i in order]) | beam.Reshuffle() | ClipScoring(config)
+            result = p | beam.Create([dict(records[i]) for i in order]) | beam.Reshuffle() | scoring
             _ = (
                 result.kept
-                | beam.Map(lambda r: json.dumps([r[Col.UID], r[Col.CLIP_SCORE],
+                | beam.Map(lambda r: json.dumps([r[Col.UID], r[Col.CLIP_SCORE], Col.IMAGE_BYTES in r,
                                                  np.asarray(r[Col.IMAGE_EMBEDDING]).tobytes().hex(),
                                                  np.asarray(r[Col.TEXT_EMBEDDING]).tobytes().hex()]))
                 | beam.io.WriteToText(str(out), shard_name_template="")
             )
-        return sorted(out.read_text().splitlines())
+        return sorted(out.read_text().splitlines()), _shuffles_under(p, "ClipScoring/")
 
-    forward = score(range(11), tmp_path / "forward.jsonl")
-    backward = score(list(reversed(range(11))), tmp_path / "backward.jsonl")
+    forward, shuffles = score(range(11), 4, tmp_path / "forward.jsonl")
+    backward, _ = score(list(reversed(range(11))), 4 if precision == "int8" else 7, tmp_path / "backward.jsonl")
     assert len(forward) == 11 and forward == backward
+    assert all(json.loads(line)[2] is False for line in forward)  # inline images released once scored
+    assert bool(shuffles) == (precision == "int8")
 
 
 # ---- the CPU fast path: exact rewrites, int8 coverage, parallel pieces, determinism --------------
@@ -271,15 +292,78 @@ def _plain_open_clip(checkpoint):
     return plain.eval()
 
 
-def test_text_buckets_cover_each_caption_once_and_cut_padding():
-    lengths = [9, 24, 9, 13, 24, 10, 18, 9, 77, 13]
-    buckets = clip_score.text_buckets(lengths, call_cost=4)
-    assert sorted(i for bucket in buckets for i in bucket) == list(range(len(lengths)))
-    padded = sum(len(bucket) * max(lengths[i] for i in bucket) for bucket in buckets)
-    assert padded < len(lengths) * max(lengths)  # less padding than one batch padded to the longest
-    assert buckets == clip_score.text_buckets(list(lengths), call_cost=4)  # a function of the lengths
-    assert clip_score.text_buckets([12] * 8) == [list(range(8))]  # equal lengths: one pass
-    assert len(clip_score.text_buckets([5, 70], call_cost=1000)) == 1  # calls cost more than padding
+def test_text_passes_group_captions_of_one_padded_length(tiny):
+    assert clip_score.TEXT_LENGTH_STEP == 4
+    assert [clip_score.padded_text_length(n, 77) for n in (1, 4, 5, 17, 73, 76, 77)] == [4, 4, 8, 20, 76, 76, 77]
+    captions = ["a cat", "dog", "a red circle on a blue background"] + ["a green star " * 4] * 20 + ["x " * 90]
+    tokens = [tiny.tokenize(c) for c in captions]
+    groups = tiny._text_groups(tokens, False)
+    assert sorted(i for _, part in groups for i in part) == list(range(len(captions)))
+    for length, part in groups:
+        assert 0 < len(part) <= clip_score.TEXT_CHUNK
+        assert {clip_score.padded_text_length(len(tokens[i]), tiny.context_length) for i in part} == {length}
+    assert {length for length, _ in tiny._text_groups(tokens, True)} == {tiny.context_length}
+
+
+def test_inputs_come_out_in_runs_of_one_caption_length(checkpoint):
+    """What fills whole text passes: runs of TEXT_CHUNK captions of one padded length, the rest
+    at the end of the bundle; every record exactly once, its image loaded."""
+    from transforms.clip_score import TEXT_CHUNK, _InputsInRuns
+
+    words = ["cat", "dog", "red", "sun", "car"]
+    records = [{Col.UID: f"u{i:03d}", Col.CAPTION_CLEAN: " ".join(words[: 1 + i % 5] * (1 + i % 3)),
+                Col.IMAGE_BYTES: b"%d" % i} for i in range(150)]
+    runs = _InputsInRuns("", TINY_CLIP_NAME, checkpoint)
+    runs.setup()
+    runs.start_bundle()
+    emitted = [item for record in records for item in runs.process(record)]
+    tail = [value.value for value in runs.finish_bundle()]
+    runs.teardown()
+    length = runs._text_length
+    assert len(emitted) % TEXT_CHUNK == 0 and len(emitted) > 2 * TEXT_CHUNK
+    for start in range(0, len(emitted), TEXT_CHUNK):
+        assert len({length(record) for record, _ in emitted[start:start + TEXT_CHUNK]}) == 1
+    tail_lengths = [length(record) for record, _ in tail]  # the leftovers, grouped by length
+    assert tail_lengths == sorted(tail_lengths)
+    assert all(tail_lengths.count(n) < TEXT_CHUNK for n in set(tail_lengths))
+    out = emitted + tail
+    assert sorted(record[Col.UID] for record, _ in out) == [r[Col.UID] for r in records]
+    assert all(example.image_bytes == record[Col.IMAGE_BYTES] and example.caption == record[Col.CAPTION_CLEAN]
+               for record, example in out)
+
+
+def _native_bf16() -> bool:
+    return clip_score.cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not _native_bf16(), reason="bf16 is only used on CPUs with native bf16"))])
+def test_a_samples_embeddings_do_not_depend_on_the_rest_of_its_batch(checkpoint, precision):
+    """What lets the pipeline score rows in whatever batches they arrive: bit for bit the same
+    embeddings alone, among other samples, at another position, beside a corrupt image."""
+    loaded = load_open_clip(TINY_CLIP_NAME, checkpoint_path=checkpoint, device="cpu", precision=precision)
+    assert loaded.precision == precision and loaded.batch_independent
+    samples = _samples(45, seed=31)
+    images = [b for _, b in samples]
+    tokens = [loaded.tokenize(a.caption() + " photo" * (i % 5)) for i, (a, _) in enumerate(samples)]
+
+    def embed(indices, corrupt=()):
+        def load(position):
+            data = images[indices[position]]
+            return loaded.prepare_image(data[:100] if position in corrupt else data)
+        got_images, got_texts, errors = loaded.embed_each(load, len(indices), [tokens[i] for i in indices])
+        assert set(errors) == set(corrupt)
+        return {index: (None if got_images[position] is None else got_images[position].tobytes(),
+                        got_texts[position].tobytes()) for position, index in enumerate(indices)}
+
+    reference = embed(list(range(40)))  # one full and one partial image pass, several caption passes
+    assert embed(list(range(39, -1, -1))) == reference  # every sample at another position
+    assert embed([3]) == {3: reference[3]}  # alone
+    others = embed([44, 17, 41, 5, 42])  # other neighbours
+    assert all(others[i] == reference[i] for i in (17, 5))
+    beside_corrupt = embed([0, 1, 40, 2], corrupt=(2,))  # sample 40 fails; 0, 1 and 2 do not care
+    assert beside_corrupt[40][0] is None
+    assert all(beside_corrupt[i] == reference[i] for i in (0, 1, 2))
 
 
 def test_pooled_token_last_text_block_matches_open_clip_full_length(checkpoint, tiny):
@@ -295,7 +379,7 @@ def test_pooled_token_last_text_block_matches_open_clip_full_length(checkpoint, 
     torch.testing.assert_close(dynamic, reference, atol=1e-5, rtol=1e-4)
 
 
-def test_bucketed_text_embeddings_match_one_full_length_pass(checkpoint, tiny):
+def test_text_passes_of_padded_length_match_one_full_length_pass(checkpoint, tiny):
     import torch
     import torch.nn.functional as F
 
@@ -337,7 +421,7 @@ def test_int8_quantises_attention_projections_and_patch_embedding(checkpoint):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_embeddings_are_bitwise_repeatable_and_independent_of_cpu_threads(checkpoint, precision):
-    samples = _samples(40, seed=21)  # > IMAGE_CHUNK: several image pieces and caption buckets
+    samples = _samples(40, seed=21)  # > IMAGE_CHUNK: several image pieces and caption passes
     batch = [ClipInput(b, a.caption() + " photo" * (i % 4)) for i, (a, b) in enumerate(samples)]
     handler = OpenClipModelHandler(TINY_CLIP_NAME)
 

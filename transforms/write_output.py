@@ -283,10 +283,11 @@ class _RawImageFiles(beam.DoFn):
     under new names; the failed attempt's files are never referenced.
     """
 
-    def __init__(self, directory: str, prefix: str, images_per_file: int):
+    def __init__(self, directory: str, prefix: str, images_per_file: int, keep_bytes: bool = False):
         self._directory = directory
         self._prefix = prefix
         self._images_per_file = images_per_file
+        self._keep_bytes = keep_bytes
         self._written = Metrics.counter("write", "raw_images")
 
     def start_bundle(self):
@@ -309,7 +310,7 @@ class _RawImageFiles(beam.DoFn):
             context.__exit__(None, None, None)
 
     def process(self, record: dict):
-        image = record.pop(Col.IMAGE_BYTES)
+        image = record[Col.IMAGE_BYTES] if self._keep_bytes else record.pop(Col.IMAGE_BYTES)
         if self._open is None or self._open[1].members >= self._images_per_file:
             self._roll()
         _, writer, name = self._open
@@ -331,16 +332,20 @@ class _RawImageFiles(beam.DoFn):
 
 
 class WriteRawImages(beam.PTransform):
-    """Records with IMAGE_BYTES -> the same records without them, with RAW_FILE/OFFSET/LENGTH."""
+    """Records with IMAGE_BYTES -> the same records without them, with RAW_FILE/OFFSET/LENGTH.
+    `keep_bytes`: the records keep their IMAGE_BYTES too, for a consumer in the same fused stage
+    that releases them (a shuffle must never carry them)."""
 
-    def __init__(self, directory: str, prefix: str = "", images_per_file: int = 1000):
+    def __init__(self, directory: str, prefix: str = "", images_per_file: int = 1000, keep_bytes: bool = False):
         super().__init__()
         self._directory = directory
         self._prefix = prefix
         self._images_per_file = images_per_file
+        self._keep_bytes = keep_bytes
 
     def expand(self, records):
-        return records | beam.ParDo(_RawImageFiles(self._directory, self._prefix, self._images_per_file))
+        return records | beam.ParDo(
+            _RawImageFiles(self._directory, self._prefix, self._images_per_file, self._keep_bytes))
 
 
 class RawImageReader:
