@@ -25,6 +25,7 @@ Choices among several candidates are made by a stable hash of the caption (never
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -351,20 +352,31 @@ def exact_neighbours(
     pool_vectors = _vectors(pool)
     query_vectors = _vectors(queries)
     pool_captions = [normalised_caption(m[1]) for m in pool]
-    result: dict[str, list] = {}
     block = max(1, _SEARCH_ENTRIES // len(pool))
     depth = min(len(pool), k + 16)
-    for start in range(0, len(queries), block):
+
+    def search_block(start: int) -> dict[str, list]:
         cosines = query_vectors[start:start + block] @ pool_vectors.T
-        cosines[cosines > ceiling + _FLOAT32_SLACK] = -np.inf
+        np.putmask(cosines, cosines > ceiling + _FLOAT32_SLACK, -np.inf)
         # first candidates of the whole block in one call: no per-row temporaries of pool size
         firsts = np.array(_top_unsorted(cosines, depth))
-        for row in range(cosines.shape[0]):
-            anchor = queries[start + row]
-            result[anchor[0]] = _first_valid(
-                anchor, query_vectors[start + row], cosines[row], firsts[row], pool, pool_vectors, pool_captions,
-                k, ceiling, radius,
+        return {
+            queries[start + row][0]: _first_valid(
+                queries[start + row], query_vectors[start + row], cosines[row], firsts[row], pool, pool_vectors,
+                pool_captions, k, ceiling, radius,
             )
+            for row in range(cosines.shape[0])
+        }
+
+    starts = range(0, len(queries), block)
+    if len(starts) == 1:
+        return search_block(0)
+    # Two blocks at a time: numpy's product, mask and partition release the GIL, so one block's
+    # array work overlaps the other's Python checks. Each query's answer is its own: no order matters.
+    result: dict[str, list] = {}
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="negatives") as pool_threads:
+        for found in pool_threads.map(search_block, starts):
+            result.update(found)
     return result
 
 
