@@ -319,7 +319,9 @@ def test_inputs_come_out_in_runs_of_one_caption_length(checkpoint):
     emitted = [item for record in records for item in runs.process(record)]
     tail = [value.value for value in runs.finish_bundle()]
     runs.teardown()
-    length = runs._text_length
+    def length(record):
+        return clip_score._padded_length_of(runs._tokens(record))
+
     assert len(emitted) % TEXT_CHUNK == 0 and len(emitted) >= 2 * TEXT_CHUNK
     for start in range(0, len(emitted), TEXT_CHUNK):
         assert len({length(record) for record, _ in emitted[start:start + TEXT_CHUNK]}) == 1
@@ -330,6 +332,22 @@ def test_inputs_come_out_in_runs_of_one_caption_length(checkpoint):
     assert sorted(record[Col.UID] for record, _ in out) == [r[Col.UID] for r in records]
     assert all(example.image_bytes == record[Col.IMAGE_BYTES] and example.caption == record[Col.CAPTION_CLEAN]
                for record, example in out)
+    # the ids the ordering computed go on with the caption: the model does not tokenise it again
+    assert all(np.array_equal(example.tokens, runs._tokens(record)) for record, example in out)
+
+
+def test_tokens_carried_with_the_input_score_as_the_caption_does(checkpoint, tiny):
+    samples = _samples(5, seed=9)
+    tokenizer = clip_score.caption_tokenizer(TINY_CLIP_NAME, checkpoint)
+    plain = [ClipInput(b, a.caption()) for a, b in samples]
+    carried = [ClipInput(b, a.caption(), tokenizer([a.caption()])[0].numpy()) for a, b in samples]
+    handler = OpenClipModelHandler(TINY_CLIP_NAME)
+
+    def embeddings(batch):
+        return [(r.inference["text_embedding"].tobytes(), r.inference["clip_score"])
+                for r in handler.run_inference(batch, tiny)]
+
+    assert embeddings(carried) == embeddings(plain)
 
 
 def _native_bf16() -> bool:

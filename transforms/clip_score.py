@@ -265,10 +265,12 @@ def draft_side_for(pil_preprocess) -> int:
 
 
 class ClipInput(NamedTuple):
-    """One element for the handler: encoded image bytes and the caption to score against it."""
+    """One element for the handler: encoded image bytes and the caption to score against it;
+    `tokens`, the caption's ids from the model's tokenizer when the caller has them already."""
 
     image_bytes: bytes
     caption: str
+    tokens: Optional[np.ndarray] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,12 +540,18 @@ class LoadedClip:
         return np.asarray(image, dtype=np.uint8) if self.mean is not None else image.numpy()
 
     def tokenize(self, caption: str) -> np.ndarray:
-        tokens = self.tokenizer([caption or ""])[0].numpy()
+        return self.fit_tokens(self.tokenizer([caption or ""])[0].numpy())
+
+    def fit_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """The tokenizer's full-length ids as this model takes them (trimmed where padding may go)."""
         return trim_tokens(tokens) if self.dynamic_text else tokens
+
+    def tokens_of(self, example: ClipInput) -> np.ndarray:
+        return self.tokenize(example.caption) if example.tokens is None else self.fit_tokens(example.tokens)
 
     def prepare(self, example: ClipInput) -> tuple[np.ndarray, np.ndarray]:
         """Decode + preprocess one image and tokenise its caption; raises on corrupt bytes."""
-        return self.prepare_image(example.image_bytes), self.tokenize(example.caption)
+        return self.prepare_image(example.image_bytes), self.tokens_of(example)
 
     # per batch ----------------------------------------------------------------------------------
     def pixels_tensor(self, pixels: Sequence[np.ndarray]):
@@ -751,6 +759,7 @@ def load_open_clip(
     started, cpu_started = time.perf_counter(), time.process_time()
     with _LOAD_LOCK:
         LOAD_COUNT += 1
+    tokenizer = caption_tokenizer(model_name, checkpoint_path)
     model_name = resolve_model_name(model_name, checkpoint_path)
     device = select_device(device)
     resolved = resolve_precision(precision, device)
@@ -769,7 +778,6 @@ def load_open_clip(
     prune_class_token_last_block(model)
     if device == "cpu":
         keep_freed_memory()
-    tokenizer = open_clip.get_tokenizer(model_name)
     if _has_conv_tower(model):
         model.visual.to(memory_format=torch.channels_last)
     loaded = LoadedClip(model, preprocess, tokenizer, device, precision, model_name, cpu_threads)
@@ -848,7 +856,7 @@ class OpenClipModelHandler(ModelHandler):
     def _score(
         self, batch: Sequence[ClipInput], model: LoadedClip, inference_args: Optional[dict[str, Any]] = None
     ) -> list[PredictionResult]:
-        tokens = [model.tokenize(example.caption) for example in batch]
+        tokens = [model.tokens_of(example) for example in batch]
         # images are decoded per element inside the embedding tasks: a corrupt one is an error for
         # that element only, and decoding runs in parallel with the model on the CPU workers
         images, texts, errors = model.embed_each(
@@ -935,15 +943,15 @@ def caption_of(record: dict) -> str:
     return caption or ""
 
 
-def clip_input(record: dict, reader: RawImageReader) -> tuple[dict, ClipInput]:
-    """(record, ClipInput): the caption CLIP scores and the record's image."""
+def clip_input(record: dict, reader: RawImageReader, tokens: Optional[np.ndarray] = None) -> tuple[dict, ClipInput]:
+    """(record, ClipInput): the caption CLIP scores (and its `tokens`, if known) and the record's image."""
     caption = caption_of(record)
     try:
         image = reader.image_of(record)
     except (OSError, KeyError) as error:  # decoding b"" fails: the row becomes DECODE_ERROR
         log.warning("raw image of %s unreadable: %s", record.get(Col.UID), error)
         image = b""
-    return record, ClipInput(image, caption)
+    return record, ClipInput(image, caption, tokens)
 
 
 class _OrdersByCaptionLength(ReadsRawImages):
@@ -959,9 +967,13 @@ class _OrdersByCaptionLength(ReadsRawImages):
         super().setup()
         self._tokenizer = caption_tokenizer(self._model_name, self._checkpoint_path)
 
-    def _text_length(self, record: dict) -> int:
-        tokens = self._tokenizer([caption_of(record)])[0].numpy()
-        return padded_text_length(len(trim_tokens(tokens)), len(tokens))
+    def _tokens(self, record: dict) -> np.ndarray:
+        """The caption's full-length ids: they go on to the model with it, never tokenised twice."""
+        return self._tokenizer([caption_of(record)])[0].numpy()
+
+
+def _padded_length_of(tokens: np.ndarray) -> int:
+    return padded_text_length(len(trim_tokens(tokens)), len(tokens))
 
 
 class _MicroBatches(_OrdersByCaptionLength):
@@ -975,9 +987,10 @@ class _MicroBatches(_OrdersByCaptionLength):
 
     def process(self, bucket_and_records):
         _, records = bucket_and_records
-        ordered = sorted(records, key=lambda record: (self._text_length(record), record[Col.UID]))
+        tokenized = [(self._tokens(record), record) for record in records]
+        ordered = sorted(tokenized, key=lambda pair: (_padded_length_of(pair[0]), pair[1][Col.UID]))
         for start in range(0, len(ordered), self._batch_size):
-            chunk = [clip_input(record, self._reader) for record in ordered[start:start + self._batch_size]]
+            chunk = [clip_input(record, self._reader, tokens) for tokens, record in ordered[start:start + self._batch_size]]
             yield tuple(record for record, _ in chunk), ClipBatch(tuple(example for _, example in chunk))
 
 
@@ -992,9 +1005,10 @@ class _InputsInRuns(_OrdersByCaptionLength):
         self._runs: dict[int, list] = {}
 
     def process(self, record: dict):
-        length = self._text_length(record)
+        tokens = self._tokens(record)
+        length = _padded_length_of(tokens)
         run = self._runs.setdefault(length, [])
-        run.append(clip_input(record, self._reader))
+        run.append(clip_input(record, self._reader, tokens))
         if len(run) == TEXT_CHUNK:
             del self._runs[length]
             yield from run
