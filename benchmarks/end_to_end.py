@@ -14,8 +14,10 @@ measures:
    other stages off, as in download_vs_img2dataset.py), caption cleaning + language ID, the
    near-dedup descriptor, and CLIP scoring (the pipeline's ClipScoring on the FnApiRunner); the
    decide and write phases are stages of their own already, timed inside the full run;
-3. the bottleneck: the stage with the lowest rows/s alone, and the pipeline's rows/s as a fraction
-   of it (target >= 0.85);
+3. the bottleneck: the stage with the lowest rows/s alone (CLIP on as many pairs as the run has
+   rows), and the pipeline's rows/s as a fraction of it (target >= 0.85); with each phase's CPU
+   seconds (run/PHASE.json), the ceiling of that fraction on this machine: where every stage
+   shares the same cores, the pipeline takes at least its CPU seconds / cores;
 4. peak RSS of the whole `curate run` process tree at each of --rss-rows (target: 50k / 10k <= 1.3).
 
 --clip picks the model of the throughput part: vit-b-32 (default), a randomly initialised ViT-B-32,
@@ -45,6 +47,7 @@ from pathlib import Path
 from common import REPO, BenchServer, run_measured
 from download_vs_img2dataset import STAGES_OFF
 
+CORES = len(os.sched_getaffinity(0))
 NO_CLIP_FILTER = ["--set", "clip_threshold=-1"]
 TINY_CLIP = ["--set", "clip_model=tiny_clip", "--set", f"clip_checkpoint={REPO / 'pipeline/assets/tiny_clip.pt'}"]
 VIT_CHECKPOINT = "/tmp/e2e_vit_b_32_random.pt"
@@ -120,12 +123,14 @@ def curate(command: str, rows: Path, out: Path, port: int, extra: list[str]) -> 
          "--allow-host", f"127.0.0.1:{port}", "--set", "retries=0", "--quiet"] + extra,
         env=env, cwd=REPO, timeout=7200,
     )
-    phases = {}
+    phases, cpu = {}, {}
     for phase in ("fetch", "decide", "write"):
         info_path = out / "run" / f"{phase}.json"
         if info_path.exists():
-            phases[phase] = json.loads(info_path.read_text())["seconds"]
-    measured["phases"] = phases
+            info = json.loads(info_path.read_text())
+            phases[phase] = info["seconds"]
+            cpu[phase] = info.get("cpu_seconds")
+    measured["phases"], measured["phase_cpu_seconds"] = phases, cpu
     summary_path = out / "report" / "summary.json"
     measured["summary"] = json.loads(summary_path.read_text()) if summary_path.exists() else None
     return measured
@@ -172,8 +177,9 @@ def _with_image(record: dict, root: str) -> dict:
     return record
 
 
-def stage_clip(root: Path, captions: list[str], count: int, clip_args: list[str]) -> float:
-    """The pipeline's ClipScoring alone (model load included) on `count` pairs, FnApiRunner.
+def stage_clip(root: Path, captions: list[str], count: int, clip_args: list[str]) -> tuple[float, float]:
+    """The pipeline's ClipScoring alone (model load included) on `count` pairs, FnApiRunner:
+    (pairs/s, CPU seconds of this process meanwhile, every thread).
 
     Images are read from disk inside the pipeline (as the fetch phase reads them back from raw/),
     not embedded in the pipeline graph."""
@@ -189,13 +195,13 @@ def stage_clip(root: Path, captions: list[str], count: int, clip_args: list[str]
     records = [{Col.UID: f"{i:08d}", Col.STATUS: Status.KEPT, Col.CAPTION_CLEAN: captions[i],
                 "path": f"img_{i:06d}.jpg"} for i in range(count)]
     out = tempfile.mktemp(prefix="e2e_clip_")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with beam.Pipeline(runner=FnApiRunner()) as p:
         scored = p | beam.Create(records) | beam.Map(_with_image, str(root)) | ClipScoring(config)
         _ = scored.kept | beam.combiners.Count.Globally() | beam.Map(lambda n: Path(out).write_text(str(n)))
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     assert int(Path(out).read_text()) == count, "CLIP alone lost samples"
-    return count / seconds
+    return count / seconds, cpu_seconds
 
 
 def make_random_vit() -> None:
@@ -249,7 +255,9 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=80.0)
     parser.add_argument("--clip", choices=("tiny", "vit-b-32"), default="vit-b-32", help="model of the throughput part")
     parser.add_argument("--rss-clip", choices=("tiny", "vit-b-32"), default="tiny", help="model of the memory runs")
-    parser.add_argument("--clip-alone-pairs", type=int, default=2000, help="pairs for the CLIP-alone rate")
+    parser.add_argument("--clip-alone-pairs", type=int, default=0,
+                        help="pairs for the CLIP-alone rate (0: as many as --rows; fewer understate the rate: "
+                             "the model load weighs more)")
     parser.add_argument("--memory-only", action="store_true", help="only the RSS runs (no throughput part)")
     parser.add_argument("--work", default="/tmp/bench_end_to_end_photos", help="scratch folder (the corpus is kept)")
     args = parser.parse_args()
@@ -275,7 +283,8 @@ def main() -> int:
         full = curate("run", rows, work / "out_full", server.port, clip_args)
         total = full["seconds"]
         results["full"] = {"seconds": round(total, 1), "rows_per_s": round(args.rows / total, 1),
-                           "phases": full["phases"], "kept": kept_of(full["summary"]),
+                           "phases": full["phases"], "phase_cpu_seconds": full["phase_cpu_seconds"],
+                           "kept": kept_of(full["summary"]),
                            "peak_rss_mb": round(full["peak_rss_mb"])}
 
         print("stages alone ...", flush=True)
@@ -284,7 +293,10 @@ def main() -> int:
         alone["download+decode+resize"] = args.rows / download["seconds"]
         alone["caption+langid"] = stage_caption(captions[: args.rows])
         alone["dedup descriptor"] = stage_descriptor(root, min(args.rows, 2000))
-        alone["clip"] = stage_clip(root, captions, min(args.rows, args.clip_alone_pairs), clip_args)
+        clip_pairs = min(args.rows, args.clip_alone_pairs or args.rows)
+        alone["clip"], clip_cpu = stage_clip(root, captions, clip_pairs, clip_args)
+        results["clip_alone"] = {"pairs": clip_pairs, "cpu_seconds": round(clip_cpu, 1),
+                                 "cores_busy": round(clip_cpu * alone["clip"] / clip_pairs, 2)}
         for phase in ("decide", "write"):
             if full["phases"].get(phase):
                 alone[f"{phase} phase"] = args.rows / full["phases"][phase]
@@ -292,6 +304,12 @@ def main() -> int:
         bottleneck = min(alone, key=alone.get)
         results["bottleneck"] = bottleneck
         results["fraction_of_bottleneck"] = round((args.rows / total) / alone[bottleneck], 3)
+        # Where every stage runs on the same cores, the pipeline takes at least its CPU seconds /
+        # cores, however well it overlaps them: that bounds the fraction it can reach here
+        pipeline_cpu = sum(seconds or 0.0 for seconds in full["phase_cpu_seconds"].values())
+        if pipeline_cpu:
+            results["pipeline_cpu_seconds"] = round(pipeline_cpu, 1)
+            results["cpu_ceiling"] = round((args.rows / alone[bottleneck]) * CORES / pipeline_cpu, 3)
 
         same_model = args.clip == args.rss_clip
         results["rss"] = {args.rows: results["full"]["peak_rss_mb"]} if same_model and args.rows in rss_rows else {}
@@ -306,7 +324,15 @@ def main() -> int:
     print(f"\nfull `curate run` ({args.rows} rows, {results['full']['kept']} kept): {results['full']['seconds']} s, "
           f"{results['full']['rows_per_s']} rows/s; phases: "
           + ", ".join(f"{p} {s:.1f} s ({args.rows / s:.0f} rows/s)" for p, s in phases.items()))
+    cpu = results["full"]["phase_cpu_seconds"]
+    if all(cpu.values()):
+        print("CPU seconds per phase: " + ", ".join(f"{p} {c:.0f}" for p, c in cpu.items())
+              + f"; CLIP alone {results['clip_alone']['cpu_seconds']:.0f} on {results['clip_alone']['pairs']} pairs"
+              f" ({results['clip_alone']['cores_busy']:.2f} cores busy of {CORES})")
     print(f"pipeline throughput / bottleneck alone: {results['fraction_of_bottleneck']:.2f} (target >= 0.85)")
+    if "cpu_ceiling" in results:
+        print(f"  ceiling on these {CORES} cores: {results['cpu_ceiling']:.2f} (the bottleneck's time alone / "
+              "the pipeline's CPU seconds per core: the fraction if every core were busy all along)")
     print_rss(results, rss_rows)
     print(json.dumps(results))
     return 0

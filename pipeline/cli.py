@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from typing import Optional
 
 import apache_beam as beam
@@ -119,9 +120,15 @@ def peak_rss_mb() -> int:
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10))
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, every thread, user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
     release_freed_memory()  # each phase starts on a trimmed heap with glibc's default policy
-    started = time.time()
+    started, cpu_started = time.time(), cpu_seconds()
     later = PHASES[PHASES.index(phase):]
     for stale in later:  # a crash from here on must not leave a marker that says "done"
         layout.clear(layout.phase_marker(stale))
@@ -145,6 +152,9 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
             # the process's peak so far: under `curate run`, where each phase has a process of its
             # own, the phase's peak (local runners; on Dataflow the work runs on the workers)
             "process_peak_rss_mb": peak_rss_mb(),
+            # CPU time the phase took in this process, all threads (local runners): on a machine
+            # whose cores every stage shares, seconds of CPU are what the stages compete for
+            "cpu_seconds": round(cpu_seconds() - cpu_started, 1),
             "pid": os.getpid()}
     layout.write_phase_info(phase, info)
     if not quiet:
@@ -230,6 +240,12 @@ def _own_process_main(task: str, argv: list[str]) -> None:
     args, beam_args = _parser().parse_known_args(argv)
     layout, config = _layout_and_config(args)
     run_task(task, config, layout, beam_options(beam_args), args.quiet)
+
+
+# A phase process re-runs the main module as __mp_main__ (multiprocessing's spawn preparation);
+# under `python -m pipeline.cli` the fork server has imported it already, which is harmless, but
+# runpy warns about it once per phase. The filter is inherited from the fork server.
+warnings.filterwarnings("ignore", message=r"'pipeline\.cli' found in sys\.modules", category=RuntimeWarning)
 
 
 def _phase_processes():

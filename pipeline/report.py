@@ -451,6 +451,7 @@ def phase_figures(infos: dict, summary: dict, alive: int) -> tuple[dict, dict]:
             "seconds": seconds, "finished_at": info.get("finished_at"),
             "rows_per_s": round(rows[phase] / seconds, 1) if seconds else None,
             "peak_rss_mb": info.get("process_peak_rss_mb"),
+            "cpu_seconds": info.get("cpu_seconds"),
         }
     return phases, timings
 
@@ -1071,10 +1072,11 @@ def render_html(summary: dict, rows: dict, thumbs: dict[str, str]) -> str:
 
     add('<section id="time"><h2>Time and throughput per phase</h2>')
     add(_plot(plot_timings(s["timings"]), "time per phase", "No phase timings recorded."))
-    add(_table(["phase", "seconds", "rows", "rows/s", "peak memory (MB)", "finished at (UTC)"],
-               [[p, s["timings"][p]["seconds"], s["phases"][p]["rows"], s["timings"][p]["rows_per_s"],
-                 s["timings"][p]["peak_rss_mb"], s["timings"][p]["finished_at"]] for p in PHASES],
-               numeric=(1, 2, 3, 4)))
+    add(_table(["phase", "seconds", "CPU seconds", "rows", "rows/s", "peak memory (MB)", "finished at (UTC)"],
+               [[p, s["timings"][p]["seconds"], s["timings"][p].get("cpu_seconds"), s["phases"][p]["rows"],
+                 s["timings"][p]["rows_per_s"], s["timings"][p]["peak_rss_mb"], s["timings"][p]["finished_at"]]
+                for p in PHASES],
+               numeric=(1, 2, 3, 4, 5)))
     counters = [[p, name, value] for p in PHASES for name, value in s["phases"][p]["counters"].items()]
     if counters:
         add("<details><summary>Beam counters</summary>" + _table(["phase", "counter", "value"], counters, numeric=(2,))

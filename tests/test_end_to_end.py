@@ -197,6 +197,7 @@ def test_each_phase_of_a_run_has_a_process_of_its_own(demo_output):
     pids = {info["pid"] for info in infos}
     assert len(pids) == len(PHASES) and os.getpid() not in pids
     assert all(info["process_peak_rss_mb"] > 0 for info in infos)
+    assert all(info["cpu_seconds"] > 0 for info in infos)  # measured in the phase's own process
 
 
 def test_a_phase_that_fails_in_its_process_fails_the_run(demo_output, tmp_path, capfd):
