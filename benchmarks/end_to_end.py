@@ -305,9 +305,10 @@ def main() -> int:
         results["bottleneck"] = bottleneck
         results["fraction_of_bottleneck"] = round((args.rows / total) / alone[bottleneck], 3)
         # Where every stage runs on the same cores, the pipeline takes at least its CPU seconds /
-        # cores, however well it overlaps them: that bounds the fraction it can reach here
+        # cores, however well it overlaps them: that bounds the fraction it can reach here, when
+        # the bottleneck is CPU work (CLIP; not the download, which waits on the network)
         pipeline_cpu = sum(seconds or 0.0 for seconds in full["phase_cpu_seconds"].values())
-        if pipeline_cpu:
+        if pipeline_cpu and bottleneck == "clip":
             results["pipeline_cpu_seconds"] = round(pipeline_cpu, 1)
             results["cpu_ceiling"] = round((args.rows / alone[bottleneck]) * CORES / pipeline_cpu, 3)
 
