@@ -80,9 +80,12 @@ def write_atomically(path: str, payload: bytes) -> None:
         handle.write(payload)
 
 
+PARQUET_CODEC = "zstd"  # every Parquet file the pipeline writes, whichever writer writes it
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression=PARQUET_CODEC)
     return buffer.getvalue()
 
 
@@ -120,7 +123,7 @@ def _write_table_file(bucket_and_rows, total: int, directory: str, prefix: str, 
     rows = sorted(rows, key=lambda row: row[0])
     count = _file_count(total, rows_per_file)
     path = join_path(directory, f"{prefix}-{bucket:05d}-of-{count:05d}.parquet")
-    with open_atomically(path) as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+    with open_atomically(path) as handle, pq.ParquetWriter(handle, schema, compression=PARQUET_CODEC) as writer:
         for start in range(0, len(rows), _ROW_GROUP_ROWS):
             group = [pickle.loads(values) for _, values in rows[start:start + _ROW_GROUP_ROWS]]
             writer.write_table(rows_to_table(group, schema))
@@ -189,7 +192,7 @@ class WriteTablePerBundle(beam.PTransform):
             records
             | "Columns" >> beam.Map(lambda record: {name: record.get(name) for name in names})
             | "Write" >> beam.io.WriteToParquet(
-                join_path(self._directory, self._prefix), self._schema, codec="zstd", file_name_suffix=".parquet",
+                join_path(self._directory, self._prefix), self._schema, codec=PARQUET_CODEC, file_name_suffix=".parquet",
                 row_group_buffer_size=self.ROW_GROUP_BYTES, record_batch_size=1000)
         )
 
