@@ -169,6 +169,29 @@ def test_exact_neighbours_match_brute_force_in_a_crowded_space():
         assert [score for score, _, _ in found[query[0]]] == pytest.approx([s for s, _ in expected], abs=1e-6)
 
 
+def test_near_copies_agree_with_too_close_pair_by_pair():
+    # the block search's array form of the pHash rule, against the per-pair rule, missing hashes included
+    from transforms.negatives import _hash_arrays, _near_copies, too_close
+
+    rng = np.random.default_rng(5)
+    base = int(rng.integers(0, 2**63))
+    members = []
+    for i in range(40):
+        flips = sum(1 << int(b) for b in rng.choice(64, size=int(rng.integers(0, 16)), replace=False))
+        phash = None if i % 7 == 3 else f"{base ^ flips:016x}"
+        mirror = None if i % 5 == 1 else f"{int(rng.integers(0, 2**63)) | (1 << 63):016x}"
+        members.append(members_of({Col.UID: f"u{i}", Col.CAPTION: f"c {i}", Col.IMAGE_EMBEDDING: [1.0, 0.0],
+                                   Col.PHASH: phash, Col.PHASH_MIRROR: mirror})["image"])
+    hashes, present = _hash_arrays(members)
+    candidates = np.tile(np.arange(len(members)), (len(members), 1))
+    for radius in (-1, 0, 8):
+        near = _near_copies(hashes, present, hashes[candidates], present[candidates], radius)
+        expected = [[too_close(a, b, radius) for b in members] for a in members]
+        assert near.tolist() == expected
+        if radius == 8:
+            assert 0 < near.sum() < near.size  # both outcomes are exercised
+
+
 def test_centroids_and_assignment_are_deterministic():
     from transforms.negatives import _sample_key, assign, train_centroids
 
