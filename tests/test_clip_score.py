@@ -95,6 +95,25 @@ def test_class_token_only_last_block_is_exact(checkpoint, tiny):
         torch.testing.assert_close(tiny.model.encode_image(pixels), plain.encode_image(pixels), atol=1e-5, rtol=1e-4)
 
 
+def test_model_built_without_random_init_holds_exactly_the_checkpoint(checkpoint):
+    # load_open_clip skips the fills while open_clip builds a model it then loads: every weight and
+    # buffer must come out as with the random init done, and the fills must come back after
+    import open_clip
+    import torch
+
+    fills_before = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    plain, _, _ = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=checkpoint)
+    with clip_score.weight_init_skipped():
+        assert torch.nn.init.normal_(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # skipped inside
+        skipped, _, _ = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=checkpoint)
+    assert {name: getattr(torch.nn.init, name) for name in fills_before} == fills_before
+    assert torch.nn.init.normal_(torch.zeros(3)).abs().sum() > 0
+    plain_state, skipped_state = plain.state_dict(), skipped.state_dict()
+    assert plain_state.keys() == skipped_state.keys()
+    for name, tensor in plain_state.items():
+        assert torch.equal(skipped_state[name], tensor), name
+
+
 def test_dynamic_length_is_only_used_for_causal_text_towers(tiny):
     assert clip_score.supports_dynamic_text_length(tiny.model)
     assert not clip_score.supports_dynamic_text_length(object())
