@@ -439,7 +439,7 @@ def exact_neighbours(
         return search_block(0)
     # Blocks on every core at once: numpy's product, mask and partition release the GIL, so one
     # block's array work overlaps another's Python checks. One BLAS thread each: OpenBLAS's own
-    # threads would compete with the other blocks and spin (measured at 10k x 10k: 1.45x the CPU
+    # threads would compete with the other blocks and spin (measured at 10k x 10k: 1.4x the CPU
     # seconds, 1.3x the wall time). Each query's answer is its own: no order matters.
     from threadpoolctl import threadpool_limits
 
