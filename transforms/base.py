@@ -27,6 +27,14 @@ KEPT = "kept"
 log = logging.getLogger(__name__)
 
 
+def caption_of(record: dict) -> str:
+    """The caption the models look at: the clean one, the raw one when there is none ("" if neither)."""
+    caption = record.get(Col.CAPTION_CLEAN)
+    if caption is None:
+        caption = record.get(Col.CAPTION)
+    return caption if isinstance(caption, str) else ""
+
+
 def mark_dropped(record: dict, reason: DropReason, detail: Optional[str] = None) -> dict:
     """Mark a record dropped. The first reason wins: a later stage never overwrites it."""
     if record.get(Col.STATUS) == Status.DROPPED:

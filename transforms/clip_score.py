@@ -62,7 +62,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.heap import keep_freed_memory
 from schemas import Col, DropReason
-from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
+from transforms.base import DROPPED, KEPT, caption_of, is_dropped, mark_dropped
 from transforms.write_output import RawImageReader, ReadsRawImages
 
 log = logging.getLogger(__name__)
@@ -738,8 +738,9 @@ def weight_init_skipped():
     """While a model is built whose every weight a checkpoint then overwrites: torch.nn.init's
     fills do nothing. open_clip loads full checkpoints with strict=True, so no parameter keeps its
     unfilled memory. Loading ViT-B-32 from a local checkpoint took 0.93 s with the random init and
-    takes 0.61 s without, on one core at the start of every fetch phase. (torch has no switch for this; transformers patches the same
-    functions in its no_init_weights.) Process-wide while it lasts: loads hold _LOAD_LOCK."""
+    takes 0.61 s without, on one core at the start of every fetch phase. (torch has no switch for
+    this; transformers patches the same functions in its no_init_weights.) Process-wide while it
+    lasts: loads hold _LOAD_LOCK."""
     fills = {name: getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")}
     try:
         for name in fills:
@@ -951,14 +952,6 @@ BATCHES_PER_GROUP = 8  # groups of ~8 micro-batches: small enough to sort in mem
 
 def _group_count(total: int, batch_size: int) -> int:
     return max(1, -(-total // (batch_size * BATCHES_PER_GROUP)))
-
-
-def caption_of(record: dict) -> str:
-    """The caption CLIP scores: the clean one, the raw one when there is none."""
-    caption = record.get(Col.CAPTION_CLEAN)
-    if caption is None:
-        caption = record.get(Col.CAPTION)
-    return caption or ""
 
 
 def clip_input(record: dict, reader: RawImageReader, tokens: Optional[np.ndarray] = None) -> tuple[dict, ClipInput]:

@@ -40,6 +40,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas import Col
+from transforms.base import caption_of
 from transforms.dedup import hamming
 
 METRICS_NAMESPACE = "negatives"
@@ -274,13 +275,6 @@ def _phash_int(value) -> Optional[int]:
         return int(value, 16) if isinstance(value, str) else int(value)
     except (TypeError, ValueError):
         return None
-
-
-def caption_of(record: dict) -> str:
-    caption = record.get(Col.CAPTION_CLEAN)
-    if caption is None:
-        caption = record.get(Col.CAPTION)
-    return caption if isinstance(caption, str) else ""
 
 
 def normalised_caption(caption: str) -> str:
