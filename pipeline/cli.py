@@ -30,6 +30,7 @@ from pipeline.fetch import build_fetch, build_retry
 from pipeline.layout import PHASES, Layout
 from pipeline.report import AccountingError, account, funnel_text, phase_infos, write_report
 from pipeline.write import build_write
+from transforms.spill import remove_work_directory
 from transforms.clip_filter import model_id
 
 log = logging.getLogger("curate")
@@ -133,19 +134,25 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
     for stale in later:  # a crash from here on must not leave a marker that says "done"
         layout.clear(layout.phase_marker(stale))
     for directory in {"fetch": [layout.features, layout.raw_shards], "decide": [layout.decisions],
-                      "write": [layout.shards, layout.ledger]}[phase]:
+                      "write": [layout.shards, layout.ledger]}[phase] + [layout.work(phase)]:
         layout.clear(directory)
     pipeline = beam.Pipeline(options=options)
     rows = PHASE_BUILDERS[phase](pipeline, config, layout)
-    # Terminal progress only where the DoFns run in this process (the local in-memory runner).
-    if not quiet and progress.is_local_runner(options):
+    # Progress (and the per-pass record) only where the DoFns run in this process (the local
+    # in-memory runner); --quiet keeps the record and prints nothing.
+    passes = {}
+    if progress.is_local_runner(options):
         progress.watch(rows, phase)
-        progress.start_phase(phase, progress.phase_total(phase, config, layout))
+        progress.start_phase(phase, progress.phase_total(phase, config, layout), silent=quiet)
     try:
         result = pipeline.run()
         result.wait_until_finish()
     finally:
+        reporter = progress.current()
+        if reporter is not None:
+            passes = reporter.pass_records()
         progress.finish_phase()
+        remove_work_directory(layout.work(phase))
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
             "clip_model_id": clip_model_id(config),
             "fingerprint": fingerprint(config, phase),
@@ -155,6 +162,8 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
             # CPU time the phase took in this process, all threads (local runners): on a machine
             # whose cores every stage shares, seconds of CPU are what the stages compete for
             "cpu_seconds": round(cpu_seconds() - cpu_started, 1),
+            # per pass over the rows (decide, write): rows, seconds, peak RSS of the process tree
+            "passes": passes,
             "pid": os.getpid()}
     layout.write_phase_info(phase, info)
     if not quiet:

@@ -79,6 +79,10 @@ class CurateConfig:
     dedup_min_descriptor_similarity: float = 0.8  # thumbnail correlation a pHash candidate needs
     dedup_max_descriptor_distance: float = 16.0  # thumbnail colour residual (0-255) after a global brightness fit
     dedup_min_embedding_cosine: float = 0.9  # CLIP image cosine, required too when both have one
+    # up to this many samples (after the filters) candidates are searched over all of them by hash
+    # bands; above it, inside each CLIP image-embedding group (approximate: README, Deduplication)
+    dedup_exact_max: int = 100_000
+    dedup_candidates_per_sample: int = 32  # grouped search: the closest candidates of a sample checked
 
     # ---- CLIP ----------------------------------------------------------------------------
     clip_enabled: bool = True
@@ -107,6 +111,8 @@ class CurateConfig:
     negatives_probe: int = 2  # each sample is a candidate in the groups of its nearest c centroids
     negatives_sample: int = 65_536  # k-means training sample (smallest uid hashes: same every run)
     negatives_captions: bool = True  # rule-based one-edit caption negatives (swap/attribute/object)
+    # rows of one partition of the decide phase's columnar shuffles: what one worker holds at a time
+    decide_partition_rows: int = 65_536
 
     # ---- write ---------------------------------------------------------------------------
     samples_per_shard: int = 1000
@@ -133,7 +139,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(CurateConfig)}
 
 # Which phase each key feeds: a finished phase is re-run by `curate run` only when one of its
 # keys changed (so a new threshold re-runs decide + write and downloads nothing).
-_DECIDE_PREFIXES = ("dedup_", "negatives_")
+_DECIDE_PREFIXES = ("dedup_", "negatives_", "decide_")
 _DECIDE_KEYS = frozenset({"languages", "clip_threshold", "clip_thresholds_per_lang", "clip_keep_top_percent"})
 _WRITE_KEYS = frozenset({"samples_per_shard", "ledger_rows_per_file"})
 _NO_PHASE_KEYS = frozenset({"output", "clip_cpu_threads"})  # CLIP outputs do not depend on the thread count

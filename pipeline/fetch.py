@@ -12,17 +12,21 @@ import logging
 
 import apache_beam as beam
 import imagehash
+import numpy as np
+import pyarrow as pa
 
 from pipeline.config import CurateConfig
 from pipeline.layout import Layout
-from pipeline.progress import ReportProgress
+from pipeline.progress import ReportProgress, count_input_rows
 from schemas import FEATURES_SCHEMA, Col, DropReason, Status
 from transforms.base import DROPPED, KEPT, is_dropped, mark_dropped
 from transforms.caption import CaptionStage
 from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
+from transforms.batch import hash_partitions
 from transforms.read_input import ReadRows
+from transforms.spill import SpillBatches, partitioned, read_partition
 from transforms.write_output import WriteRawImages, WriteTablePerBundle
 
 log = logging.getLogger(__name__)
@@ -45,27 +49,70 @@ def decode_and_describe(record: dict, config: CurateConfig) -> dict:
     return record
 
 
-def _pick_row_survivor(uid_and_records):
-    """Rows with the same uid (same url + caption): keep the first by input position."""
-    uid, records = uid_and_records
-    ordered = sorted(records, key=lambda r: (r.get(Col.SOURCE_FILE) or "", r.get(Col.SOURCE_ROW) or 0))
-    yield ordered[0]
-    for duplicate in ordered[1:]:
-        duplicate[Col.DUPLICATE_OF] = uid
-        duplicate.pop(Col.IMAGE_BYTES, None)
-        yield beam.pvalue.TaggedOutput(DROPPED, mark_dropped(duplicate, DropReason.DUPLICATE_ROW))
+_POSITION_SCHEMA = pa.schema([pa.field(Col.UID, pa.string()), pa.field(Col.SOURCE_FILE, pa.string()),
+                              pa.field(Col.SOURCE_ROW, pa.int64())])
+_POSITIONS_PER_TABLE = 8192
+_POSITION_PARTITION_ROWS = 1 << 20
+_UNKNOWN_INPUT_PARTITIONS = 256
+
+
+def _positions(records: list) -> pa.Table:
+    """Parsed input rows -> (uid, source file, source row) of those that were not malformed."""
+    alive = [r for r in records if not is_dropped(r)]
+    return pa.table({Col.UID: [r[Col.UID] for r in alive], Col.SOURCE_FILE: [r.get(Col.SOURCE_FILE) or "" for r in alive],
+                     Col.SOURCE_ROW: [r.get(Col.SOURCE_ROW) or 0 for r in alive]}, schema=_POSITION_SCHEMA)
+
+
+def repeated_uids(table) -> list:
+    """One uid partition's positions -> (uid, (source file, source row)) of the first row by input
+    position of every uid that occurs more than once."""
+    if table is None or table.num_rows < 2:
+        return []
+    table = table.sort_by([(Col.UID, "ascending"), (Col.SOURCE_FILE, "ascending"), (Col.SOURCE_ROW, "ascending")])
+    uids = table[Col.UID].to_numpy(zero_copy_only=False)
+    repeated = np.flatnonzero(np.r_[True, uids[1:] != uids[:-1]] & np.r_[uids[1:] == uids[:-1], False])
+    files = table[Col.SOURCE_FILE].take(pa.array(repeated)).to_pylist()
+    rows = table[Col.SOURCE_ROW].take(pa.array(repeated)).to_pylist()
+    return [(uid, (f, r)) for uid, f, r in zip(uids[repeated].tolist(), files, rows)]
+
+
+def _mark_repeat(record: dict, first_rows: dict):
+    """A row whose uid repeats an earlier row's (same url + caption) is dropped, pointing to it."""
+    first = first_rows.get(record[Col.UID])
+    if first is None or first == ((record.get(Col.SOURCE_FILE) or ""), record.get(Col.SOURCE_ROW) or 0):
+        yield record
+        return
+    record[Col.DUPLICATE_OF] = record[Col.UID]
+    record.pop(Col.IMAGE_BYTES, None)
+    yield beam.pvalue.TaggedOutput(DROPPED, mark_dropped(record, DropReason.DUPLICATE_ROW))
 
 
 class CollapseDuplicateRows(beam.PTransform):
-    """Exact duplicate input rows are collapsed before anything is downloaded twice."""
+    """Exact duplicate input rows are collapsed before anything is downloaded twice: the first row
+    by input position goes on. Which uids repeat is found from a second read of the input that
+    keeps only (uid, position), shuffled through files by uid partition (transforms/spill.py),
+    so no step holds every input row; the repeated uids (a side input) are all a row is checked
+    against."""
+
+    def __init__(self, config: CurateConfig, work_directory: str):
+        super().__init__()
+        self._config = config
+        self._work = work_directory
 
     def expand(self, records):
-        return (
-            records
-            | "ByUid" >> beam.Map(lambda r: (r[Col.UID], r))
-            | "Group" >> beam.GroupByKey()
-            | "Survivor" >> beam.FlatMap(_pick_row_survivor).with_outputs(DROPPED, main=KEPT)
+        rows = count_input_rows(self._config)  # None for remote or very large inputs
+        partitions = max(1, -(-rows // _POSITION_PARTITION_ROWS)) if rows is not None else _UNKNOWN_INPUT_PARTITIONS
+        first_rows = (
+            records.pipeline
+            | "ReadPositions" >> ReadRows(self._config, spread=False)  # record
+            | "BatchPositions" >> beam.BatchElements(min_batch_size=_POSITIONS_PER_TABLE, max_batch_size=_POSITIONS_PER_TABLE)
+            | "Positions" >> beam.Map(_positions)  # pa.Table (uid, source file, source row)
+            | "ByUid" >> beam.Map(lambda t: partitioned(t, hash_partitions(t[Col.UID], partitions)))
+            | SpillBatches(self._work, "positions")  # (partition, paths)
+            | "Repeated" >> beam.FlatMap(lambda kp: repeated_uids(read_partition(kp[1])))  # (uid, first position)
         )
+        return records | "MarkRepeats" >> beam.FlatMap(_mark_repeat, first_rows=beam.pvalue.AsDict(first_rows)).with_outputs(
+            DROPPED, main=KEPT)
 
 
 def process_rows(rows, config: CurateConfig, raw_dir: str, raw_prefix: str):
@@ -111,7 +158,7 @@ def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     rows | "ProgressRead" >> ReportProgress("fetch", "rows read")
     split = rows | "SplitMalformed" >> beam.Partition(lambda r, _: int(is_dropped(r)), 2)
     alive, dropped_early = split[0], split[1]
-    unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows()
+    unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows(config, layout.work("fetch"))
     # Caption rules are cheap and static: applied before download so no bandwidth is spent on
     # rows that would be dropped anyway.
     survivors, dropped = process_rows(unique[KEPT], config, layout.raw_shards, "")
@@ -138,7 +185,7 @@ def build_retry(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout, r
     Reads the current features table, writes the merged table to a staging folder (the caller
     swaps it into place) and the new survivors' images to raw tars of their own (`retryN-*.tar`).
     """
-    old = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob())
+    old = pipeline | "ReadFeatures" >> beam.io.ReadFromParquet(layout.features_glob(), validate=False)
     split = old | "SplitTransient" >> beam.Partition(lambda r, _: int(_is_transient_failure(r)), 2)
     unchanged, transient = split[0], split[1]
     fresh = transient | "Fresh" >> beam.Map(_as_fresh_row)

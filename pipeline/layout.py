@@ -54,6 +54,10 @@ class Layout:
     def run_info(self) -> str:
         return self._dir("run")
 
+    def work(self, phase: str) -> str:
+        """A phase's temporary files (columnar shuffles), removed when the phase ends."""
+        return join_path(self.root, "work", phase)
+
     def features_glob(self) -> str:
         return join_path(self.features, "*.parquet")
 

@@ -44,8 +44,9 @@ class ProgressReporter:
     """Counts per stage of one phase; a daemon thread prints them with rate and ETA."""
 
     def __init__(self, phase: str, total_rows: Optional[int], stream: IO[str] = None,
-                 interval_s: float = DEFAULT_INTERVAL_S, clock=time.monotonic):
+                 interval_s: float = DEFAULT_INTERVAL_S, clock=time.monotonic, silent: bool = False):
         self.phase = phase
+        self.silent = silent  # counts and records, prints nothing (--quiet)
         self.total_rows = total_rows
         self.stream = stream if stream is not None else sys.stderr
         self.interval_s = interval_s
@@ -55,6 +56,9 @@ class ProgressReporter:
         self._totals: dict[str, Optional[int]] = {}
         self._history: list[tuple[float, int]] = []  # (time, count of the ETA stage)
         self._started = clock()
+        # passes of a phase that goes over its rows several times (declare_passes)
+        self._passes: dict[str, _PassStats] = {name: _PassStats(weight) for name, weight in _DECLARED.get(phase, [])}
+        self._fraction_history: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         # Overwrite one line on a terminal; append lines to a file or a pipe (CI logs, tests).
@@ -72,6 +76,69 @@ class ProgressReporter:
         with self._lock:
             return dict(self._counts)
 
+    def add_pass(self, name: str, rows: int, total: Optional[int] = None) -> None:
+        now = self._clock()
+        with self._lock:
+            stats = self._passes.get(name)
+            if stats is None:
+                stats = self._passes[name] = _PassStats(0.0)
+            if stats.started is None:
+                stats.started = now
+            stats.last = now
+            stats.rows += rows
+            if total is not None:
+                stats.total = total
+
+    def sample_memory(self) -> None:
+        """Attribute the process tree's resident memory now to the passes active in the last moment."""
+        if not self._passes:
+            return
+        rss = tree_rss_bytes(os.getpid())
+        now = self._clock()
+        with self._lock:
+            for stats in self._passes.values():
+                if stats.last is not None and now - stats.last <= _PASS_ACTIVE_S:
+                    stats.peak_rss = max(stats.peak_rss, rss)
+
+    def pass_records(self) -> dict:
+        """Per pass: rows, seconds from its first to its last row, peak RSS (MB) while active."""
+        with self._lock:
+            return {
+                name: {"rows": stats.rows, "seconds": round((stats.last or 0) - (stats.started or 0), 3),
+                       "peak_rss_mb": round(stats.peak_rss / 2**20) if stats.peak_rss else None}
+                for name, stats in self._passes.items() if stats.started is not None
+            }
+
+    def _overall(self) -> tuple[Optional[str], float]:
+        """(the pass active last, the phase's weighted fraction done)."""
+        weights = sum(stats.weight for stats in self._passes.values()) or 1.0
+        done, active, latest = 0.0, None, -1.0
+        for name, stats in self._passes.items():
+            total = stats.total if stats.total is not None else self.total_rows
+            if stats.rows and total:
+                done += stats.weight * min(1.0, stats.rows / total)
+            if stats.last is not None and stats.last > latest:
+                active, latest = name, stats.last
+        return active, min(1.0, done / weights)
+
+    def _pass_line(self, now: float, elapsed: float) -> str:
+        with self._lock:
+            active, fraction = self._overall()
+            stats = self._passes.get(active) if active else None
+            names = list(self._passes)
+        if active is None:
+            return f"[curate] {self.phase}: starting ({_duration(elapsed)} elapsed)"
+        self._fraction_history.append((now, fraction))
+        while len(self._fraction_history) > 2 and now - self._fraction_history[0][0] > _RATE_WINDOW_S:
+            self._fraction_history.pop(0)
+        then, before = self._fraction_history[0]
+        rate = (fraction - before) / (now - then) if now - then > 0.5 else (fraction / elapsed if elapsed > 0 else 0.0)
+        eta = _duration((1.0 - fraction) / rate) if rate > 0 and fraction < 1.0 else ("0s" if fraction >= 1.0 else "unknown")
+        total = stats.total if stats.total is not None else self.total_rows
+        rows = f"{stats.rows:,}/{total:,} rows" if total else f"{stats.rows:,} rows"
+        return (f"[curate] {self.phase}: pass {names.index(active) + 1}/{len(names)} {active}, {rows}; "
+                f"{100.0 * fraction:.0f}% of the phase, ETA {eta}, {_duration(elapsed)} elapsed")
+
     # -- rendering -----------------------------------------------------------------------------
     def _eta_stage(self) -> Optional[str]:
         """The stage furthest behind among those with a known total: it decides when we finish."""
@@ -80,6 +147,8 @@ class ProgressReporter:
 
     def line(self) -> str:
         now = self._clock()
+        if any(stats.started is not None for stats in self._passes.values()):
+            return self._pass_line(now, now - self._started)
         with self._lock:
             stage = self._eta_stage()
             counts = dict(self._counts)
@@ -107,6 +176,8 @@ class ProgressReporter:
         )
 
     def _emit(self, text: str, final: bool = False) -> None:
+        if self.silent:
+            return
         try:
             if self._tty:
                 self.stream.write("\r\x1b[2K" + text + ("\n" if final else ""))
@@ -117,8 +188,12 @@ class ProgressReporter:
             pass
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._emit(self.line())
+        printed = self._clock()
+        while not self._stop.wait(min(self.interval_s, _MEMORY_SAMPLE_S)):
+            self.sample_memory()
+            if self._clock() - printed >= self.interval_s:
+                printed = self._clock()
+                self._emit(self.line())
 
     def start(self) -> "ProgressReporter":
         self._thread = threading.Thread(target=self._loop, name=f"curate-progress-{self.phase}", daemon=True)
@@ -129,8 +204,61 @@ class ProgressReporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.counts():
+        if self.counts() or any(stats.rows for stats in self._passes.values()):
             self._emit(self.line(), final=True)
+
+
+_PASS_ACTIVE_S = 1.0  # a pass that counted rows this recently is running
+_MEMORY_SAMPLE_S = 0.25
+
+
+class _PassStats:
+    __slots__ = ("weight", "rows", "total", "started", "last", "peak_rss")
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.rows = 0
+        self.total: Optional[int] = None
+        self.started: Optional[float] = None
+        self.last: Optional[float] = None
+        self.peak_rss = 0
+
+
+# phase -> [(pass name, share of the phase's time)], declared by the phase builders
+_DECLARED: dict[str, list[tuple[str, float]]] = {}
+
+
+def declare_passes(phase: str, passes: list[tuple[str, float]]) -> None:
+    """The passes a phase makes over its rows, in order, with the share of its time each takes
+    (for one ETA over all of them); the builder declares them before the phase starts."""
+    _DECLARED[phase] = list(passes)
+
+
+def add_pass_rows(phase: str, name: str, rows: int, total: Optional[int] = None) -> None:
+    """Count `rows` done by pass `name` of `phase` (from a DoFn: a no-op where no reporter runs)."""
+    reporter = _REPORTER
+    if reporter is not None and reporter.phase == phase and rows:
+        reporter.add_pass(name, rows, total)
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere)."""
+    total, stack, seen = 0, [pid], set()
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/statm") as handle:
+                total += int(handle.read().split()[1]) * page
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    stack.extend(int(child) for child in handle.read().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 _REPORTER: Optional[ProgressReporter] = None
@@ -142,7 +270,7 @@ def current() -> Optional[ProgressReporter]:
 
 
 def start_phase(phase: str, total_rows: Optional[int] = None, stream: IO[str] = None,
-                interval_s: Optional[float] = None) -> ProgressReporter:
+                interval_s: Optional[float] = None, silent: bool = False) -> ProgressReporter:
     """Start reporting a phase in this process (stops the previous phase's reporter)."""
     global _REPORTER
     if interval_s is None:
@@ -150,7 +278,7 @@ def start_phase(phase: str, total_rows: Optional[int] = None, stream: IO[str] = 
     with _REPORTER_LOCK:
         if _REPORTER is not None:
             _REPORTER.stop()
-        _REPORTER = ProgressReporter(phase, total_rows, stream=stream, interval_s=interval_s).start()
+        _REPORTER = ProgressReporter(phase, total_rows, stream=stream, interval_s=interval_s, silent=silent).start()
         return _REPORTER
 
 
@@ -210,6 +338,37 @@ class ReportProgress(beam.PTransform):
         wired = getattr(pcoll.pipeline, "_curate_progress_phases", set())
         pcoll.pipeline._curate_progress_phases = wired | {self._phase}
         return pcoll | "Count" >> beam.ParDo(_CountDoFn(self._phase, self._stage, self._total))
+
+
+class _CountPassDoFn(beam.DoFn):
+    def __init__(self, phase: str, name: str, rows):
+        self._phase = phase
+        self._name = name
+        self._rows = rows
+
+    def process(self, element):
+        add_pass_rows(self._phase, self._name, int(self._rows(element)))
+        yield element
+
+
+def _table_rows(table) -> int:
+    return getattr(table, "num_rows", 1)
+
+
+class ReportPass(beam.PTransform):
+    """Pass-through that counts the rows of each element (an Arrow table by default) as done by
+    pass `name` of `phase`, for the progress line and the per-pass record in run/PHASE.json."""
+
+    def __init__(self, phase: str, name: str, rows=None):
+        super().__init__()
+        self._phase = phase
+        self._name = name
+        self._rows = rows or _table_rows
+
+    def expand(self, pcoll):
+        wired = getattr(pcoll.pipeline, "_curate_progress_phases", set())
+        pcoll.pipeline._curate_progress_phases = wired | {self._phase}
+        return pcoll | "Count" >> beam.ParDo(_CountPassDoFn(self._phase, self._name, self._rows))
 
 
 # What each phase builder returns, counted for the progress line (one element per row).
@@ -298,15 +457,14 @@ def count_input_rows(config) -> Optional[int]:
 
 def count_table_rows(pattern: str) -> Optional[int]:
     """Rows of a Parquet table from the footers only (features/ for decide and write)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
     try:
         total = 0
         for metadata in FileSystems.match([pattern])[0].metadata_list:
-            with FileSystems.open(metadata.path) as handle:
-                total += pq.ParquetFile(pa.BufferReader(handle.read())).metadata.num_rows
+            with FileSystems.open(metadata.path, compression_type="uncompressed") as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows  # the footer only
         return total
     except Exception:  # noqa: BLE001 - a total is a nicety; never fail a phase over it
         return None
@@ -314,7 +472,6 @@ def count_table_rows(pattern: str) -> Optional[int]:
 
 def count_alive_rows(pattern: str) -> Optional[int]:
     """Rows of the features table that survived fetch (what decide decides on): one column read."""
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
@@ -324,8 +481,8 @@ def count_alive_rows(pattern: str) -> Optional[int]:
     try:
         total = 0
         for metadata in FileSystems.match([pattern])[0].metadata_list:
-            with FileSystems.open(metadata.path) as handle:
-                status = pq.read_table(pa.BufferReader(handle.read()), columns=[Col.STATUS]).column(Col.STATUS)
+            with FileSystems.open(metadata.path, compression_type="uncompressed") as handle:
+                status = pq.read_table(handle, columns=[Col.STATUS]).column(Col.STATUS)  # one column
                 total += pc.sum(pc.equal(status, Status.KEPT)).as_py() or 0
         return total
     except Exception:  # noqa: BLE001

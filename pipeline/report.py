@@ -49,48 +49,60 @@ def _glob(pattern: str) -> list[str]:
 def read_table(pattern: str, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
     tables = []
     for path in _glob(pattern):
-        with FileSystems.open(path) as handle:
-            data = pa.BufferReader(handle.read())
-        if columns is not None:
-            # Columns another stage has not landed yet (older outputs) are simply absent.
-            present = set(pq.read_schema(data).names)
-            data.seek(0)
-            tables.append(pq.read_table(data, columns=[c for c in columns if c in present]))
-        else:
-            tables.append(pq.read_table(data))
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            parquet = pq.ParquetFile(handle)
+            if columns is not None:
+                # Columns another stage has not landed yet (older outputs) are simply absent.
+                present = set(parquet.schema_arrow.names)
+                tables.append(parquet.read(columns=[c for c in columns if c in present]))
+            else:
+                tables.append(parquet.read())
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="default")
 
 
+def _value_counts(values: pa.Array) -> dict:
+    """{value: count} of an array (nulls as None), counted in Arrow."""
+    counts = pc.value_counts(values)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+
+
 def account(layout: Layout) -> dict:
-    """Count and check. Raises AccountingError when the ledger does not add up."""
+    """Count and check. Raises AccountingError when the ledger does not add up. Columnar: a ledger
+    of tens of millions of rows is checked in Arrow, never row by row in Python."""
     features = read_table(layout.features_glob(), [Col.UID])
     ledger = read_table(layout.ledger_glob(), [Col.UID, Col.STATUS, Col.REASON, Col.SHARD])
     shards = read_table(join_path(layout.shards, "*.parquet"), [Col.KEY])
     rows_in = features.num_rows if features is not None else 0
-    ledger_rows = ledger.to_pylist() if ledger is not None else []
-    status = collections.Counter(r[Col.STATUS] for r in ledger_rows)
-    reasons = collections.Counter(r[Col.REASON] for r in ledger_rows if r[Col.STATUS] == Status.DROPPED)
+    ledger_rows = ledger.num_rows if ledger is not None else 0
+    status = collections.Counter(_value_counts(ledger.column(Col.STATUS)) if ledger_rows else {})
+    if ledger_rows:
+        dropped = ledger.filter(pc.equal(ledger.column(Col.STATUS), Status.DROPPED))
+        reasons = collections.Counter(_value_counts(dropped.column(Col.REASON)))
+    else:
+        reasons = collections.Counter()
     shard_samples = shards.num_rows if shards is not None else 0
     problems = []
-    if len(ledger_rows) != rows_in:
-        problems.append(f"ledger has {len(ledger_rows)} rows for {rows_in} input rows")
-    if status[Status.KEPT] + status[Status.DROPPED] != len(ledger_rows):
+    if ledger_rows != rows_in:
+        problems.append(f"ledger has {ledger_rows} rows for {rows_in} input rows")
+    if status[Status.KEPT] + status[Status.DROPPED] != ledger_rows:
         problems.append(f"rows with an unknown status: {dict(status)}")
-    unknown = sorted(set(reasons) - {r.value for r in DropReason})
+    unknown = sorted(r for r in reasons if r is not None and r not in _ENUM_VALUES)
     if unknown or None in reasons:
         problems.append(f"drop reasons outside the enum: {unknown or [None]}")
     if status[Status.KEPT] != shard_samples:
         problems.append(f"{status[Status.KEPT]} kept ledger rows but {shard_samples} samples in shards")
-    kept_uids = {r[Col.UID] for r in ledger_rows if r[Col.STATUS] == Status.KEPT}
-    if shards is not None and set(shards.column(Col.KEY).to_pylist()) != kept_uids:
-        problems.append("the uids in the shards differ from the kept uids of the ledger")
+    if shards is not None and ledger_rows:
+        kept_uids = pc.unique(ledger.filter(pc.equal(ledger.column(Col.STATUS), Status.KEPT)).column(Col.UID))
+        keys = shards.column(Col.KEY)
+        if len(pc.unique(keys)) != len(kept_uids) or not pc.all(pc.is_in(keys, value_set=kept_uids)).as_py():
+            problems.append("the uids in the shards differ from the kept uids of the ledger")
     summary = {
         "rows_in": rows_in,
         "kept": status[Status.KEPT],
         "dropped": status[Status.DROPPED],
-        "drop_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "drop_reasons": dict(sorted(((r, c) for r, c in reasons.items() if r is not None), key=lambda kv: (-kv[1], kv[0]))),
         "shards": len(_glob(join_path(layout.shards, "*.tar"))),
         "shard_samples": shard_samples,
         "accounting_ok": not problems,
@@ -178,8 +190,9 @@ def _stats(values: np.ndarray) -> dict:
             "mean": _r(values.mean())}
 
 
-def _counts(values: Iterable, top: Optional[int] = None) -> dict:
-    ordered = sorted(collections.Counter(values).items(), key=lambda kv: (-kv[1], str(kv[0])))
+def _counts(values, top: Optional[int] = None) -> dict:
+    counted = values if isinstance(values, collections.Counter) else collections.Counter(values)
+    ordered = sorted(counted.items(), key=lambda kv: (-kv[1], str(kv[0])))
     return {str(k): v for k, v in (ordered[:top] if top else ordered)}
 
 
@@ -231,7 +244,7 @@ def clip_figures(rows: dict, config: dict) -> dict:
     if not info["available"]:
         return info
     kept, dropped = scores[present & kept_mask], scores[present & ~kept_mask]
-    low = scores[present & np.array([r == R.LOW_CLIP_SCORE.value for r in rows["_reason"]], dtype=bool)]
+    low = scores[present & _is_reason(rows, R.LOW_CLIP_SCORE.value)]
     info.update(kept=_stats(kept), dropped=_stats(dropped), dropped_low_clip=_stats(low))
     if info["keep_top_percent"]:
         # A percentile cut has no fixed threshold; the lowest kept score is where it fell.
@@ -246,18 +259,20 @@ def clip_figures(rows: dict, config: dict) -> dict:
 
 
 def language_figures(rows: dict) -> dict:
-    langs = [lang if lang else "unknown" for lang in rows[Col.LANG]]
+    langs = pc.if_else(pc.fill_null(pc.not_equal(rows[Col.LANG], ""), False), rows[Col.LANG], "unknown")
+    grouped = pa.table({"lang": langs, "kept": rows["_kept"]}).group_by(["lang", "kept"]).aggregate([([], "count_all")])
     by_lang: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for lang, kept in zip(langs, rows["_kept"]):
-        by_lang[lang]["kept" if kept else "dropped"] += 1
+    for lang, kept, count in zip(grouped["lang"].to_pylist(), grouped["kept"].to_pylist(), grouped["count_all"].to_pylist()):
+        by_lang[lang]["kept" if kept else "dropped"] += count
     ordered = sorted(by_lang.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
     table = {lang: {"kept": c["kept"], "dropped": c["dropped"]} for lang, c in ordered[:TOP_LANGUAGES]}
     rest = ordered[TOP_LANGUAGES:]
     if rest:
         table["(other)"] = {"kept": sum(c["kept"] for _, c in rest), "dropped": sum(c["dropped"] for _, c in rest)}
     scores = rows[Col.LANG_SCORE]
+    kept_languages = collections.Counter({lang: c["kept"] for lang, c in by_lang.items() if c["kept"]})
     return {"languages": table, "distinct": len(by_lang),
-            "kept_languages": _counts(lang for lang, k in zip(langs, rows["_kept"]) if k),
+            "kept_languages": _counts(kept_languages),
             "lang_score": _stats(scores[~np.isnan(scores)])}
 
 
@@ -271,23 +286,35 @@ def _bucket_label(value: float, edges: list[int]) -> str:
     return f">={edges[-1]}"
 
 
+def _bucket_counts(values: np.ndarray, kept: np.ndarray, edges: list[int]) -> dict:
+    """{bucket label: {kept, dropped}} of the buckets that have rows (`_bucket_label`'s buckets)."""
+    index = np.searchsorted(np.asarray(edges[1:], dtype=float), values, side="right")
+    labels = _ordered_labels(edges)
+    out = {}
+    for position, label in enumerate(labels):
+        here = index == position
+        if here.any():
+            out[label] = {"kept": int(np.sum(kept & here)), "dropped": int(np.sum(~kept & here))}
+    return out
+
+
 def image_size_figures(rows: dict) -> dict:
     w, h = rows[Col.ORIGINAL_WIDTH], rows[Col.ORIGINAL_HEIGHT]
     known = ~np.isnan(w) & ~np.isnan(h)
     shorter = np.minimum(w[known], h[known])
     longer = np.maximum(w[known], h[known])
     kept = rows["_kept"][known]
-    aspect = np.where(shorter > 0, longer / np.maximum(shorter, 1), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aspect = np.where(shorter > 0, longer / np.maximum(shorter, 1), np.nan)
     out_w, out_h = rows[Col.WIDTH], rows[Col.HEIGHT]
-    final = [f"{int(a)}x{int(b)}" for a, b in zip(out_w, out_h) if not (np.isnan(a) or np.isnan(b))]
+    sized = ~np.isnan(out_w) & ~np.isnan(out_h)
+    pairs, counts = np.unique(np.stack([out_w[sized], out_h[sized]], axis=1).astype(np.int64), axis=0, return_counts=True)
+    final = collections.Counter({f"{a}x{b}": int(c) for (a, b), c in zip(pairs.tolist(), counts.tolist())})
     return {
         "measured_rows": int(known.sum()),
         "shorter_side_kept": _stats(shorter[kept]),
         "shorter_side_dropped": _stats(shorter[~kept]),
-        "shorter_side_buckets": {label: {"kept": int(np.sum(kept & (labels == label))),
-                                         "dropped": int(np.sum(~kept & (labels == label)))}
-                                 for labels in [np.array([_bucket_label(s, SIDE_BUCKETS) for s in shorter], dtype=object)]
-                                 for label in _ordered_labels(SIDE_BUCKETS) if np.any(labels == label)},
+        "shorter_side_buckets": _bucket_counts(shorter, kept, SIDE_BUCKETS),
         "aspect_ratio": _stats(aspect[~np.isnan(aspect)]),
         "megapixels": _stats((w[known] * h[known]) / 1e6),
         "output_sizes": _counts(final, top=10),
@@ -305,24 +332,26 @@ def caption_figures(rows: dict) -> dict:
     chars = rows["_caption_chars"]
     words = rows["_caption_words"]
     kept = rows["_kept"]
-    labels = np.array([_bucket_label(c, CAPTION_BUCKETS) for c in chars], dtype=object)
     return {
         "chars_kept": _stats(chars[kept]), "chars_dropped": _stats(chars[~kept]),
         "words_kept": _stats(words[kept]), "words_dropped": _stats(words[~kept]),
-        "char_buckets": {label: {"kept": int(np.sum(kept & (labels == label))),
-                                 "dropped": int(np.sum(~kept & (labels == label)))}
-                         for label in _ordered_labels(CAPTION_BUCKETS) if np.any(labels == label)},
+        "char_buckets": _bucket_counts(chars, kept, CAPTION_BUCKETS),
     }
 
 
 def duplicate_figures(rows: dict) -> dict:
+    survivors = rows[Col.DUPLICATE_OF]
+    reasons = rows["_reason"]
+    has_survivor = pc.fill_null(pc.not_equal(survivors, ""), False)
+    clustered = pc.and_(has_survivor, pc.is_in(reasons, value_set=pa.array(list(DUPLICATE_REASONS))))
+    grouped = pa.table({"survivor": survivors, "reason": reasons}).filter(clustered).group_by(
+        ["survivor", "reason"]).aggregate([([], "count_all")])
     clusters: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    row_dups = collections.Counter()
-    for reason, survivor in zip(rows["_reason"], rows[Col.DUPLICATE_OF]):
-        if survivor and reason in DUPLICATE_REASONS:
-            clusters[survivor][reason] += 1
-        elif survivor and reason == R.DUPLICATE_ROW.value:
-            row_dups[survivor] += 1
+    for survivor, reason, count in zip(grouped["survivor"].to_pylist(), grouped["reason"].to_pylist(),
+                                       grouped["count_all"].to_pylist()):
+        clusters[survivor][reason] += count
+    repeated = pa.table({"survivor": survivors}).filter(pc.and_(has_survivor, pc.equal(reasons, R.DUPLICATE_ROW.value)))
+    row_dups = collections.Counter(_value_counts(repeated["survivor"]) if repeated.num_rows else {})
     sizes = collections.Counter(1 + sum(c.values()) for c in clusters.values())
     largest = sorted(clusters.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:5]
     return {
@@ -344,26 +373,58 @@ def _domain(url: Optional[str]) -> str:
     return host or "(none)"
 
 
+_NETLOC = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]/?#]*\]|[^:/?#]*)"
+
+
+def domains(urls: pa.Array) -> pa.Array:
+    """`_domain` of every url, in Arrow: the host (lowercase, no port, no brackets) of an
+    http(s)-style url; urls the pattern does not take are parsed one by one."""
+    hosts = pc.utf8_lower(pc.struct_field(pc.extract_regex(pc.fill_null(urls, ""), _NETLOC), [0]))
+    hosts = pc.utf8_trim(hosts, "[]")
+    missing = pc.fill_null(pc.equal(hosts, ""), True)
+    if pc.any(missing).as_py():
+        rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+        fixed = [_domain(u) for u in urls.take(pa.array(rows)).to_pylist()]
+        values = np.asarray(pc.fill_null(hosts, "").to_pylist(), dtype=object)
+        values[rows] = fixed
+        return pa.array(values.tolist(), pa.string())
+    return hosts
+
+
+def _stages(rows: dict) -> np.ndarray:
+    """Each row's funnel stage (None for a kept row), from its reason."""
+    reasons = rows["_reason"]
+    encoded = pc.dictionary_encode(reasons).combine_chunks() if isinstance(reasons, pa.ChunkedArray) else pc.dictionary_encode(reasons)
+    stage_of = np.array([reason_stage(r) if r else None for r in encoded.dictionary.to_pylist()], dtype=object)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    return stage_of[codes] if len(stage_of) else np.full(len(codes), None, dtype=object)
+
+
 def download_figures(rows: dict) -> dict:
-    stages = [reason_stage(r) if r else None for r in rows["_reason"]]
-    failed = np.array([s in FETCH_ERROR_STAGES for s in stages], dtype=bool)
+    stages = _stages(rows)
+    failed = np.isin(stages, FETCH_ERROR_STAGES)
     # Domains are counted over rows that reached the download (input-stage drops never did).
-    attempted = np.array([s not in ("input", "captions") for s in stages], dtype=bool)
-    domains = [_domain(u) for u in rows[Col.URL]]
+    attempted = ~np.isin(stages, ("input", "captions"))
+    reasons = rows["_reason"]
+    counted = pa.table({"domain": domains(rows[Col.URL]), "reason": reasons, "failed": failed, "attempted": attempted})
     per_domain: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for domain, fail, tried, reason in zip(domains, failed, attempted, rows["_reason"]):
-        if tried:
-            per_domain[domain]["rows"] += 1
-        if fail:
-            per_domain[domain]["failures"] += 1
-            per_domain[domain]["reason:" + reason] += 1
+    tried = counted.filter(pa.array(attempted)).group_by(["domain"]).aggregate([([], "count_all")])
+    for domain, count in zip(tried["domain"].to_pylist(), tried["count_all"].to_pylist()):
+        per_domain[domain]["rows"] += count
+    failures = counted.filter(pa.array(failed)).group_by(["domain", "reason"]).aggregate([([], "count_all")])
+    for domain, reason, count in zip(failures["domain"].to_pylist(), failures["reason"].to_pylist(),
+                                     failures["count_all"].to_pylist()):
+        per_domain[domain]["failures"] += count
+        per_domain[domain]["reason:" + reason] += count
     top = sorted(((d, c) for d, c in per_domain.items() if c["failures"]), key=lambda kv: (-kv[1]["failures"], kv[0]))
-    statuses = [int(s) for s in rows[Col.HTTP_STATUS] if not np.isnan(s)]
+    statuses = rows[Col.HTTP_STATUS]
+    values, counts = np.unique(statuses[~np.isnan(statuses)].astype(np.int64), return_counts=True)
+    error_classes = collections.Counter(_value_counts(counted.filter(pa.array(failed))["reason"]) if failed.any() else {})
     return {
         "attempted": int(attempted.sum()),
         "failed": int(failed.sum()),
-        "error_classes": _counts(r for r, f in zip(rows["_reason"], failed) if f),
-        "http_status": _counts(statuses),
+        "error_classes": _counts(error_classes),
+        "http_status": _counts(collections.Counter(dict(zip(values.tolist(), counts.tolist())))),
         "top_failing_domains": [
             {"domain": d, "failures": c["failures"], "rows": c["rows"], "failure_share": _share(c["failures"], c["rows"]),
              "reasons": {k[7:]: v for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])) if k.startswith("reason:")}}
@@ -380,28 +441,45 @@ def download_figures(rows: dict) -> dict:
 def _float_array(table: pa.Table, name: str) -> np.ndarray:
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan)
-    return np.array([np.nan if v is None else float(v) for v in table.column(name).to_pylist()], dtype=float)
+    return pc.fill_null(table.column(name).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False).astype(float)
 
 
 def _str_list(table: pa.Table, name: str) -> list:
     return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
 
 
+def _column(table: pa.Table, name: str, kind=pa.string()) -> pa.Array:
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, kind)
+    values = table.column(name)
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _is_reason(rows: dict, reason: str) -> np.ndarray:
+    return pc.equal(rows["_reason"], reason).to_numpy(zero_copy_only=False)
+
+
+# a run of characters that are not whitespace by str.isspace(): what str.split() counts as words
+_WORD = "[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+"
+
+
 def ledger_columns(layout: Layout) -> tuple[pa.Table, dict]:
+    """The ledger (uid order) and its columns as the figures take them: Arrow arrays for text,
+    numpy arrays for numbers and flags (columnar: a ledger may have tens of millions of rows)."""
     table = read_table(layout.ledger_glob(), LEDGER_REPORT_COLUMNS)
     if table is None:
         table = pa.table({Col.UID: pa.array([], pa.string())})
-    table = table.sort_by([(Col.UID, "ascending")]) if table.num_rows else table
-    captions = [c or "" for c in _str_list(table, Col.CAPTION)]
+    table = table.sort_by([(Col.UID, "ascending")]).combine_chunks() if table.num_rows else table
+    captions = pc.fill_null(_column(table, Col.CAPTION), "")
     rows = {
-        Col.UID: _str_list(table, Col.UID),
-        Col.URL: _str_list(table, Col.URL),
-        Col.LANG: _str_list(table, Col.LANG),
-        Col.DUPLICATE_OF: _str_list(table, Col.DUPLICATE_OF),
-        "_reason": [r or "" for r in _str_list(table, Col.REASON)],
-        "_kept": np.array([s == Status.KEPT for s in _str_list(table, Col.STATUS)], dtype=bool),
-        "_caption_chars": np.array([len(c) for c in captions], dtype=float),
-        "_caption_words": np.array([len(c.split()) for c in captions], dtype=float),
+        Col.UID: _column(table, Col.UID),
+        Col.URL: _column(table, Col.URL),
+        Col.LANG: _column(table, Col.LANG),
+        Col.DUPLICATE_OF: _column(table, Col.DUPLICATE_OF),
+        "_reason": pc.fill_null(_column(table, Col.REASON), ""),
+        "_kept": pc.fill_null(pc.equal(_column(table, Col.STATUS), Status.KEPT), False).to_numpy(zero_copy_only=False),
+        "_caption_chars": pc.utf8_length(captions).to_numpy(zero_copy_only=False).astype(float),
+        "_caption_words": pc.count_substring_regex(captions, _WORD).to_numpy(zero_copy_only=False).astype(float),
     }
     for name in (Col.CLIP_SCORE, Col.LANG_SCORE, Col.WIDTH, Col.HEIGHT, Col.ORIGINAL_WIDTH, Col.ORIGINAL_HEIGHT,
                  Col.HTTP_STATUS):
@@ -520,10 +598,11 @@ def load_thumbnails(layout: Layout, table: pa.Table, uids: set) -> dict[str, str
     """Kept samples come from their final shard (bounded size); the others from raw/."""
     if not uids or not table.num_rows:
         return {}
-    shard_col = _str_list(table, Col.SHARD)
-    width_col = _str_list(table, Col.WIDTH)
+    wanted = table.filter(pc.is_in(table.column(Col.UID), value_set=pa.array(sorted(uids), pa.string())))
+    shard_col = _str_list(wanted, Col.SHARD)
+    width_col = _str_list(wanted, Col.WIDTH)
     index: dict[str, int] = {}
-    for i, uid in enumerate(table.column(Col.UID).to_pylist()):
+    for i, uid in enumerate(wanted.column(Col.UID).to_pylist()):
         # Repeated input rows share a uid: the row that has an image (in a shard, or decoded) wins.
         rank = (bool(shard_col[i]), width_col[i] is not None)
         if uid not in index or rank > (bool(shard_col[index[uid]]), width_col[index[uid]] is not None):
@@ -553,19 +632,23 @@ def _clip_text(text: Optional[str], limit: int = 160) -> Optional[str]:
 def pick_examples(table: pa.Table, rows: dict, summary: dict) -> dict[str, list[dict]]:
     """The lowest uids of each reason: deterministic, and early in every uid-sorted tar."""
     examples: dict[str, list[dict]] = {r: [] for r in summary["drop_reasons"]}
-    columns = {name: _str_list(table, name) for name in (Col.CAPTION, Col.ERROR_DETAIL, Col.WIDTH, Col.HTTP_STATUS,
-                                                         Col.CLIP_SCORE, Col.LANG)}
-    for i, reason in enumerate(rows["_reason"]):  # rows are in uid order
-        bucket = examples.get(reason)
-        if bucket is None or len(bucket) >= EXAMPLES_PER_REASON or rows["_kept"][i]:
+    dropped = ~rows["_kept"]
+    for reason in examples:
+        chosen = np.flatnonzero(_is_reason(rows, reason) & dropped)[:EXAMPLES_PER_REASON]
+        if not len(chosen):
             continue
-        clip = columns[Col.CLIP_SCORE][i]
-        bucket.append({
-            "uid": rows[Col.UID][i], "url": _clip_text(rows[Col.URL][i]), "caption": _clip_text(columns[Col.CAPTION][i]),
-            "detail": _clip_text(columns[Col.ERROR_DETAIL][i]), "http_status": columns[Col.HTTP_STATUS][i],
-            "lang": columns[Col.LANG][i], "clip_score": _r(clip) if clip is not None else None,
-            "duplicate_of": rows[Col.DUPLICATE_OF][i], "image_stored": columns[Col.WIDTH][i] is not None,
-        })
+        picked = table.take(pa.array(chosen))
+        columns = {name: _str_list(picked, name) for name in (Col.UID, Col.URL, Col.CAPTION, Col.ERROR_DETAIL, Col.WIDTH,
+                                                               Col.HTTP_STATUS, Col.CLIP_SCORE, Col.LANG, Col.DUPLICATE_OF)}
+        for i in range(len(chosen)):
+            clip = columns[Col.CLIP_SCORE][i]
+            examples[reason].append({
+                "uid": columns[Col.UID][i], "url": _clip_text(columns[Col.URL][i]),
+                "caption": _clip_text(columns[Col.CAPTION][i]), "detail": _clip_text(columns[Col.ERROR_DETAIL][i]),
+                "http_status": columns[Col.HTTP_STATUS][i], "lang": columns[Col.LANG][i],
+                "clip_score": _r(clip) if clip is not None else None,
+                "duplicate_of": columns[Col.DUPLICATE_OF][i], "image_stored": columns[Col.WIDTH][i] is not None,
+            })
     return examples
 
 
@@ -574,21 +657,22 @@ def pick_hard_negatives(layout: Layout) -> tuple[dict, list[dict]]:
     stats = {"available": False, "anchors_with_negatives": 0, "negatives_by_kind": {}}
     if table is None or Col.HARD_NEGATIVES not in table.column_names or not table.num_rows:
         return stats, []
-    table = table.sort_by([(Col.KEY, "ascending")])
-    kinds = collections.Counter()
+    table = table.sort_by([(Col.KEY, "ascending")]).combine_chunks()
+    negatives = table.column(Col.HARD_NEGATIVES)
+    lengths = pc.fill_null(pc.list_value_length(negatives), 0).to_numpy(zero_copy_only=False)
+    stats["anchors_with_negatives"] = int(np.sum(lengths > 0))
+    kinds = pc.fill_null(pc.struct_field(pc.list_flatten(negatives), Col.NEGATIVE_KIND), "unknown")
+    stats["negatives_by_kind"] = _counts(collections.Counter(_value_counts(kinds)) if len(kinds) else collections.Counter())
     triples = []
-    for key, caption, negatives in zip(table.column(Col.KEY).to_pylist(), table.column(Col.CAPTION).to_pylist(),
-                                       table.column(Col.HARD_NEGATIVES).to_pylist()):
-        if not negatives:
-            continue
-        stats["anchors_with_negatives"] += 1
-        kinds.update(n.get(Col.NEGATIVE_KIND) or "unknown" for n in negatives)
+    candidates = table.take(pa.array(np.flatnonzero(lengths > 0)[:64]))
+    for key, caption, listed in zip(candidates.column(Col.KEY).to_pylist(), candidates.column(Col.CAPTION).to_pylist(),
+                                    candidates.column(Col.HARD_NEGATIVES).to_pylist()):
         if len(triples) >= HARD_NEGATIVE_TRIPLES:
-            continue
+            break
 
         def first(accepted):
             for kind in accepted:
-                for n in negatives:
+                for n in listed:
                     if n.get(Col.NEGATIVE_KIND) == kind:
                         return {"uid": n.get(Col.NEGATIVE_UID), "caption": _clip_text(n.get(Col.NEGATIVE_CAPTION)),
                                 "score": _r(n[Col.NEGATIVE_SCORE]) if n.get(Col.NEGATIVE_SCORE) is not None else None,
@@ -600,7 +684,6 @@ def pick_hard_negatives(layout: Layout) -> tuple[dict, list[dict]]:
             triples.append({"anchor": {"uid": key, "caption": _clip_text(caption)},
                             "image_negative": image_negative, "caption_negative": caption_negative})
     stats["available"] = stats["anchors_with_negatives"] > 0
-    stats["negatives_by_kind"] = _counts(kinds)
     return stats, triples
 
 
@@ -613,8 +696,7 @@ def build_summary(layout: Layout, accounting: dict, infos: dict) -> tuple[dict, 
     """(summary, ledger table, ledger columns, config): everything the page shows is in summary."""
     table, rows = ledger_columns(layout)
     config, differing = run_config(infos)
-    alive = int(np.sum(rows["_kept"] | np.array([reason_stage(r) in ("filters", "dedup") for r in rows["_reason"]],
-                                                 dtype=bool))) if table.num_rows else 0
+    alive = int(np.sum(rows["_kept"] | np.isin(_stages(rows), ("filters", "dedup")))) if table.num_rows else 0
     phases, timings = phase_figures(infos, accounting, alive)
     negatives_stats, triples = pick_hard_negatives(layout)
     summary = dict(accounting)
@@ -757,6 +839,9 @@ def plot_languages(languages: dict) -> Optional[str]:
     return _png(fig)
 
 
+_SCATTER_POINTS = 20_000
+
+
 def plot_image_sizes(rows: dict) -> Optional[str]:
     w, h = rows[Col.ORIGINAL_WIDTH], rows[Col.ORIGINAL_HEIGHT]
     known = ~np.isnan(w) & ~np.isnan(h) & (w > 0) & (h > 0)
@@ -764,6 +849,9 @@ def plot_image_sizes(rows: dict) -> Optional[str]:
         return None
     kept = rows["_kept"][known]
     w, h = w[known], h[known]
+    if len(w) > _SCATTER_POINTS:  # evenly spaced rows (uid order): the same picture, drawable in a moment
+        chosen = np.linspace(0, len(w) - 1, _SCATTER_POINTS).astype(np.int64)
+        w, h, kept = w[chosen], h[chosen], kept[chosen]
     fig = _figure(8.0, 3.4)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ax1.scatter(w[kept], h[kept], s=8, alpha=0.5, color=KEPT_COLOUR, label="kept")

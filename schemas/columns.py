@@ -76,6 +76,8 @@ class Col:
 
     # in-flight only (never written to a table): the image bytes between fetch stages
     IMAGE_BYTES = "image_bytes"
+    # in-flight only: a row's destination in a columnar shuffle through files (transforms/spill.py)
+    PARTITION = "_partition"
 
 
 class Status:

@@ -90,3 +90,49 @@ def demo_output(server, tmp_path_factory):
     )
     assert code == 0
     return out
+
+
+def write_features(records: list[dict], directory: Path, files: int = 1) -> None:
+    """Feature records (dicts keyed by Col names; status kept unless given) as a features table of
+    `files` Parquet files under directory/features, the way the fetch phase leaves it."""
+    import pyarrow.parquet as pq
+
+    from schemas import FEATURES_SCHEMA, Col, Status, to_table
+
+    (directory / "features").mkdir(parents=True, exist_ok=True)
+    full = []
+    for index, record in enumerate(records):
+        row = {Col.STATUS: Status.KEPT, Col.SOURCE_FILE: "rows.csv", Col.SOURCE_ROW: index}
+        row.update(record)
+        full.append(row)
+    for part in range(files):
+        chunk = full[part::files]
+        pq.write_table(to_table(chunk, FEATURES_SCHEMA), directory / "features" / f"survivors-{part:05d}.parquet",
+                       row_group_size=64)
+
+
+def run_decide(records: list[dict], directory: Path, **config) -> tuple[dict, dict]:
+    """The decide phase (in-process) on feature records -> ({uid: decision row}, {counter: value})."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import CurateConfig
+    from pipeline.decide import build_decide
+    from pipeline.layout import Layout
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_features(records, directory)
+    settings = {"clip_threshold": -1.0}
+    settings.update(config)
+    layout = Layout(str(directory))
+    pipeline = in_process_pipeline()
+    build_decide(pipeline, CurateConfig(output=str(directory), **settings), layout)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {}
+    for counter in result.metrics().query()["counters"]:
+        counters[counter.key.metric.name] = counters.get(counter.key.metric.name, 0) + counter.committed
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(f"{directory}/decisions/*.parquet"))])
+    return {row["uid"]: row for row in table.to_pylist()}, counters

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.testing.util import assert_that
 
 from pipeline import synthetic
 from pipeline.config import CurateConfig
-from pipeline.decide import apply_filters
 from pipeline.tiny_clip import TINY_CLIP_NAME, ensure_tiny_clip
 from schemas import Col, DropReason, Status
 from transforms import clip_score
@@ -25,6 +24,7 @@ from transforms.clip_score import (
     OpenClipModelHandler,
     load_open_clip,
 )
+from tests.conftest import run_decide
 from transforms.clip_filter import model_id, quantile_cutoff
 
 
@@ -202,48 +202,35 @@ def test_clip_scoring_transform_scores_drops_corrupt_and_loads_once(checkpoint):
 
 def _features(scores, langs=None):
     langs = langs or ["en"] * len(scores)
-    return [{Col.UID: f"f{i:03d}", Col.CLIP_SCORE: s, Col.LANG: lang} for i, (s, lang) in enumerate(zip(scores, langs))]
+    return [{Col.UID: f"{i:032x}", Col.CLIP_SCORE: s, Col.LANG: lang, Col.CAPTION: "a caption"}
+            for i, (s, lang) in enumerate(zip(scores, langs))]
 
 
-def _clip_drops(features):
-    """The decide phase's per-sample filters (language is off): {uid, reason} per CLIP drop."""
-    return features | beam.MapTuple(lambda uid, drop: {Col.UID: uid, Col.REASON: drop[Col.REASON]})
+def _dropped_uids(features, config_overrides, directory) -> list:
+    """The decide phase's per-sample filters (language is off): the uids dropped for their CLIP score."""
+    decisions, _ = run_decide(features, directory, negatives_k=0, negatives_captions=False, **config_overrides)
+    return sorted(uid for uid, row in decisions.items() if row[Col.REASON] == DropReason.LOW_CLIP_SCORE.value)
 
 
-def _dropped_uids(features, config, expected):
-    with TestPipeline(runner=FnApiRunner()) as p:
-        _, drops = apply_filters(p | beam.Create(features), config)
-        assert_that(_clip_drops(drops), equal_to([{Col.UID: u, Col.REASON: DropReason.LOW_CLIP_SCORE.value} for u in expected]))
-
-
-def test_filter_absolute_threshold_skips_missing_scores():
+def test_filter_absolute_threshold_skips_missing_scores(tmp_path):
     features = _features([0.35, 0.27, 0.28, None, 0.10])
-    _dropped_uids(features, _config(clip_threshold=0.28), ["f001", "f004"])
+    assert _dropped_uids(features, dict(clip_threshold=0.28), tmp_path) == [f"{1:032x}", f"{4:032x}"]
 
 
-def test_filter_per_language_thresholds_fall_back_to_default():
+def test_filter_per_language_thresholds_fall_back_to_default(tmp_path):
     features = _features([0.22, 0.22, 0.22, 0.30], ["en", "de", None, "fr"])
-    config = _config(clip_threshold=0.25, clip_thresholds_per_lang={"de": 0.20, "fr": 0.31})
-    _dropped_uids(features, config, ["f000", "f002", "f003"])
+    config = dict(clip_threshold=0.25, clip_thresholds_per_lang={"de": 0.20, "fr": 0.31})
+    assert _dropped_uids(features, config, tmp_path) == [f"{i:032x}" for i in (0, 2, 3)]
 
 
-def test_filter_keep_top_percent_is_global():
+def test_filter_keep_top_percent_is_global(tmp_path):
     scores = [round(0.01 * i, 2) for i in range(200)]  # 0.00 .. 1.99
     features = _features(scores)
-    config = _config(clip_keep_top_percent=25.0, clip_threshold=0.0)
-    # global cut at the 75th percentile (~1.49): about 150 of 200 dropped, whatever the sharding
-    expected = [f[Col.UID] for f in features if f[Col.CLIP_SCORE] < 1.4925]
-    with TestPipeline(runner=FnApiRunner()) as p:
-        # scatter across bundles: the cut must not be per bundle
-        _, drops = apply_filters(p | beam.Create(features) | beam.Reshuffle(), config)
-        drops = _clip_drops(drops)
-
-        def check(rows):
-            uids = sorted(r[Col.UID] for r in rows)
-            assert abs(len(uids) - 150) <= 2
-            assert set(uids) <= set(expected) | {f"f{i:03d}" for i in range(148, 152)}
-
-        assert_that(drops, check)
+    # global cut at the 75th percentile (~1.49): about 150 of 200 dropped, whatever the files
+    expected = {f[Col.UID] for f in features if f[Col.CLIP_SCORE] < 1.4925}
+    uids = _dropped_uids(features, dict(clip_keep_top_percent=25.0, clip_threshold=0.0), tmp_path)
+    assert abs(len(uids) - 150) <= 2
+    assert set(uids) <= expected | {f"{i:032x}" for i in range(148, 152)}
 
 
 def test_config_fields_exist():

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import apache_beam as beam
 import pytest
-from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import CurateConfig
-from pipeline.decide import apply_filters
-from schemas import Col, DropReason
-from tests.conftest import in_process_pipeline
+from pipeline.decide import filter_reasons
+from schemas import Col, DropReason, to_table, FEATURES_SCHEMA
+from tests.conftest import run_decide
 from transforms.clip_filter import clip_drop_reason
 
 
@@ -29,39 +27,33 @@ def test_clip_drop_reason_modes():
 
 
 def test_filters_pass_survivors_and_give_each_drop_its_first_reason():
-    config = CurateConfig(languages=["en"], clip_threshold=0.3)
+    config = CurateConfig(languages=["en"], clip_threshold=0.3, clip_thresholds_per_lang={"de": 0.95})
     records = [
         _record("pass", "en", 0.5),
         _record("no_score", "en", None),
         _record("french_low", "fr", 0.1),  # fails both: the language filter comes first
         _record("german", "de", 0.9),
         _record("english_low", "en", 0.1),
+        _record("no_lang", None, 0.9),  # "und" is not wanted either
     ]
-    with in_process_pipeline() as p:
-        remaining, drops = apply_filters(p | beam.Create(records), config)
-        assert_that(remaining | beam.Map(lambda r: r[Col.UID]), equal_to(["pass", "no_score"]), label="remaining")
-        assert_that(
-            drops | beam.MapTuple(lambda uid, drop: (uid, drop[Col.REASON])),
-            equal_to([
-                ("french_low", DropReason.LANGUAGE_NOT_WANTED.value),
-                ("german", DropReason.LANGUAGE_NOT_WANTED.value),
-                ("english_low", DropReason.LOW_CLIP_SCORE.value),
-            ]),
-            label="drops",
-        )
+    table = to_table(records, FEATURES_SCHEMA)
+    reasons = filter_reasons(table, config, None).tolist()
+    assert reasons == [None, None, DropReason.LANGUAGE_NOT_WANTED.value, DropReason.LANGUAGE_NOT_WANTED.value,
+                       DropReason.LOW_CLIP_SCORE.value, DropReason.LANGUAGE_NOT_WANTED.value]
+    # the batch form decides as the per-record functions do
+    for record, reason in zip(records, reasons):
+        expected = clip_drop_reason(record, CurateConfig(clip_threshold=0.3, clip_thresholds_per_lang={"de": 0.95}))
+        if reason != DropReason.LANGUAGE_NOT_WANTED.value:
+            assert reason == (expected.value if expected else None)
 
 
 @pytest.mark.parametrize("top_percent", [25.0, 100.0])
-def test_top_percent_cut_is_global_across_bundles(top_percent):
-    config = CurateConfig(clip_keep_top_percent=top_percent, clip_threshold=0.9)
-    records = [_record(f"r{i:03d}", "en", round(0.01 * i, 2)) for i in range(200)]
-    expected_kept = round(200 * top_percent / 100)
-    with in_process_pipeline() as p:
-        remaining, _ = apply_filters(p | beam.Create(records) | beam.Reshuffle(), config)
-
-        def check(rows):
-            scores = sorted(r[Col.CLIP_SCORE] for r in rows)
-            assert abs(len(scores) - expected_kept) <= 2
-            assert scores[-1] == pytest.approx(1.99)  # the best are the ones kept
-
-        assert_that(remaining, check)
+def test_top_percent_cut_is_global_across_files(tmp_path, top_percent):
+    records = [dict(_record(f"{i:032x}", "en", round(0.01 * i, 2)), **{Col.CAPTION: "a caption"}) for i in range(200)]
+    decisions, _ = run_decide(records, tmp_path, clip_keep_top_percent=top_percent, clip_threshold=0.9,
+                              negatives_k=0, negatives_captions=False)
+    kept = sorted(round(0.01 * int(uid, 16), 2) for uid, row in decisions.items() if row[Col.STATUS] == "kept")
+    assert abs(len(kept) - round(200 * top_percent / 100)) <= 2
+    assert kept[-1] == pytest.approx(1.99)  # the best are the ones kept
+    dropped = {row[Col.REASON] for row in decisions.values() if row[Col.STATUS] == "dropped"}
+    assert dropped <= {DropReason.LOW_CLIP_SCORE.value}

@@ -1,5 +1,5 @@
-"""Dedup: pure functions (banding, hamming, union-find, survivor rule, blank, mirror) and the
-Deduplicate PTransform on small hand-made feature records."""
+"""Dedup: pure functions (banding, hamming, union-find, survivor rule, blank, mirror) and the decide
+phase's dedup on small hand-made feature records (over all samples, and inside CLIP groups)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,17 @@ import hashlib
 import io
 import random
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from pipeline import synthetic
-from pipeline.config import CurateConfig
 from schemas import Col, DropReason
-from tests.conftest import in_process_pipeline
+from tests.conftest import run_decide
 from transforms import dedup
 from transforms.dedup import (
     DESCRIPTOR_BYTES,
     BucketStats,
-    Deduplicate,
     UnionFind,
     band_keys,
     band_masks,
@@ -223,7 +217,7 @@ def test_verification_prefers_embeddings_when_both_exist():
 
 
 # ---------------------------------------------------------------------------------------------
-# Deduplicate PTransform
+# the decide phase's dedup
 # ---------------------------------------------------------------------------------------------
 
 
@@ -245,12 +239,31 @@ def record(uid, image=None, *, sha=None, phash=None, size=(320, 240), clip=None,
 
 
 
+_DEDUP_ONLY = {"negatives_k": 0, "negatives_captions": False}
+
+
+def dedup_drops(records, directory, **config) -> tuple[list, dict]:
+    """The decide phase with dedup only -> (sorted drops as dicts, counters)."""
+    decisions, counters = run_decide(records, directory, **{**_DEDUP_ONLY, **config})
+    drops = [
+        {Col.UID: uid, Col.DUPLICATE_OF: row[Col.DUPLICATE_OF], Col.REASON: row[Col.REASON]}
+        for uid, row in sorted(decisions.items())
+        if row[Col.REASON] in (DropReason.DUPLICATE_EXACT.value, DropReason.DUPLICATE_NEAR.value)
+    ]
+    return drops, counters
+
+
+_RUNS = iter(range(10**6))
+
+
 def decide(records, expected, **config):
-    cfg = CurateConfig(**config)
-    p = TestPipeline(runner=FnApiRunner())
-    out = p | beam.Create(records) | Deduplicate(cfg)
-    assert_that(out, equal_to(expected))
-    return p.run()
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as directory:
+        drops, counters = dedup_drops(records, Path(directory) / f"run{next(_RUNS)}", **config)
+    assert drops == sorted(expected, key=lambda d: d[Col.UID])
+    return counters
 
 
 def drop(uid, of, reason):
@@ -325,18 +338,26 @@ def test_oversize_bucket_is_split_counted_and_nothing_truncated():
         records.append(record(f"k{i:03d}", phash=f"{value:016x}", size=(200, 200)))
         records.append(record(f"z{i:03d}", phash=f"{value ^ 0b101:016x}", size=(100, 100)))
         expected.append(drop(f"z{i:03d}", f"k{i:03d}", NEAR))
-    result = decide(records, expected, dedup_max_bucket=16)
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
-    assert counters["oversize_buckets"] >= 1
+    counters = decide(records, expected, dedup_max_bucket=16)
     assert counters["near_duplicates"] == 60
+
+
+def test_oversize_buckets_are_split_without_losing_a_pair():
+    # near_pairs itself: one huge bucket split again on its free bits finds what brute force finds
+    rng = random.Random(4)
+    values = np.array(sorted({(0xFF << 56) | rng.getrandbits(56) for _ in range(400)}), dtype=np.uint64)
+    values = np.concatenate([values, values[:100] ^ np.uint64(0b1011)])
+    stats = BucketStats()
+    split = {tuple(p) for p in near_pairs(values, 8, 16, 0, stats).tolist()}
+    brute = {tuple(p) for p in near_pairs(values, 8, 10**9).tolist()}
+    assert stats.oversize >= 1 and split == brute and len(brute) >= 100
 
 
 def test_identical_hashes_are_chained_not_cliqued():
     value = 0x0123_4567_89AB_CDEF
     records = [record(f"m{i:02d}", phash=f"{value:016x}", size=(100, 100)) for i in range(30)]
     expected = [drop(f"m{i:02d}", "m00", NEAR) for i in range(1, 30)]
-    result = decide(records, expected)
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    counters = decide(records, expected)
     assert counters["candidate_edges"] == 29  # a path, not 435 clique edges
 
 
@@ -362,11 +383,8 @@ def _fetched(uid: str, image: Image.Image, quality: int = 90) -> dict:
     }
 
 def assert_dedup_decisions(records: list[dict], expected: list[dict]) -> None:
-    """Run the Beam Deduplicate transform (default config) and compare its drop decisions."""
-    p = in_process_pipeline()
-    out = p | beam.Create(records) | Deduplicate(CurateConfig())
-    assert_that(out, equal_to(expected))
-    p.run()
+    """Run the decide phase's dedup (default config) and compare its drop decisions."""
+    decide(records, expected)
 
 
 def _fetched_all(images: dict) -> list[dict]:

@@ -200,6 +200,18 @@ def test_each_phase_of_a_run_has_a_process_of_its_own(demo_output):
     assert all(info["cpu_seconds"] > 0 for info in infos)  # measured in the phase's own process
 
 
+def test_decide_and_write_record_time_and_memory_per_pass(demo_output):
+    from pipeline import decide, write
+
+    layout = Layout(str(demo_output))
+    for phase, passes in (("decide", decide.PASSES), ("write", write.PASSES)):
+        records = layout.read_phase_info(phase)["passes"]
+        assert list(records) == [name for name, _ in passes]  # every pass ran, in order
+        for name, record in records.items():
+            assert record["rows"] > 0 and record["seconds"] >= 0 and record["peak_rss_mb"] > 0, (phase, name)
+    assert not (demo_output / "work").exists()  # the columnar shuffles' files are gone
+
+
 def test_a_phase_that_fails_in_its_process_fails_the_run(demo_output, tmp_path, capfd):
     out = tmp_path / "broken"
     code = run_cli("run", "--input", f"{demo_output}/shards/*.tar", "--output", str(out),

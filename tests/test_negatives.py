@@ -1,25 +1,15 @@
-"""Hard negatives: one-edit caption rules (pure) and MineHardNegatives (exact and partitioned paths)."""
+"""Hard negatives: one-edit caption rules (pure), the neighbour search inside a group (pure) and
+the decide phase's mining (one exact group, and the partitioned groups of a large dataset)."""
 
 from __future__ import annotations
 
-import functools
-import pickle
-
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.testing.util import assert_that
 
-from pipeline.config import build_config
 from schemas import Col
-from tests.conftest import in_process_pipeline
-from transforms.negatives import (
-    MineHardNegatives,
-    caption_negatives,
-    exact_neighbours,
-    members_of,
-    top_k,
-)
+from tests.conftest import run_decide
+from transforms import neighbours as nn
+from transforms.negatives import caption_negatives
 
 # ---------------------------------------------------------------- caption negatives (pure)
 
@@ -97,131 +87,148 @@ def test_huge_caption_is_cheap_and_safe():
 # ---------------------------------------------------------------- neighbour search (pure)
 
 
-def _member(uid, vector, caption=None, phash=None):
-    return members_of({Col.UID: uid, Col.CAPTION: caption or f"caption {uid}", Col.IMAGE_EMBEDDING: vector, Col.PHASH: phash})["image"]
+def _pool(vectors, captions, phashes=None, mirrors=None):
+    """A Pool from rows as the decide phase makes them (uid order = index order)."""
+    units, valid = nn.unit_rows(np.asarray(vectors, dtype=np.float32), np.ones(len(vectors), bool))
+    assert valid.all()
+    phashes = phashes or [None] * len(vectors)
+    mirrors = mirrors or [None] * len(vectors)
+    hashes = np.array([[int(p or "0", 16), int(m or "0", 16)] for p, m in zip(phashes, mirrors)], dtype=np.uint64)
+    present = np.array([[p is not None, m is not None] for p, m in zip(phashes, mirrors)], dtype=bool)
+    return nn.Pool(nn.search_vectors(units), np.array([nn.caption_id(c) for c in captions], dtype=np.uint64),
+                   hashes, present)
 
 
-def test_exact_neighbours_skip_self_ceiling_phash_and_same_caption():
-    base = np.zeros(8, np.float32)
-    base[0] = 1.0
-
+def test_neighbours_skip_self_ceiling_phash_and_same_caption():
     def near(cos, axis):
         v = np.zeros(8, np.float32)
         v[0], v[axis] = cos, np.sqrt(1 - cos**2)
         return v
 
-    anchor = _member("a", base, phash="0000000000000000")
-    pool = [
-        anchor,
-        _member("copy", near(0.99, 1)),  # above the ceiling
-        _member("phash", near(0.9, 2), phash="0000000000000003"),  # 2 bits from the anchor
-        _member("same", near(0.89, 3), caption="caption a"),  # same caption as the anchor
-        _member("n1", near(0.8, 4)),
-        _member("n2", near(0.7, 5)),
-        _member("n3", near(0.6, 6)),
-        _member("n4", near(0.5, 7)),
+    base = near(1.0, 1)
+    rows = [
+        (base, "caption a", "0000000000000000"),
+        (near(0.99, 1), "copy", None),  # above the ceiling
+        (near(0.9, 2), "phash", "0000000000000003"),  # 2 bits from the anchor
+        (near(0.89, 3), "Caption  A!", None),  # the same caption, once normalised
+        (near(0.8, 4), "n1", None),
+        (near(0.7, 5), "n2", None),
+        (near(0.6, 6), "n3", None),
+        (near(0.5, 7), "n4", None),
     ]
-    found = exact_neighbours([anchor], pool, k=3, ceiling=0.95, radius=8)["a"]
-    assert [uid for _, uid, _ in found] == ["n1", "n2", "n3"]
-    assert found[0][0] == pytest.approx(0.8, abs=1e-3)
+    pool = _pool([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    found, scores = nn.group_neighbours(pool, np.array([0]), 3, 0.95, 8)
+    assert found[0].tolist() == [4, 5, 6]
+    assert scores[0, 0] == pytest.approx(0.8, abs=1e-3)
+    # fewer valid candidates than k: padded
+    found, scores = nn.group_neighbours(pool, np.array([0]), 6, 0.95, 8)
+    assert found[0].tolist()[:4] == [4, 5, 6, 7] and found[0, 4] == -1 and np.isnan(scores[0, 5])
 
 
-def _brute_force_neighbours(anchor, pool, k, ceiling, radius):
-    """Reference: every pair scored in float64, filtered, sorted by (-cosine, uid)."""
-    from transforms.negatives import normalised_caption, too_close
-
-    def unit(member):
-        v = np.frombuffer(member[2], dtype=np.float16).astype(np.float32)
-        return (v / np.linalg.norm(v)).astype(np.float64)
-
+def _brute_force(pool, query, k, ceiling, radius):
+    """Reference: every pair scored in float64, filtered, sorted by (-cosine, index)."""
+    vectors = pool.vectors.astype(np.float64)
     kept = []
-    for other in pool:
-        score = float(unit(other) @ unit(anchor))
-        if other[0] == anchor[0] or score > ceiling or too_close(anchor, other, radius):
+    for j in range(len(pool)):
+        score = float((vectors[j] * vectors[query]).sum())
+        if j == query or score > ceiling or pool.caption_ids[j] == pool.caption_ids[query]:
             continue
-        if normalised_caption(other[1]) == normalised_caption(anchor[1]):
+        if nn.near_copies(pool.hashes[[query]], pool.present[[query]], pool.hashes[[j]][None], pool.present[[j]][None],
+                          radius)[0, 0]:
             continue
-        kept.append((score, other[0]))
+        kept.append((score, j))
     return sorted(kept, key=lambda c: (-c[0], c[1]))[:k]
 
 
-def test_exact_neighbours_match_brute_force_in_a_crowded_space():
+def test_neighbours_match_brute_force_in_a_crowded_space():
     # A tight cluster where ~40% of pairs sit above the ceiling (the random-weights case), and a
     # looser one sharing one caption, whose valid neighbours lie 30-80 candidates deep (past the
     # first depth); some rows share a pHash.
     rng = np.random.default_rng(3)
     centre, other_centre = rng.normal(size=32), rng.normal(size=32)
-    pool = []
+    vectors, captions, phashes = [], [], []
     for i in range(400):
         if i % 4 == 0:
-            vector, caption = other_centre + 0.25 * rng.normal(size=32), "the same caption"
+            vectors.append(other_centre + 0.25 * rng.normal(size=32))
+            captions.append("the same caption")
         else:
-            vector, caption = centre + (0.1 if i % 5 else 0.5) * rng.normal(size=32), f"caption {i}"
-        phash = "0" * 16 if i % 11 == 0 else f"{int(rng.integers(1, 2**62)):016x}"
-        pool.append(_member(f"u{i:03d}", vector.astype(np.float32), caption=caption, phash=phash))
-    queries = pool[::9]
-    found = exact_neighbours(queries, pool, k=3, ceiling=0.95, radius=8)
-    assert set(found) == {q[0] for q in queries}
-    for query in queries:
-        expected = _brute_force_neighbours(query, pool, 3, 0.95, 8)
+            vectors.append(centre + (0.1 if i % 5 else 0.5) * rng.normal(size=32))
+            captions.append(f"caption {i}")
+        phashes.append("0" * 16 if i % 11 == 0 else f"{int(rng.integers(1, 2**62)):016x}")
+    pool = _pool(vectors, captions, phashes)
+    queries = np.arange(0, 400, 9)
+    found, scores = nn.group_neighbours(pool, queries, 3, 0.95, 8)
+    for row, query in enumerate(queries.tolist()):
+        expected = _brute_force(pool, query, 3, 0.95, 8)
         assert len(expected) == 3
-        assert [uid for _, uid, _ in found[query[0]]] == [uid for _, uid in expected]
-        assert [score for score, _, _ in found[query[0]]] == pytest.approx([s for s, _ in expected], abs=1e-6)
+        assert found[row].tolist() == [j for _, j in expected]
+        assert scores[row].tolist() == pytest.approx([s for s, _ in expected], abs=1e-6)
 
 
-def test_near_copies_agree_with_too_close_pair_by_pair():
-    # the block search's array form of the pHash rule, against the per-pair rule, missing hashes included
-    from transforms.negatives import _hash_arrays, _near_copies, too_close
-
+def test_near_copies_agree_with_the_rule_pair_by_pair():
+    # the array form of the pHash rule against a plain loop, missing hashes and radius -1 included
     rng = np.random.default_rng(5)
     base = int(rng.integers(0, 2**63))
-    members = []
+    hashes, present = [], []
     for i in range(40):
         flips = sum(1 << int(b) for b in rng.choice(64, size=int(rng.integers(0, 16)), replace=False))
-        phash = None if i % 7 == 3 else f"{base ^ flips:016x}"
-        mirror = None if i % 5 == 1 else f"{int(rng.integers(0, 2**63)) | (1 << 63):016x}"
-        members.append(members_of({Col.UID: f"u{i}", Col.CAPTION: f"c {i}", Col.IMAGE_EMBEDDING: [1.0, 0.0],
-                                   Col.PHASH: phash, Col.PHASH_MIRROR: mirror})["image"])
-    hashes, present = _hash_arrays(members)
-    candidates = np.tile(np.arange(len(members)), (len(members), 1))
+        hashes.append([base ^ flips, int(rng.integers(0, 2**63)) | (1 << 63)])
+        present.append([i % 7 != 3, i % 5 != 1])
+    hashes, present = np.array(hashes, dtype=np.uint64), np.array(present, dtype=bool)
+    candidates = np.tile(np.arange(40), (40, 1))
     for radius in (-1, 0, 8):
-        near = _near_copies(hashes, present, hashes[candidates], present[candidates], radius)
-        expected = [[too_close(a, b, radius) for b in members] for a in members]
+        near = nn.near_copies(hashes, present, hashes[candidates], present[candidates], radius)
+        expected = [[radius >= 0 and bool(present[a, 0]) and any(
+            present[a, m] and present[b, t] and bin(int(hashes[a, m]) ^ int(hashes[b, t])).count("1") <= radius
+            for m in (0, 1) for t in (0, 1)) for b in range(40)] for a in range(40)]
         assert near.tolist() == expected
         if radius == 8:
             assert 0 < near.sum() < near.size  # both outcomes are exercised
 
 
-def test_centroids_and_assignment_are_deterministic():
-    from transforms.negatives import _sample_key, assign, train_centroids
-
-    members = [members_of(r)["image"] for r in _planted(count=120)]
-    sample = [_sample_key(m) for m in reversed(members)]  # arrival order must not matter
-    first = train_centroids(sample, count=120, exact_max=0, centroids=6, group_size=0)
-    again = train_centroids(list(reversed(sample)), count=120, exact_max=0, centroids=6, group_size=0)
-    assert first.shape == (6, 32) and np.array_equal(first, again)
-    assert assign(members, first, 2) == assign(members, again, 2)
-    assert train_centroids(sample, count=120, exact_max=120, centroids=6, group_size=0) is None  # small: exact
-
-
-def test_top_k_ties_broken_by_uid_and_deduplicated():
-    got = top_k([(0.5, "b", ""), (0.5, "a", ""), (0.5, "a", ""), (0.9, "c", "")], 3)
-    assert [c[1] for c in got] == ["c", "a", "b"]
+def test_unit_rows_match_a_lone_vectors_norm_bit_for_bit():
+    rng = np.random.default_rng(9)
+    values = rng.normal(size=(300, 64)).astype(np.float16)
+    values[5] = 0  # zero: no vector
+    values[7, 3] = np.inf  # not finite: no vector
+    units, valid = nn.unit_rows(values, np.ones(300, bool))
+    assert not valid[5] and not valid[7] and valid.sum() == 298
+    for i in np.flatnonzero(valid).tolist():
+        vector = values[i].astype(np.float32)
+        assert np.array_equal(units[i], (vector / np.linalg.norm(vector)).astype(np.float16))
 
 
-# ---------------------------------------------------------------- MineHardNegatives (Beam)
+def test_groups_and_assignment_are_deterministic_and_batch_independent():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(40, 32))
+    points = nn.search_vectors(nn.unit_rows(centres[rng.integers(0, 40, 4000)] + 0.3 * rng.normal(size=(4000, 32)),
+                                            np.ones(4000, bool))[0])
+    first = nn.train_partitioning(points, 4000, group_size=100, partition_rows=1000)
+    again = nn.train_partitioning(points.copy(), 4000, group_size=100, partition_rows=1000)
+    assert first.partitions == 4 and 30 <= first.groups <= 50
+    assert np.array_equal(first.fine, again.fine) and np.array_equal(first.fine_parent, again.fine_parent)
+    whole = nn.assign_groups(points, first, 2)
+    pieces = np.concatenate([nn.assign_groups(points[i:i + 333], first, 2) for i in range(0, 4000, 333)])
+    assert np.array_equal(whole, pieces)  # a sample's groups never depend on its batch
+    assert (whole[:, 0] != whole[:, 1]).all()
+    # the home group is the nearest fine centroid under the two nearest coarse ones
+    best = np.argmax(points @ first.fine.T, axis=1)
+    assert (whole[:, 0] == best).mean() > 0.97
 
 
-def _planted(count=240, dim=32, seed=0):
+# ---------------------------------------------------------------- the decide phase's mining
+
+
+def _planted(count=240, dim=32, seed=0, spread=0.5):
     """Clusters of 6 around random centres: each sample's true neighbours are its cluster mates."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(count // 6, dim))
     records = []
     for i in range(count):
-        image = centres[i // 6] + 0.5 * rng.normal(size=dim)
-        text = centres[i // 6] + 0.5 * rng.normal(size=dim)
+        image = centres[i // 6] + spread * rng.normal(size=dim)
+        text = centres[i // 6] + spread * rng.normal(size=dim)
         records.append({
-            Col.UID: f"u{i:04d}",
+            Col.UID: f"{i:032x}",
             Col.CAPTION_CLEAN: f"a red car number {i}",
             Col.PHASH: f"{rng.integers(0, 2**63):016x}",
             Col.IMAGE_EMBEDDING: (image / np.linalg.norm(image)).astype(np.float16).tolist(),
@@ -230,20 +237,12 @@ def _planted(count=240, dim=32, seed=0):
     return records
 
 
-def _save(items, path):
-    # the runner pickles the matcher, so results travel through a file, not a closure
-    with open(path, "wb") as handle:
-        pickle.dump(dict(items), handle)
+_MINING_ONLY = {"dedup_exact": False, "dedup_near": False}
 
 
-def _run(records, tmp_path, **overrides):
-    config = build_config(**overrides)
-    path = tmp_path / f"result-{len(list(tmp_path.iterdir()))}.pkl"
-    with in_process_pipeline() as p:
-        result = p | "Create" >> beam.Create(records) | MineHardNegatives(config)
-        assert_that(result, functools.partial(_save, path=str(path)))
-    with open(path, "rb") as handle:
-        return pickle.load(handle)
+def _mined(records, directory, **config):
+    decisions, counters = run_decide(records, directory, **{**_MINING_ONLY, **config})
+    return {uid: row[Col.HARD_NEGATIVES] for uid, row in decisions.items()}, counters
 
 
 def _neighbours(result, uid, kind):
@@ -251,42 +250,51 @@ def _neighbours(result, uid, kind):
 
 
 def test_exact_and_partitioned_paths_agree_on_planted_set(tmp_path):
-    records = _planted()
-    exact = _run(records, tmp_path)
-    partitioned = _run(records, tmp_path, negatives_exact_max=0, negatives_centroids=8, negatives_probe=3, negatives_sample=240)
+    records = _planted(count=3000, spread=0.3)
+    exact, _ = _mined(records, tmp_path / "exact")
+    partitioned, counters = _mined(records, tmp_path / "groups", negatives_exact_max=100, negatives_group_size=150, negatives_probe=3,
+                                   decide_partition_rows=1000, negatives_sample=3000)
+    assert counters["image_searched"] == counters["text_searched"] == 3000
     assert set(exact) == set(partitioned) == {r[Col.UID] for r in records}
     agree = total = 0
     for uid in exact:
         for kind in ("image", "text"):
             expected = _neighbours(exact, uid, kind)
             assert len(expected) == 3
-            # every neighbour is a cluster mate (the planted truth)
-            assert all(int(n[1:]) // 6 == int(uid[1:]) // 6 for n in expected)
             agree += len(set(expected) & set(_neighbours(partitioned, uid, kind)))
             total += len(expected)
-    assert agree / total >= 0.95
+    assert agree / total >= 0.95, agree / total
 
 
 def test_self_and_over_ceiling_excluded_and_records_without_embeddings(tmp_path):
     records = _planted(count=60)
-    # "twin" is a near copy of u0000 in both spaces: over the ceiling, never a negative
-    twin = dict(records[0], **{Col.UID: "twin", Col.CAPTION_CLEAN: "a blue bicycle", Col.PHASH: None})
-    bare = {Col.UID: "bare", Col.CAPTION: "a dog on a sofa", Col.IMAGE_EMBEDDING: None, Col.TEXT_EMBEDDING: None}
-    empty = {Col.UID: "empty", Col.CAPTION: None, Col.IMAGE_EMBEDDING: [0.0] * 32, Col.TEXT_EMBEDDING: []}
-    result = _run(records + [twin, bare, empty], tmp_path)
-    assert set(result) == {r[Col.UID] for r in records} | {"twin", "bare", "empty"}
+    # "twin" is a near copy of the first record in both spaces: over the ceiling, never a negative
+    first = records[0][Col.UID]
+    twin = dict(records[0], **{Col.UID: "f" * 32, Col.CAPTION_CLEAN: "a blue bicycle", Col.PHASH: None})
+    bare = {Col.UID: "e" * 32, Col.CAPTION: "a dog on a sofa", Col.IMAGE_EMBEDDING: None, Col.TEXT_EMBEDDING: None}
+    empty = {Col.UID: "d" * 32, Col.CAPTION: None, Col.IMAGE_EMBEDDING: [0.0] * 32, Col.TEXT_EMBEDDING: []}
+    result, _ = _mined(records + [twin, bare, empty], tmp_path)
+    assert set(result) == {r[Col.UID] for r in records} | {twin[Col.UID], bare[Col.UID], empty[Col.UID]}
     for uid, negatives in result.items():
         uids = [n[Col.NEGATIVE_UID] for n in negatives if n[Col.NEGATIVE_UID] is not None]
         assert uid not in uids
         assert all(n[Col.NEGATIVE_SCORE] <= 0.95 for n in negatives if n[Col.NEGATIVE_SCORE] is not None)
-    assert "twin" not in _neighbours(result, "u0000", "image") + _neighbours(result, "u0000", "text")
-    assert "bare" not in {n[Col.NEGATIVE_UID] for negs in result.values() for n in negs}
-    kinds = {n[Col.NEGATIVE_KIND] for n in result["bare"]}
+    assert twin[Col.UID] not in _neighbours(result, first, "image") + _neighbours(result, first, "text")
+    assert bare[Col.UID] not in {n[Col.NEGATIVE_UID] for negs in result.values() for n in negs}
+    kinds = {n[Col.NEGATIVE_KIND] for n in result[bare[Col.UID]]}
     assert kinds and kinds <= {"swap", "attribute", "object"}
-    assert all(n[Col.NEGATIVE_UID] is None and n[Col.NEGATIVE_SCORE] is None for n in result["bare"])
-    assert result["empty"] == []
-    # every negative is a valid HARD_NEGATIVE_TYPE row
-    from schemas import HARD_NEGATIVE_TYPE
-    import pyarrow as pa
+    assert all(n[Col.NEGATIVE_UID] is None and n[Col.NEGATIVE_SCORE] is None for n in result[bare[Col.UID]])
+    assert result[empty[Col.UID]] == []
 
-    pa.array([n for negs in result.values() for n in negs], type=HARD_NEGATIVE_TYPE)
+
+def test_dropped_samples_are_never_negatives_nor_get_any(tmp_path):
+    records = _planted(count=60)
+    copy = dict(records[3], **{Col.UID: "0" * 31 + "z", Col.SHA256: "s" * 64})
+    original = dict(records[3], **{Col.SHA256: "s" * 64})
+    records = [r for i, r in enumerate(records) if i != 3] + [original, copy]
+    decisions, _ = run_decide(records, tmp_path)
+    dropped = [uid for uid, row in decisions.items() if row[Col.STATUS] == "dropped"]
+    assert dropped == [max(copy[Col.UID], original[Col.UID])]  # an exact duplicate: the higher uid goes
+    assert decisions[dropped[0]][Col.HARD_NEGATIVES] is None
+    mined = {n[Col.NEGATIVE_UID] for row in decisions.values() for n in row[Col.HARD_NEGATIVES] or []}
+    assert dropped[0] not in mined

@@ -116,3 +116,94 @@ def test_webdataset_input_skips_download(tmp_path):
 def test_row_to_record_sets_uid_from_cleaned_fields():
     record = row_to_record({"url": " http://h/a.jpg ", "caption": "x"}, "f", 0, "url", "caption")
     assert record[Col.URL] == "http://h/a.jpg" and record[Col.UID] == make_uid("http://h/a.jpg", "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# chunks: files are cut into runs of rows that are spread over workers instead of the rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _awkward_csv(rows: int) -> str:
+    lines = ["url,caption,license"]
+    for i in range(rows):
+        if i % 9 == 4:
+            lines.append("")  # blank line: no row
+        elif i % 7 == 3:
+            lines.append(f'http://a.com/{i}.jpg,"two\nlines, é {i}",cc0')  # quoted newline
+        elif i % 11 == 5:
+            lines.append(f"http://a.com/{i}.jpg,too,many,fields")  # malformed
+        else:
+            lines.append(f"http://a.com/{i}.jpg,caption {i},cc-by")
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _awkward_jsonl(rows: int) -> str:
+    lines = []
+    for i in range(rows):
+        if i % 6 == 0:
+            lines.append("")
+        elif i % 10 == 3:
+            lines.append("not json")
+        else:
+            lines.append(json.dumps({"url": f"http://b.com/{i}.jpg", "caption": f"c {i}", "n": i}))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("fmt, chunk_rows", [("csv", 5), ("csv", 1), ("tsv", 4), ("jsonl", 3), ("jsonl", 1000),
+                                             ("parquet", 16), ("csv.gz", 5)])
+def test_chunks_give_the_rows_a_whole_file_gives(tmp_path, fmt, chunk_rows):
+    from transforms.read_input import plan_chunks, read_chunk
+
+    config = build_config()
+    if fmt == "parquet":
+        table = pa.table({"url": [f"http://c/{i}.jpg" for i in range(100)], "caption": [f"cap {i}" for i in range(100)]})
+        path = tmp_path / "rows.parquet"
+        pq.write_table(table, path, row_group_size=7)
+        data = path.read_bytes()
+    else:
+        text = _awkward_jsonl(60) if fmt == "jsonl" else _awkward_csv(60)
+        if fmt == "tsv":
+            text = text.replace(",", "\t")
+        data = text.encode("utf-8")
+        path = tmp_path / f"rows.{fmt}"
+        path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+    whole = list(iter_file_records(io.BytesIO(data), path.name, fmt.split(".")[0], config))
+    chunks = plan_chunks(str(path), config, chunk_rows)
+    assert len(chunks) == (1 if fmt.endswith(".gz") else -(-len(whole) // chunk_rows) if fmt != "parquet" else len(chunks))
+    assert [r for chunk in chunks for r in read_chunk(chunk, config)] == whole
+    assert any(r[Col.STATUS] == Status.DROPPED for r in whole) or fmt == "parquet"
+
+
+def test_read_rows_spreads_chunks_and_reads_every_row_once(tmp_path, monkeypatch):
+    from transforms import read_input
+
+    monkeypatch.setattr(read_input, "CHUNK_ROWS", 4)
+    (tmp_path / "a.csv").write_text(_awkward_csv(30), newline="")
+    (tmp_path / "b.jsonl").write_text(_awkward_jsonl(30))
+    config = build_config(input=f"{tmp_path}/a.csv,{tmp_path}/b.jsonl")
+    expected = []
+    for name, fmt in (("a.csv", "csv"), ("b.jsonl", "jsonl")):
+        expected += list(iter_file_records(io.BytesIO((tmp_path / name).read_bytes()), name, fmt, config))
+    key = lambda r: (r[Col.SOURCE_FILE], r[Col.SOURCE_ROW])  # noqa: E731
+    with in_process_pipeline() as p:
+        rows = p | ReadRows(config)
+        assert_that(rows | beam.Map(lambda r: (key(r), r[Col.UID], r[Col.STATUS])),
+                    equal_to([(key(r), r[Col.UID], r[Col.STATUS]) for r in expected]))
+
+
+def test_repeated_rows_collapse_to_the_first_by_input_position_without_a_row_shuffle(tmp_path):
+    from pipeline.fetch import CollapseDuplicateRows
+    from transforms.base import DROPPED, KEPT
+
+    (tmp_path / "a.csv").write_text("url,caption\nhttp://x/1.jpg,one\nhttp://x/2.jpg,two\nhttp://x/1.jpg,one\n")
+    (tmp_path / "b.csv").write_text("url,caption\nhttp://x/2.jpg,two\nhttp://x/3.jpg,three\nhttp://x/3.jpg,three\n")
+    config = build_config(input=f"{tmp_path}/b.csv,{tmp_path}/a.csv")
+    with in_process_pipeline() as p:
+        rows = p | ReadRows(config)
+        split = rows | CollapseDuplicateRows(config, str(tmp_path / "work"))
+        assert_that(split[KEPT] | "Kept" >> beam.Map(lambda r: (r[Col.SOURCE_FILE], r[Col.SOURCE_ROW])),
+                    equal_to([("a.csv", 0), ("a.csv", 1), ("b.csv", 1)]), label="kept")
+        assert_that(split[DROPPED] | "Dropped" >> beam.Map(
+            lambda r: (r[Col.SOURCE_FILE], r[Col.SOURCE_ROW], r[Col.REASON], r[Col.DUPLICATE_OF] == r[Col.UID])),
+            equal_to([("a.csv", 2, "duplicate_row", True), ("b.csv", 0, "duplicate_row", True),
+                      ("b.csv", 2, "duplicate_row", True)]), label="dropped")

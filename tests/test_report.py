@@ -310,6 +310,21 @@ def test_progress_prints_rate_and_eta_for_a_small_run():
     assert progress.current() is None
 
 
+def test_progress_over_passes_gives_one_eta_for_the_phase():
+    clock = iter(float(t) for t in range(1000))
+    progress.declare_passes("decide", [("read", 1.0), ("search", 3.0)])
+    try:
+        reporter = progress.ProgressReporter("decide", 100, stream=io.StringIO(), clock=lambda: next(clock))
+        reporter.add_pass("read", 100)  # the first pass done: a quarter of the phase
+        reporter.add_pass("search", 50, total=200)  # a quarter of the second: 3/16 more
+        line = reporter.line()
+        assert "pass 2/2 search, 50/200 rows" in line and "44% of the phase" in line and "ETA" in line
+        records = reporter.pass_records()
+        assert records["read"]["rows"] == 100 and records["search"]["rows"] == 50
+    finally:
+        progress.declare_passes("decide", [])
+
+
 def test_progress_is_silent_without_a_reporter_and_says_unknown_without_a_total():
     with in_process_pipeline() as pipeline:  # no reporter started (a Dataflow worker): pass-through only
         (pipeline | beam.Create([1, 2, 3]) | progress.ReportProgress("fetch", "rows")

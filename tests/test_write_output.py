@@ -5,28 +5,25 @@ from __future__ import annotations
 import glob
 import io
 import json
-import random
 import tarfile
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
-from apache_beam.testing.util import assert_that, equal_to
 
 from schemas import FEATURES_SCHEMA, Col
 from tests.conftest import in_process_pipeline
 from transforms import write_output
 from transforms.read_input import make_uid
 from transforms.write_output import (
-    AssignShardPositions,
     RawImageReader,
     TarWriter,
     WriteRawImages,
-    WriteTable,
     WriteTablePerBundle,
     read_tar_samples,
     tar_bytes,
+    write_table_file,
 )
 
 
@@ -50,36 +47,14 @@ def test_tar_is_deterministic_and_readable_by_webdataset(tmp_path):
     assert [(k, img) for k, img, _ in back] == [(r[Col.UID], r[Col.IMAGE_BYTES]) for r in records]
 
 
-def test_shard_positions_follow_global_uid_order():
-    uids = [make_uid(f"u{i}", "") for i in range(2500)]
-    random.Random(0).shuffle(uids)
-    expected = [(uid, (rank // 1000, rank % 1000)) for rank, uid in enumerate(sorted(uids))]
-    with in_process_pipeline() as p:
-        positions = p | beam.Create(uids) | AssignShardPositions(1000)
-        assert_that(positions, equal_to(expected))
-
-
-def test_write_table_splits_by_uid_hash_and_sorts(tmp_path, monkeypatch):
+def test_table_file_is_written_in_row_groups_and_renamed_into_place(tmp_path, monkeypatch):
     monkeypatch.setattr(write_output, "_ROW_GROUP_ROWS", 4)  # files are streamed row group by row group
-    records = [dict(sample(i), **{Col.STATUS: "kept"}) for i in range(50)]
-    with in_process_pipeline() as p:
-        _ = p | beam.Create(records) | WriteTable(str(tmp_path), "t", FEATURES_SCHEMA, 20)
-    files = sorted(glob.glob(f"{tmp_path}/t-*.parquet"))
-    assert [f.rsplit("/", 1)[1] for f in files] == [f"t-{i:05d}-of-00003.parquet" for i in range(3)]
-    uids = []
-    for path in files:
-        column = pq.read_table(path).column(Col.UID).to_pylist()
-        assert column == sorted(column)
-        assert pq.ParquetFile(path).num_row_groups == -(-len(column) // 4)
-        uids += column
-    assert sorted(uids) == sorted(r[Col.UID] for r in records)
-
-
-def test_write_table_of_nothing_still_writes_a_schema_file(tmp_path):
-    with in_process_pipeline() as p:
-        _ = p | beam.Create([]) | WriteTable(str(tmp_path), "t", FEATURES_SCHEMA, 20)
-    (path,) = glob.glob(f"{tmp_path}/t-*.parquet")
-    assert pq.read_table(path).num_rows == 0 and pq.read_schema(path).names == FEATURES_SCHEMA.names
+    records = [dict(sample(i), **{Col.STATUS: "kept"}) for i in range(10)]
+    table = pa.Table.from_pylist([{n: r.get(n) for n in FEATURES_SCHEMA.names} for r in records], schema=FEATURES_SCHEMA)
+    write_table_file(str(tmp_path / "t.parquet"), table)
+    assert pq.ParquetFile(tmp_path / "t.parquet").num_row_groups == 3
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)
+    assert glob.glob(f"{tmp_path}/*") == [str(tmp_path / "t.parquet")]  # no temporary left
 
 
 def test_per_bundle_table_holds_every_row_once_with_float16_embeddings(tmp_path):

@@ -64,10 +64,10 @@ def clip_drop_reason(record: dict, config, global_cutoff: Optional[float] = None
 
 
 class GlobalClipCutoff(beam.PTransform):
-    """The statistics half of the CLIP filter: feature records -> one float, the score at the
-    global (100 - `clip_keep_top_percent`) percentile (Beam ApproximateQuantiles over the whole
-    dataset, never per shard or per bundle). Use it only when that mode is set; pass it to
-    `clip_drop_reason` as a singleton side input."""
+    """The statistics half of the CLIP filter: CLIP scores (floats, one per alive row) -> one
+    float, the score at the global (100 - `clip_keep_top_percent`) percentile (Beam
+    ApproximateQuantiles over the whole dataset, never per shard or per bundle). Use it only when
+    that mode is set; pass it to `clip_drop_reason` as a singleton side input."""
 
     QUANTILES = 1000  # cut points: 0.1% resolution
 
@@ -77,20 +77,10 @@ class GlobalClipCutoff(beam.PTransform):
         if self._top_percent is None or not 0 < float(self._top_percent) <= 100:
             raise ValueError(f"clip_keep_top_percent must be in (0, 100], got {self._top_percent}")
 
-    def expand(self, features):
+    def expand(self, scores):
         top = float(self._top_percent)
         return (
-            features
-            | "Scores" >> beam.FlatMap(lambda r: [] if r.get(Col.CLIP_SCORE) is None else [float(r[Col.CLIP_SCORE])])
+            scores
             | "Quantiles" >> beam.ApproximateQuantiles.Globally(self.QUANTILES + 1)
             | "Cutoff" >> beam.Map(lambda q: quantile_cutoff(q, top))
         )
-
-
-def global_cutoff_side_input(features, config) -> dict:
-    """Keyword arguments for a Map/FlatMap calling `clip_drop_reason`: the global cutoff as a
-    singleton side input in top-percent mode, nothing otherwise."""
-    if config.clip_keep_top_percent is None:
-        return {}
-    cutoff = features | GlobalClipCutoff(config)
-    return {"global_cutoff": beam.pvalue.AsSingleton(cutoff, default_value=float("-inf"))}

@@ -18,16 +18,20 @@ Fetch phase: `image_hashes` turns one decoded image into three small columns:
     block (a square on a flat background) is left out, since all solid blocks hash alike.
   Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
 
-Decide phase: `Deduplicate` (features table only, never image bytes):
+Decide phase (features table only, never image bytes; pipeline/decide.py wires these functions):
   1. exact: group by sha256, keep the best sample per group (`quality_key`).
-  2. near: every group survivor emits r+1 band keys per hash variant (robust hash and mirror of the
-     full and of the trimmed view and their brightened hashes from the descriptor, or the PHASH
-     columns without one; repeats skipped). By the pigeonhole principle two hashes within Hamming
-     distance r agree on at least one band, so a GroupByKey on (band, value) finds every candidate
-     without all-pairs comparison. Buckets larger than `dedup_max_bucket` are split again by
-     pigeonhole on the remaining bits (recall kept, no truncation) and counted.
-  3. verify: candidate edges are joined with the descriptors (and CLIP image embeddings) by uid.
-     An edge passes when every second look both ends have agrees (`verify_pair`): the descriptors
+  2. near candidates, among the exact survivors. Up to `dedup_exact_max` samples, over all of them:
+     each sample is searched under its hash variants (`hash_variants`: robust hash and mirror of
+     the full and of the trimmed view and their brightened hashes from the descriptor, or the
+     PHASH columns without one; repeats skipped); by the pigeonhole principle two hashes within
+     Hamming distance r agree on one of r+1 bands, so the distinct values are searched band by
+     band (`near_pairs`, oversize buckets split again on their remaining bits: exact, no
+     truncation) and samples sharing a value are chained (`band_candidates`). Above it, inside
+     each group of the CLIP image-embedding partitioning (transforms/neighbours.py): pairs whose
+     image cosine reaches `dedup_min_embedding_cosine` (verification requires it anyway) and whose
+     hash variants are within r (`cosine_candidates`); a pair split across groups is missed, which
+     is what makes this path approximate (its recall is measured in benchmarks/scale.py).
+  3. verify (`verify_pair`): every second look both ends have must agree: the descriptors
      must match on one pair of views (full/full, full/trimmed, trimmed/full, never trimmed/trimmed
      alone) in one orientation, with the aspect ratio, the robust-hash distance (<= r; the darker
      view's brightened hash may stand in for its hash), the thumbnail layout (correlation) and the
@@ -38,11 +42,11 @@ Decide phase: `Deduplicate` (features table only, never image bytes):
      object box is the other's with pale edges clipped to white (inside it, 40-95 % of its area,
      and brighter) agrees loosely (`_shrunken_object`). The embeddings, when both exist, must be
      close too.
-  4. clusters: union-find over the verified edges gives candidate components; each component is
+  4. clusters: connected components over all verified pairs (`components`); each component is
      then resolved with its members' payloads so that every dropped member is verified against its
      own survivor (a direct verified edge, or `verify_pair` again), never only against a
-     neighbour: chains cannot walk from one picture to another. One survivor per cluster by
-     `quality_key`; duplicate_of is always a survivor.
+     neighbour: chains cannot walk from one picture to another (`resolve_cluster`). One survivor
+     per cluster by `quality_key`; duplicate_of is always a survivor.
 """
 
 from __future__ import annotations
@@ -50,14 +54,12 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence
 
-import apache_beam as beam
 import imagehash
 import numpy as np
 import scipy.fft
-from apache_beam.metrics import Metrics
 from PIL import Image
 
-from schemas import Col, DropReason
+from schemas import Col
 
 NAMESPACE = "dedup"
 DESCRIPTOR_SIDE = 6
@@ -745,12 +747,16 @@ def verify_pair(
 
 
 # ----------------------------------------------------------------------------------------------
-# Beam wiring
+# decide phase, columnar: which hashes are searched, candidates, verification, clusters
+# (pure functions over a group's arrays; pipeline/decide.py wires them into Beam)
 # ----------------------------------------------------------------------------------------------
+
+VARIANTS = 8  # hash variants a sample is searched under (`hash_variants`)
 
 
 def hash_variants(record: dict, mirror: bool = True) -> tuple:
-    """The distinct hashes a record is searched under, as ((variant, value), ...).
+    """The distinct hashes a record is searched under, as ((variant, value), ...): the reference
+    for `variant_matrix`, which computes the same for a whole batch.
 
     With a descriptor: variants 0/1 are the robust hash / robust mirror hash of the full image, 2/3
     the same of the border-trimmed image (when it has a trimmed view that is not a solid block),
@@ -778,198 +784,180 @@ def hash_variants(record: dict, mirror: bool = True) -> tuple:
     return tuple(out)
 
 
-def _slim(record: dict, mirror: bool = True) -> tuple:
-    """(uid, sha256, hash variants, quality key): all the dedup shuffles ever carry."""
-    return (record[Col.UID], record.get(Col.SHA256), hash_variants(record, mirror), quality_key(record))
+def _fixed_binary(array, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A binary column -> ([n, width] uint8 of the rows exactly `width` bytes long, which those are)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    array = array.cast(pa.binary())
+    n = len(array)
+    lengths = pc.fill_null(pc.binary_length(array), -1).to_numpy(zero_copy_only=False)
+    ok = lengths == width
+    matrix = np.zeros((n, width), dtype=np.uint8)
+    rows = np.flatnonzero(ok)
+    if len(rows):
+        data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if array.buffers()[2] is not None else np.zeros(0, np.uint8)
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset:array.offset + n]
+        matrix[rows] = data[offsets[rows][:, None] + np.arange(width)[None, :]]
+    return matrix, ok
 
 
-class _ExactGroups(beam.DoFn):
-    """One sha256 group -> the best member (main output) and (uid, survivor) for the rest."""
-
-    MEMBERS = "members"
-
-    def __init__(self):
-        self._groups = Metrics.counter(NAMESPACE, "exact_groups")
-        self._dups = Metrics.counter(NAMESPACE, "exact_duplicates")
-
-    def process(self, element):
-        _, items = element
-        items = sorted(items, key=lambda it: it[3])
-        yield items[0]
-        if len(items) > 1:
-            self._groups.inc()
-            self._dups.inc(len(items) - 1)
-            for item in items[1:]:
-                yield beam.pvalue.TaggedOutput(self.MEMBERS, (item[0], items[0][0]))
+def _words(matrix: np.ndarray, offset: int) -> np.ndarray:
+    """The big-endian uint64 at byte `offset` of every row."""
+    return np.ascontiguousarray(matrix[:, offset:offset + 8]).view(">u8")[:, 0].astype(np.uint64)
 
 
-def _emit_bands(item: tuple, masks: Sequence[int]):
-    uid, _, variants, quality = item
-    for variant, value in variants:
-        for key in band_keys(value, masks):
-            yield key, (uid, value, variant, quality)
+def variant_matrix(descriptors, phash, phash_mirror, mirror: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`hash_variants` of a batch: ([n, VARIANTS] uint64 values, [n, VARIANTS] whether each is
+    searched), from the DEDUP_DESCRIPTOR, PHASH and PHASH_MIRROR columns."""
+    from transforms.batch import hex_prefix_uint64
+
+    n = len(descriptors)
+    values = np.zeros((n, VARIANTS), dtype=np.uint64)
+    present = np.zeros((n, VARIANTS), dtype=bool)
+    raw, sized = _fixed_binary(descriptors, DESCRIPTOR_BYTES)
+    valid = sized & (raw[:, 0] == DESCRIPTOR_VERSION)
+    trimmed = valid & ((raw[:, 1] & _HAS_TRIM) != 0)
+
+    def word(view: int, index: int) -> np.ndarray:
+        return _words(raw, _HASHES_OFFSET + view * _VIEW_HASH_BYTES + 8 * index)
+
+    for variant, spec in enumerate(((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), None, (1, 2), None)):
+        if spec is None:
+            continue
+        view, index = spec
+        where = valid if view == 0 else trimmed
+        values[:, variant] = np.where(where, word(view, index), np.uint64(0))
+        present[:, variant] = where
+    plain, plain_ok = hex_prefix_uint64(phash, 16)
+    flipped, flipped_ok = hex_prefix_uint64(phash_mirror, 16)
+    fallback = ~valid
+    values[fallback, 0], present[fallback, 0] = plain[fallback], plain_ok[fallback]
+    values[fallback, 1], present[fallback, 1] = flipped[fallback], flipped_ok[fallback]
+    present &= present[:, :1]  # no first hash: not searched at all
+    if not mirror:
+        present[:, 1::2] = False
+    for variant in range(1, VARIANTS):  # a value a sample already has is not searched again
+        repeated = np.zeros(n, dtype=bool)
+        for earlier in range(variant):
+            repeated |= present[:, earlier] & (values[:, earlier] == values[:, variant])
+        present[:, variant] &= ~repeated
+    values[~present] = 0
+    return values, present
 
 
-class _BucketPairs(beam.DoFn):
-    """One (band, value) bucket -> candidate edges (uid_a, q_a, uid_b, q_b, mirrored), a < b.
-
-    Identical hashes are chained (a path, not a clique: same components, linear edges); distinct
-    hash values are compared by `near_pairs`. A pair is reported only from the first band both
-    hashes agree on, so no edge is emitted twice across buckets.
-    """
-
-    def __init__(self, masks: Sequence[int], radius: int, max_bucket: int):
-        self._masks = list(masks)
-        self._radius = radius
-        self._max_bucket = max_bucket
-        self._buckets = Metrics.counter(NAMESPACE, "buckets_compared")
-        self._oversize = Metrics.counter(NAMESPACE, "oversize_buckets")
-        self._largest = Metrics.distribution(NAMESPACE, "bucket_size")
-        self._comparisons = Metrics.counter(NAMESPACE, "hash_comparisons")
-        self._candidates = Metrics.counter(NAMESPACE, "candidate_edges")
-
-    @staticmethod
-    def _edge(x, y):
-        (ua, _, va, qa), (ub, _, vb, qb) = x, y
-        if ua == ub:
-            return None
-        if ua > ub:
-            ua, qa, ub, qb = ub, qb, ua, qa
-        return (ua, qa, ub, qb, va % 2 != vb % 2)
-
-    def process(self, element):
-        (band, _), entries = element
-        entries = sorted(entries, key=lambda e: (e[1], e[0], e[2]))
-        if len(entries) < 2:
-            return
-        self._buckets.inc()
-        self._largest.update(len(entries))
-        hashes = np.fromiter((e[1] for e in entries), dtype=np.uint64, count=len(entries))
-        starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
-        ends = np.r_[starts[1:], len(entries)]
-        edges = []
-        if band == 0:  # identical values agree on band 0 first: chain them there only
-            for s, e in zip(starts, ends):
-                for k in range(s, e - 1):
-                    edges.append(self._edge(entries[k], entries[k + 1]))
-        if len(starts) > 1:
-            stats = BucketStats()
-            pairs = near_pairs(hashes[starts], self._radius, self._max_bucket, self._masks[band], stats)
-            self._comparisons.inc(stats.comparisons)
-            if stats.oversize:
-                self._oversize.inc()
-            for i, j in pairs.tolist():
-                a, b = entries[starts[i]], entries[starts[j]]
-                if first_agreeing_band(a[1], b[1], self._masks) != band:
-                    continue
-                edges.append(self._edge(a, b))
-        for edge in edges:
-            if edge is not None:
-                self._candidates.inc()
-                yield edge
+def _ordered_pairs(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Unique unordered pairs of distinct indices as [m, 2], smaller index first, sorted."""
+    pairs = np.stack([np.minimum(first, second), np.maximum(first, second)], axis=1).astype(np.int64)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    if not len(pairs):
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(pairs, axis=0)
 
 
-def _payload(record: dict) -> tuple:
-    embedding = record.get(Col.IMAGE_EMBEDDING)
-    if embedding is not None:
-        embedding = np.asarray(embedding, dtype=np.float16).tobytes()  # compact for the join
-    return record[Col.UID], (record.get(Col.DEDUP_DESCRIPTOR), embedding)
+def band_candidates(values: np.ndarray, present: np.ndarray, radius: int, max_bucket: int) -> np.ndarray:
+    """Candidate pairs [m, 2] of rows (row index = uid order) whose searched hashes are within
+    `radius` of each other, found without comparing all pairs: the distinct values are searched
+    by pigeonhole bands (`near_pairs`), and for each pair of values the first holder of each (by
+    uid) is paired; samples holding one value are chained in uid order (a path, not a clique:
+    same components, linear edges)."""
+    rows, variants = np.nonzero(present)
+    if not len(rows):
+        return np.zeros((0, 2), dtype=np.int64)
+    held = values[rows, variants]
+    order = np.lexsort((variants, rows, held))
+    held, rows = held[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, held[1:] != held[:-1]])
+    chained = np.flatnonzero(held[1:] == held[:-1])
+    pairs = [np.stack([rows[chained], rows[chained + 1]], axis=1)]
+    distinct = held[starts]
+    if len(distinct) > 1:
+        near = near_pairs(distinct, radius, max_bucket)
+        if len(near):
+            pairs.append(np.stack([rows[starts[near[:, 0]]], rows[starts[near[:, 1]]]], axis=1))
+    found = np.concatenate(pairs)
+    return _ordered_pairs(found[:, 0], found[:, 1])
 
 
-def _decode_payload(payload):
-    desc, emb = payload
-    return desc, (np.frombuffer(emb, dtype=np.float16) if emb is not None else None)
+def within_radius(values: np.ndarray, present: np.ndarray, pairs: np.ndarray, radius: int) -> np.ndarray:
+    """[m] whether some searched hash of the first row of each pair is within `radius` of one of
+    the second row's."""
+    close = np.zeros(len(pairs), dtype=bool)
+    if not len(pairs):
+        return close
+    a, b = pairs[:, 0], pairs[:, 1]
+    for i in range(VARIANTS):
+        for j in range(VARIANTS):
+            both = present[a, i] & present[b, j]
+            if both.any():
+                close |= both & (np.bitwise_count(values[a, i] ^ values[b, j]) <= radius)
+    return close
 
 
-def _attach_first(element):
-    uid, grouped = element
-    payloads = list(grouped["payload"])
-    if not payloads:
-        return
-    for edge in grouped["edges"]:
-        yield edge[2], (edge, payloads[0])
+def cosine_candidates(vectors: np.ndarray, queries: np.ndarray, pool: np.ndarray, min_cosine: float,
+                      values: np.ndarray, present: np.ndarray, radius: int, per_query: int) -> np.ndarray:
+    """Candidate pairs [m, 2] (rows of `vectors`, smaller first) inside one group of a large
+    dataset: a query and a pool member whose CLIP image cosine reaches `min_cosine` (verification
+    requires it of two samples with embeddings anyway) and whose searched hashes are within
+    `radius`; at most `per_query` per query, the highest cosines (a cluster of many copies is still
+    connected, and its members are checked against their survivor one by one)."""
+    if not len(queries) or not len(pool):
+        return np.zeros((0, 2), dtype=np.int64)
+    found = []
+    block = max(1, 4_000_000 // len(pool))
+    for start in range(0, len(queries), block):
+        rows = queries[start:start + block]
+        cosines = vectors[rows] @ vectors[pool].T
+        cosines[rows[:, None] == pool[None, :]] = -np.inf
+        q, p = np.nonzero(cosines >= min_cosine - 1e-4)
+        if not len(q):
+            continue
+        if per_query > 0:
+            order = np.lexsort((p, -cosines[q, p], q))
+            q, p = q[order], p[order]
+            first = np.r_[0, np.flatnonzero(q[1:] != q[:-1]) + 1]
+            rank = np.arange(len(q)) - np.repeat(first, np.diff(np.r_[first, len(q)]))
+            keep = rank < per_query
+            q, p = q[keep], p[keep]
+        pairs = np.stack([rows[q], pool[p]], axis=1)
+        found.append(pairs[within_radius(values, present, pairs, radius)])
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found)
+    return _ordered_pairs(pairs[:, 0], pairs[:, 1])
 
 
-class _Verify(beam.DoFn):
-    """(uid_b, {payload, edges with payload_a}) -> verified edges (main) and, tagged PAYLOADS, the
-    (uid, payload) of both ends of each verified edge (the cluster check needs them again)."""
+def verify_pairs(pairs: np.ndarray, descriptors: list, embeddings: list, mirror: bool, min_similarity: float,
+                 min_cosine: float, max_distance: float, radius: int) -> np.ndarray:
+    """[m] `verify_pair` of each candidate pair of rows; each row's descriptor is parsed once."""
+    parsed: dict[int, tuple] = {}
 
-    PAYLOADS = "payloads"
+    def payload(row: int) -> tuple:
+        if row not in parsed:
+            parsed[row] = (parse_descriptor(descriptors[row]), embeddings[row])
+        return parsed[row]
 
-    def __init__(self, mirror: bool, min_similarity: float, min_cosine: float, max_distance: float, radius: int):
-        self._mirror = mirror
-        self._min_similarity = min_similarity
-        self._min_cosine = min_cosine
-        self._max_distance = max_distance
-        self._radius = radius
-        self._passed = Metrics.counter(NAMESPACE, "verified_edges")
-        self._rejected = Metrics.counter(NAMESPACE, "rejected_edges")
-
-    def process(self, element):
-        uid_b, grouped = element
-        payloads = list(grouped["payload"])
-        if not payloads:
-            return
-        raw_b = payloads[0]
-        payload_b = _decode_payload(raw_b)
-        emitted_b = False
-        for edge, raw_a in grouped["edges"]:
-            if verify_pair(
-                _decode_payload(raw_a),
-                payload_b,
-                self._mirror,
-                self._min_similarity,
-                self._min_cosine,
-                self._max_distance,
-                self._radius,
-            ):
-                self._passed.inc()
-                yield edge
-                yield beam.pvalue.TaggedOutput(self.PAYLOADS, (edge[0], raw_a))
-                if not emitted_b:
-                    emitted_b = True
-                    yield beam.pvalue.TaggedOutput(self.PAYLOADS, (uid_b, raw_b))
-            else:
-                self._rejected.inc()
+    return np.array([
+        verify_pair(payload(a), payload(b), mirror, min_similarity, min_cosine, max_distance, radius)
+        for a, b in pairs.tolist()
+    ], dtype=bool)
 
 
-class _Components(beam.DoFn):
-    """All verified edges on one worker -> connected components (union-find, linear in the edges).
-
-    Main output: (uid, component) for every member, where the component is named by its best
-    member; tagged EDGES: (component, (uid_a, uid_b)). Components are only the candidates for
-    clusters: `_ResolveCluster` decides them with every member's payload at hand.
-    """
-
-    EDGES = "edges"
-
-    def process(self, element):
-        _, edges = element
-        qualities = {}
-        pairs = []
-        for ua, qa, ub, qb, _ in edges:
-            qualities[ua] = qa
-            qualities[ub] = qb
-            pairs.append((ua, ub))
-        uf = UnionFind()
-        for a, b in pairs:
-            uf.union(a, b)
-        names = {}
-        for members in uf.components():
-            best = min(members, key=lambda u: qualities[u])
-            for uid in members:
-                names[uid] = best
-                yield uid, (best, qualities[uid])
-        for a, b in pairs:
-            yield beam.pvalue.TaggedOutput(self.EDGES, (names[a], (a, b)))
+def quality_order(neg_pixels: np.ndarray, clip: np.ndarray, uid_order: np.ndarray) -> np.ndarray:
+    """Rank of each sample by `quality_key` (0 = best): largest resolution, then highest clip
+    score (present beats absent), then uid. `uid_order` ranks the uids."""
+    missing = ~np.isfinite(clip)
+    return np.argsort(np.lexsort((uid_order, np.where(missing, 0.0, -clip), missing, neg_pixels)), kind="stable")
 
 
-def _member_with_payload(element):
-    uid, grouped = element
-    payloads = list(grouped["payload"])
-    payload = payloads[0] if payloads else (None, None)
-    for component, quality in grouped["member"]:
-        yield component, (uid, quality, payload)
+def components(first: np.ndarray, second: np.ndarray, nodes: int) -> np.ndarray:
+    """Connected-component label of each of `nodes` nodes, given edges (scipy's connected_components)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(first), dtype=np.int8), (first, second)), shape=(nodes, nodes))
+    return connected_components(graph, directed=False)[1]
 
 
 def resolve_cluster(members: dict, edges: Iterable[tuple], check) -> list[tuple[str, list[str]]]:
@@ -977,10 +965,11 @@ def resolve_cluster(members: dict, edges: Iterable[tuple], check) -> list[tuple[
     checked against its own survivor, not only against a neighbour: union-find chains cannot walk
     from one picture to another through a series of small steps.
 
-    `members` maps uid -> quality key; `check(uid, survivor)` is the second look. The best member
-    not yet placed becomes a survivor; a walk from it over verified edges takes each member it meets
-    that has a verified edge to the survivor or passes `check`, and goes on only through members it
-    took. What is left is resolved the same way, best first. Deterministic (uid order throughout).
+    `members` maps uid -> quality key (smaller is better); `check(uid, survivor)` is the second
+    look. The best member not yet placed becomes a survivor; a walk from it over verified edges
+    takes each member it meets that has a verified edge to the survivor or passes `check`, and
+    goes on only through members it took. What is left is resolved the same way, best first.
+    Deterministic (uid order throughout).
     """
     adjacency: dict = {uid: set() for uid in members}
     for a, b in edges:
@@ -1011,138 +1000,3 @@ def resolve_cluster(members: dict, edges: Iterable[tuple], check) -> list[tuple[
         if taken:
             result.append((survivor, sorted(taken)))
     return sorted(result)
-
-
-class _ResolveCluster(beam.DoFn):
-    """(component, {members: (uid, quality, payload), edges}) -> (uid, survivor) per dropped uid."""
-
-    def __init__(self, mirror: bool, min_similarity: float, min_cosine: float, max_distance: float, radius: int):
-        self._args = (mirror, min_similarity, min_cosine, max_distance, radius)
-        self._clusters = Metrics.counter(NAMESPACE, "near_clusters")
-        self._duplicates = Metrics.counter(NAMESPACE, "near_duplicates")
-        self._split = Metrics.counter(NAMESPACE, "chain_members_split_off")
-
-    def process(self, element):
-        _, grouped = element
-        qualities, payloads = {}, {}
-        for uid, quality, payload in grouped["members"]:
-            qualities[uid] = quality
-            desc, emb = _decode_payload(payload)
-            payloads[uid] = (parse_descriptor(desc), emb)
-        mirror, min_similarity, min_cosine, max_distance, radius = self._args
-
-        def check(uid, survivor):
-            ok = verify_pair(payloads[uid], payloads[survivor], mirror, min_similarity, min_cosine, max_distance, radius)
-            if not ok:
-                self._split.inc()
-            return ok
-
-        for survivor, dropped in resolve_cluster(qualities, grouped["edges"], check):
-            self._clusters.inc()
-            self._duplicates.inc(len(dropped))
-            for uid in dropped:
-                yield uid, survivor
-
-
-def _final_exact(element):
-    """Exact members follow their group survivor: if it was itself near-dropped, they point to the
-    cluster survivor (reason near: their bytes differ from the survivor's)."""
-    rep, grouped = element
-    near = list(grouped["near"])
-    for uid in grouped["members"]:
-        if near:
-            yield _decision(uid, near[0], DropReason.DUPLICATE_NEAR)
-        else:
-            yield _decision(uid, rep, DropReason.DUPLICATE_EXACT)
-
-
-def _decision(uid: str, survivor: str, reason: DropReason) -> dict:
-    return {Col.UID: uid, Col.DUPLICATE_OF: survivor, Col.REASON: reason.value}
-
-
-class Deduplicate(beam.PTransform):
-    """Feature records (alive, one per uid) -> {uid, duplicate_of, reason} for each dropped uid."""
-
-    def __init__(self, config, label: Optional[str] = None):
-        super().__init__(label)
-        self._exact = bool(config.dedup_exact)
-        self._near = bool(config.dedup_near)
-        self._radius = int(config.dedup_radius)
-        self._max_bucket = int(config.dedup_max_bucket)
-        self._mirror = bool(getattr(config, "dedup_mirror", True))
-        self._min_similarity = float(getattr(config, "dedup_min_descriptor_similarity", 0.8))
-        self._min_cosine = float(getattr(config, "dedup_min_embedding_cosine", 0.9))
-        self._max_distance = float(getattr(config, "dedup_max_descriptor_distance", 16.0))
-        if not 0 <= self._radius <= 31:
-            raise ValueError("dedup_radius must be between 0 and 31")
-        if self._max_bucket < 2:
-            raise ValueError("dedup_max_bucket must be at least 2")
-
-    def expand(self, records):
-        p = records.pipeline
-        slim = records | "Slim" >> beam.Map(_slim, self._mirror)
-        if self._exact:
-            grouped = (
-                slim
-                | "KeyBySha" >> beam.Map(lambda it: (it[1] if it[1] is not None else "uid:" + it[0], it))
-                | "GroupBySha" >> beam.GroupByKey()
-                | "PickExact" >> beam.ParDo(_ExactGroups()).with_outputs(_ExactGroups.MEMBERS, main="reps")
-            )
-            reps, members = grouped.reps, grouped[_ExactGroups.MEMBERS]
-        else:
-            reps, members = slim, p | "NoExact" >> beam.Create([])
-
-        if self._near:
-            masks = band_masks(self._radius)
-            candidates = (
-                reps
-                | "Bands" >> beam.FlatMap(_emit_bands, masks)
-                | "GroupByBand" >> beam.GroupByKey()
-                | "BucketPairs" >> beam.ParDo(_BucketPairs(masks, self._radius, self._max_bucket))
-                | "DistinctEdges" >> beam.Distinct()
-            )
-            payload = records | "Payload" >> beam.Map(_payload)
-            half = (
-                {"payload": payload, "edges": candidates | "ByFirst" >> beam.Map(lambda e: (e[0], e))}
-                | "JoinFirst" >> beam.CoGroupByKey()
-                | "AttachFirst" >> beam.FlatMap(_attach_first)
-            )
-            verified = (
-                {"payload": payload, "edges": half}
-                | "JoinSecond" >> beam.CoGroupByKey()
-                | "Verify"
-                >> beam.ParDo(
-                    _Verify(self._mirror, self._min_similarity, self._min_cosine, self._max_distance, self._radius)
-                ).with_outputs(_Verify.PAYLOADS, main="edges")
-            )
-            components = (
-                verified.edges
-                | "OneKey" >> beam.Map(lambda e: (0, e))
-                | "AllEdges" >> beam.GroupByKey()
-                | "Components" >> beam.ParDo(_Components()).with_outputs(_Components.EDGES, main="members")
-            )
-            cluster_members = (
-                {"payload": verified[_Verify.PAYLOADS], "member": components.members}
-                | "JoinMemberPayload" >> beam.CoGroupByKey()
-                | "ByComponent" >> beam.FlatMap(_member_with_payload)
-            )
-            near = (
-                {"members": cluster_members, "edges": components[_Components.EDGES]}
-                | "GroupComponent" >> beam.CoGroupByKey()
-                | "ResolveClusters"
-                >> beam.ParDo(
-                    _ResolveCluster(self._mirror, self._min_similarity, self._min_cosine, self._max_distance, self._radius)
-                )
-            )
-        else:
-            near = p | "NoNear" >> beam.Create([])
-
-        near_decisions = near | "NearDecisions" >> beam.MapTuple(
-            lambda uid, survivor: _decision(uid, survivor, DropReason.DUPLICATE_NEAR)
-        )
-        exact_decisions = (
-            {"members": members | "ByRep" >> beam.MapTuple(lambda uid, rep: (rep, uid)), "near": near}
-            | "JoinExact" >> beam.CoGroupByKey()
-            | "ExactDecisions" >> beam.FlatMap(_final_exact)
-        )
-        return (near_decisions, exact_decisions) | "AllDecisions" >> beam.Flatten()

@@ -9,6 +9,7 @@ record, marked dropped with a reason, so that it reaches the ledger.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -153,26 +154,42 @@ def _text_stream(handle) -> io.TextIOWrapper:
     return io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
 
 
-def iter_delimited(handle, source_file: str, config: CurateConfig, delimiter: str) -> Iterator[dict]:
-    csv.field_size_limit(max(config.max_field_bytes, 1024))
-    text = _text_stream(handle)
+def _csv_header(text, delimiter: str) -> list[str]:
     header_line = text.readline()
     header = next(csv.reader([header_line], delimiter=delimiter), [])
-    header = [h.lstrip("\ufeff").strip() for h in header]
-    reader = csv.reader(text, delimiter=delimiter)
-    row_index = 0
-    while True:
+    return [h.lstrip("\ufeff").strip() for h in header]
+
+
+def _delimited_rows(text, delimiter: str, header: list[str], source_file: str, config: CurateConfig, first_row: int,
+                    limit: Optional[int], positions: Optional[list] = None, every: int = 0) -> Iterator[dict]:
+    """Records of the rows from the text stream's position: row indices from `first_row`, at
+    most `limit` rows. With `positions`, the stream position (text.tell()) before each row whose
+    index is a multiple of `every` is appended as (row index, position) instead (a scan)."""
+    csv.field_size_limit(max(config.max_field_bytes, 1024))
+    # the csv reader pulls one line at a time and never reads ahead, so tell() before each row is
+    # where that row starts
+    reader = csv.reader(iter(text.readline, ""), delimiter=delimiter)
+    row_index = first_row
+    while limit is None or row_index < first_row + limit:
+        if positions is not None and (row_index - first_row) % every == 0:
+            position = text.tell()
         try:
             values = next(reader)
         except StopIteration:
             return
         except csv.Error as error:  # NUL bytes, oversize fields: the row is lost, not the file
-            yield malformed_record(source_file, row_index, "", f"csv: {error}")
+            if positions is not None and (row_index - first_row) % every == 0:
+                positions.append((row_index, position))
+            elif positions is None:
+                yield malformed_record(source_file, row_index, "", f"csv: {error}")
             row_index += 1
             continue
         if not values or (len(values) == 1 and not values[0].strip()):
             continue  # blank line
-        if len(values) != len(header):
+        if positions is not None:
+            if (row_index - first_row) % every == 0:
+                positions.append((row_index, position))
+        elif len(values) != len(header):
             yield malformed_record(
                 source_file, row_index, delimiter.join(values),
                 f"{len(values)} fields, header has {len(header)}",
@@ -182,23 +199,45 @@ def iter_delimited(handle, source_file: str, config: CurateConfig, delimiter: st
         row_index += 1
 
 
-def iter_jsonl(handle, source_file: str, config: CurateConfig) -> Iterator[dict]:
-    limit = max(config.max_field_bytes, 1024) * 2
-    row_index = 0
-    while True:
-        line = handle.readline(limit + 1)
+def iter_delimited(handle, source_file: str, config: CurateConfig, delimiter: str) -> Iterator[dict]:
+    text = _text_stream(handle)
+    header = _csv_header(text, delimiter)
+    yield from _delimited_rows(text, delimiter, header, source_file, config, 0, None)
+
+
+def iter_jsonl(handle, source_file: str, config: CurateConfig, first_row: int = 0, limit: Optional[int] = None,
+               positions: Optional[list] = None, every: int = 0) -> Iterator[dict]:
+    """Records of the JSON lines from the handle's position (row indices from `first_row`, at most
+    `limit` rows). With `positions`, (row index, byte offset from the start) is appended for each
+    row whose index is a multiple of `every` instead (a scan)."""
+    max_line = max(config.max_field_bytes, 1024) * 2
+    row_index, offset = first_row, 0
+    while limit is None or row_index < first_row + limit:
+        start = offset
+        line = handle.readline(max_line + 1)
         if not line:
             return
-        if len(line) > limit and not line.endswith(b"\n"):
+        offset += len(line)
+        if len(line) > max_line and not line.endswith(b"\n"):
             while True:  # skip the rest of an over-long line without holding it
-                rest = handle.readline(limit)
+                rest = handle.readline(max_line)
+                offset += len(rest)
                 if not rest or rest.endswith(b"\n"):
                     break
-            yield malformed_record(source_file, row_index, line[:200], f"line longer than {limit} bytes")
+            if positions is not None:
+                if (row_index - first_row) % every == 0:
+                    positions.append((row_index, start))
+            else:
+                yield malformed_record(source_file, row_index, line[:200], f"line longer than {max_line} bytes")
             row_index += 1
             continue
         stripped = line.strip()
         if not stripped:
+            continue
+        if positions is not None:
+            if (row_index - first_row) % every == 0:
+                positions.append((row_index, start))
+            row_index += 1
             continue
         try:
             fields = json.loads(stripped.decode("utf-8", "surrogateescape"))
@@ -212,12 +251,13 @@ def iter_jsonl(handle, source_file: str, config: CurateConfig) -> Iterator[dict]
         row_index += 1
 
 
-def iter_parquet(handle, source_file: str, config: CurateConfig) -> Iterator[dict]:
+def iter_parquet(handle, source_file: str, config: CurateConfig, row_groups: Optional[list] = None,
+                 first_row: int = 0) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    row_index = 0
+    row_index = first_row
     parquet = pq.ParquetFile(handle)
-    for batch in parquet.iter_batches(batch_size=1024):
+    for batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups):
         for fields in batch.to_pylist():
             yield row_to_record(fields, source_file, row_index, config.url_col, config.caption_col)
             row_index += 1
@@ -273,36 +313,141 @@ def iter_file_records(handle, source_file: str, fmt: str, config: CurateConfig) 
     return _READERS[fmt](handle, source_file, config)
 
 
-class _ReadFileDoFn(beam.DoFn):
+CHUNK_ROWS = 50_000  # rows per chunk of an input file: the unit of reading spread over workers
+_SEEKABLE_FORMATS = ("csv", "tsv", "jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileChunk:
+    """Rows [first_row, first_row + rows) of one input file (rows None: to its end), starting at
+    byte `offset` (text formats) or in `row_groups` (Parquet); `header` for csv/tsv."""
+
+    path: str
+    fmt: str
+    first_row: int = 0
+    rows: Optional[int] = None
+    offset: int = 0
+    header: tuple = ()
+    row_groups: tuple = ()
+
+
+def _format_of(path: str, config: CurateConfig) -> str:
+    return config.input_format if config.input_format != "auto" else detect_format(path)
+
+
+def _is_compressed(path: str) -> bool:
+    return CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
+
+
+def plan_chunks(path: str, config: CurateConfig, chunk_rows: Optional[int] = None) -> list[FileChunk]:
+    """Split one input file into chunks of about `chunk_rows` rows, found by one pass over it that
+    records where rows start (csv/tsv: the csv reader's own row boundaries, so quoted newlines
+    stay inside their row). Compressed files and WebDataset tars are one chunk: they can only be
+    read from their start."""
+    from apache_beam.io.filesystems import FileSystems
+
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    fmt = _format_of(path, config)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        chunks, groups, first, rows = [], [], 0, 0
+        for index in range(metadata.num_row_groups):
+            groups.append(index)
+            rows += metadata.row_group(index).num_rows
+            if rows >= chunk_rows or index == metadata.num_row_groups - 1:
+                chunks.append(FileChunk(path, fmt, first, rows, row_groups=tuple(groups)))
+                first, groups, rows = first + rows, [], 0
+        return chunks or [FileChunk(path, fmt, 0, 0, row_groups=())]
+    if fmt not in _SEEKABLE_FORMATS or _is_compressed(path):
+        return [FileChunk(path, fmt)]
+    positions: list = []
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        if fmt == "jsonl":
+            for _ in iter_jsonl(handle, path, config, positions=positions, every=chunk_rows):
+                pass
+            header: tuple = ()
+        else:
+            text = _text_stream(handle)
+            header = tuple(_csv_header(text, "," if fmt == "csv" else "\t"))
+            for _ in _delimited_rows(text, "," if fmt == "csv" else "\t", list(header), path, config, 0, None,
+                                     positions=positions, every=chunk_rows):
+                pass
+    if not positions:
+        return [FileChunk(path, fmt, 0, 0, header=header)]
+    chunks = []
+    for (row, offset), following in zip(positions, positions[1:] + [None]):
+        rows = None if following is None else following[0] - row
+        chunks.append(FileChunk(path, fmt, row, rows, offset, header))
+    return chunks
+
+
+def read_chunk(chunk: FileChunk, config: CurateConfig) -> Iterator[dict]:
+    """The records of one chunk."""
+    from apache_beam.io.filesystems import FileSystems
+
+    source_file = os.path.basename(chunk.path)
+    if chunk.fmt == "parquet":
+        if chunk.rows == 0:
+            return
+        with FileSystems.open(chunk.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            yield from iter_parquet(handle, source_file, config, list(chunk.row_groups), chunk.first_row)
+        return
+    if chunk.fmt in _SEEKABLE_FORMATS and not _is_compressed(chunk.path):
+        if chunk.rows == 0:
+            return
+        with FileSystems.open(chunk.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            handle.seek(chunk.offset)
+            if chunk.fmt == "jsonl":
+                yield from iter_jsonl(buffered(handle), source_file, config, chunk.first_row, chunk.rows)
+            else:
+                delimiter = "," if chunk.fmt == "csv" else "\t"
+                yield from _delimited_rows(_text_stream(buffered(handle)), delimiter, list(chunk.header), source_file,
+                                           config, chunk.first_row, chunk.rows)
+        return
+    with FileSystems.open(chunk.path, compression_type=CompressionTypes.AUTO) as handle:
+        yield from iter_file_records(buffered(handle), source_file, chunk.fmt, config)
+
+
+class _PlanChunks(beam.DoFn):
     def __init__(self, config: CurateConfig):
         self._config = config
 
     def process(self, readable: fileio.ReadableFile):
-        path = readable.metadata.path
-        fmt = self._config.input_format if self._config.input_format != "auto" else detect_format(path)
-        # Parquet needs random access (footer first); the others are streamed with
-        # transparent decompression chosen by the file extension.
-        compression = CompressionTypes.UNCOMPRESSED if fmt == "parquet" else CompressionTypes.AUTO
-        with readable.open(compression_type=compression) as handle:
-            stream = handle if fmt == "parquet" else buffered(handle)
-            yield from iter_file_records(stream, os.path.basename(path), fmt, self._config)
+        yield from plan_chunks(readable.metadata.path, self._config)
+
+
+class _ReadChunk(beam.DoFn):
+    def __init__(self, config: CurateConfig):
+        self._config = config
+
+    def process(self, chunk: FileChunk):
+        yield from read_chunk(chunk, self._config)
 
 
 class ReadRows(beam.PTransform):
-    """Match the input pattern(s), stream every file, and spread the rows over workers."""
+    """Match the input pattern(s), cut every file into chunks of rows, spread the chunks over
+    workers and stream each chunk's rows. What is shuffled is the chunks, never the rows: a
+    shuffle of rows would hold every input row (and, for WebDataset input, every image) at once on
+    the in-memory runners. `spread=False` reads the files in place (for a pass that only looks at
+    each row once, such as finding repeated rows)."""
 
-    def __init__(self, config: CurateConfig):
+    def __init__(self, config: CurateConfig, spread: bool = True):
         super().__init__()
         self._config = config
+        self._spread = spread
 
     def expand(self, pbegin):
         patterns = [p for p in self._config.input.split(",") if p.strip()]
-        return (
+        chunks = (
             pbegin
             | "Patterns" >> beam.Create(patterns)
             | "Match" >> fileio.MatchAll()
             | "Open" >> fileio.ReadMatches()
-            | "Parse" >> beam.ParDo(_ReadFileDoFn(self._config))
-            # Without this, rows of one input file would stay fused on the worker that read it.
-            | "Spread" >> beam.Reshuffle()
+            | "Plan" >> beam.ParDo(_PlanChunks(self._config))  # FileChunk
         )
+        if self._spread:
+            chunks = chunks | "Spread" >> beam.Reshuffle()
+        return chunks | "Parse" >> beam.ParDo(_ReadChunk(self._config))  # record

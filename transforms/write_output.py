@@ -4,15 +4,13 @@ Image bytes never go through a shuffle (so a worker's memory does not grow with 
 the in-memory DirectRunner as on Dataflow):
 - the fetch phase appends each survivor's image to a raw tar of its own bundle
   (`WriteRawImages`) and records where it lies (raw file, offset, length) in the features table;
-- the write phase shuffles only small rows to their final shard, and each shard writer reads its
-  images back by offset (`RawImageReader`).
+- the write phase (pipeline/write.py) hands each shard writer the slices of its samples' rows,
+  and the writer reads its images back by offset (`RawImageReader`).
 
 Determinism comes from the uid, never from arrival order (the TFDS Beam writer's idea):
-- tables are split into files by a hash bucket of the uid and sorted inside each file;
-- final shards take samples in global uid order, `samples_per_shard` at a time. The global rank
-  is computed without a global sort: uids are hashes, so their first hex digits spread them evenly
-  over buckets; per-bucket counts (tiny) give each bucket its offset, and each bucket sorts only
-  its own uids.
+- tables are split into files by uid range and sorted inside each file;
+- final shards take samples in global uid order, `samples_per_shard` at a time: uids are hashes,
+  so counts per uid range (tiny) give each range its first rank without a global sort.
 Every file is written under a temporary name and renamed into place, through Beam's FileSystems,
 so a crashed worker leaves no half-written shard on local disk or GCS.
 """
@@ -23,12 +21,10 @@ import collections
 import contextlib
 import io
 import json
-import math
-import pickle
 import posixpath
 import tarfile
 import uuid
-from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -37,11 +33,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from apache_beam.metrics import Metrics
 
-from schemas import SAMPLE_JSON_COLUMNS, SHARD_SCHEMA, Col, rows_to_table, to_table
+from schemas import SAMPLE_JSON_COLUMNS, Col
 from transforms.base import iter_tar_members
-
-RANK_BUCKET_HEX_DIGITS = 3  # 4096 buckets
-
 
 def join_path(*parts: str) -> str:
     return FileSystems.join(*parts) if "://" in parts[0] else posixpath.join(*parts)
@@ -89,81 +82,20 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def bucket_of(uid: str, buckets: int) -> int:
-    return int(uid[:8], 16) % buckets
-
-
-def sort_key(record: dict):
-    return (record[Col.UID], record.get(Col.SOURCE_FILE) or "", record.get(Col.SOURCE_ROW) or 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
 
 
-def _file_count(total: int, rows_per_file: int) -> int:
-    return max(1, math.ceil(total / rows_per_file))
+_ROW_GROUP_ROWS = 8192  # rows written at a time
 
 
-def table_row(record: dict, names: Sequence[str]) -> tuple:
-    """(sort key, the values in schema order, pickled): what a table write shuffles. Bytes, not
-    the record: the in-memory runner holds every row of the shuffle at once, decoded, and as Python
-    objects a row's ~30 values (a decision's ~10 negative dicts) cost several times their bytes."""
-    return sort_key(record), pickle.dumps(tuple(record.get(name) for name in names), protocol=pickle.HIGHEST_PROTOCOL)
-
-
-_ROW_GROUP_ROWS = 8192  # rows turned back into Python objects, and written, at a time
-
-
-def _write_table_file(bucket_and_rows, total: int, directory: str, prefix: str, schema: pa.Schema, rows_per_file: int) -> str:
-    """One file of the table, streamed a row group at a time: never the whole file as Python
-    objects, as one Arrow table or as one buffer of Parquet bytes."""
-    bucket, rows = bucket_and_rows
-    rows = sorted(rows, key=lambda row: row[0])
-    count = _file_count(total, rows_per_file)
-    path = join_path(directory, f"{prefix}-{bucket:05d}-of-{count:05d}.parquet")
-    with open_atomically(path) as handle, pq.ParquetWriter(handle, schema, compression=PARQUET_CODEC) as writer:
-        for start in range(0, len(rows), _ROW_GROUP_ROWS):
-            group = [pickle.loads(values) for _, values in rows[start:start + _ROW_GROUP_ROWS]]
-            writer.write_table(rows_to_table(group, schema))
-    return path
-
-
-def _write_empty_table(_, total: int, directory: str, prefix: str, schema: pa.Schema) -> Iterable[str]:
-    if total == 0:  # readers still find a file with the schema
-        path = join_path(directory, f"{prefix}-00000-of-00001.parquet")
-        write_atomically(path, parquet_bytes(schema.empty_table()))
-        yield path
-
-
-class WriteTable(beam.PTransform):
-    """Records -> DIR/PREFIX-NNNNN-of-MMMMM.parquet, ~rows_per_file rows each, split and sorted by uid."""
-
-    def __init__(self, directory: str, prefix: str, schema: pa.Schema, rows_per_file: int):
-        super().__init__()
-        self._directory = directory
-        self._prefix = prefix
-        self._schema = schema
-        self._rows_per_file = rows_per_file
-
-    def expand(self, records):
-        directory, prefix, schema, per_file = self._directory, self._prefix, self._schema, self._rows_per_file
-        names = list(schema.names)
-        total = beam.pvalue.AsSingleton(records | "Count" >> beam.combiners.Count.Globally())
-        files = (
-            records
-            | "Bucket" >> beam.Map(lambda r, n: (bucket_of(r[Col.UID], _file_count(n, per_file)), table_row(r, names)),
-                                   n=total)
-            | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.Map(_write_table_file, total, directory, prefix, schema, per_file)
-        )
-        empty = (
-            records.pipeline
-            | "One" >> beam.Create([None])
-            | "WriteEmpty" >> beam.FlatMap(_write_empty_table, total, directory, prefix, schema)
-        )
-        return (files, empty) | "Paths" >> beam.Flatten()
+def write_table_file(path: str, table: pa.Table) -> None:
+    """An Arrow table to one Parquet file (renamed into place), a row group of _ROW_GROUP_ROWS
+    rows at a time, as every table file of the pipeline is written."""
+    with open_atomically(path) as handle, pq.ParquetWriter(handle, table.schema, compression=PARQUET_CODEC) as writer:
+        for start in range(0, max(table.num_rows, 1), _ROW_GROUP_ROWS):
+            writer.write_table(table.slice(start, _ROW_GROUP_ROWS))
 
 
 class WriteTablePerBundle(beam.PTransform):
@@ -216,6 +148,38 @@ def sample_json(record: dict) -> dict:
     return meta
 
 
+def _tarinfo_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0  # fixed metadata: identical inputs give identical bytes
+    info.mode = 0o444
+    info.uname = info.gname = "curate"
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+# The header every member gets, name and size left out (and the checksum field blank, as spaces).
+_HEADER = bytearray(_tarinfo_header("", 0))
+_HEADER[0:100] = bytes(100)
+_HEADER[124:136] = bytes(12)
+_HEADER[148:156] = b" " * 8
+_HEADER_SUM = sum(_HEADER)
+_SIZE_LIMIT = 8**11  # 11 octal digits
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """tarfile's USTAR header for a member of ours, byte for byte, built from a template: tarfile
+    takes ~30 us a header, which a shard writer pays three times a sample. Names tarfile would
+    split or encode differently (over 100 bytes, not ASCII) and huge sizes go to tarfile."""
+    encoded = name.encode("ascii", "ignore")
+    if len(encoded) != len(name) or len(encoded) > 100 or size >= _SIZE_LIMIT:
+        return _tarinfo_header(name, size)
+    header = bytearray(_HEADER)
+    header[0:len(encoded)] = encoded
+    header[124:136] = size_field = b"%011o\x00" % size
+    header[148:156] = b"%06o\x00 " % (_HEADER_SUM + sum(encoded) + sum(size_field))
+    return bytes(header)
+
+
 class TarWriter:
     """Appends USTAR members to a write-only stream and says where each member's data starts.
 
@@ -230,12 +194,7 @@ class TarWriter:
         self.members = 0
 
     def add(self, name: str, payload: bytes) -> int:
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        info.mtime = 0  # fixed metadata: identical inputs give identical bytes
-        info.mode = 0o444
-        info.uname = info.gname = "curate"
-        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        header = _ustar_header(name, len(payload))
         data_offset = self.position + len(header)
         self._write(header)
         self._write(payload)
@@ -269,11 +228,6 @@ def tar_bytes(records: list[dict]) -> bytes:
         add_sample(writer, record, record[Col.IMAGE_BYTES])
     writer.close()
     return buffer.getvalue()
-
-
-def shard_table(records: list[dict]) -> pa.Table:
-    rows = [dict(record, **{Col.KEY: record[Col.UID]}) for record in records]
-    return to_table(rows, SHARD_SCHEMA)
 
 
 class _RawImageFiles(beam.DoFn):
@@ -402,84 +356,8 @@ class ReadsRawImages(beam.DoFn):
             reader.close()
 
 
-def _rank_bucket(uid: str) -> str:
-    return uid[:RANK_BUCKET_HEX_DIGITS]
-
-
-def _offsets(counts: list[tuple[str, int]]) -> dict[str, int]:
-    offsets, running = {}, 0
-    for bucket, count in sorted(counts):
-        offsets[bucket] = running
-        running += count
-    return offsets
-
-
-def _ranks(bucket_and_uids, offsets: dict[str, int], per_shard: int):
-    bucket, uids = bucket_and_uids
-    start = offsets[bucket]
-    for index, uid in enumerate(sorted(uids)):
-        rank = start + index
-        yield uid, (rank // per_shard, rank % per_shard)
-
-
-class AssignShardPositions(beam.PTransform):
-    """uids -> (uid, (shard_index, position_in_shard)) in global uid order, without a global sort."""
-
-    def __init__(self, samples_per_shard: int):
-        super().__init__()
-        self._per_shard = samples_per_shard
-
-    def expand(self, uids):
-        keyed = uids | "ByBucket" >> beam.Map(lambda uid: (_rank_bucket(uid), uid))
-        counts = keyed | "CountPerBucket" >> beam.combiners.Count.PerKey()
-        offsets = beam.pvalue.AsSingleton(counts | "Offsets" >> beam.combiners.ToList() | beam.Map(_offsets))
-        return (
-            keyed
-            | "Group" >> beam.GroupByKey()
-            | "Rank" >> beam.FlatMap(_ranks, offsets=offsets, per_shard=self._per_shard)
-        )
-
-
 def shard_name(index: int) -> str:
     return f"{index:05d}"
-
-
-class _WriteFinalShard(ReadsRawImages):
-    def __init__(self, directory: str, raw_directory: str):
-        super().__init__(raw_directory)
-        self._directory = directory
-
-    def process(self, index_and_items):
-        index, items = index_and_items
-        records = [record for _, record in sorted(items, key=lambda item: item[0])]
-        name = shard_name(index)
-        with open_atomically(join_path(self._directory, f"{name}.tar")) as handle:
-            writer = TarWriter(handle)
-            for record in records:
-                add_sample(writer, record, self._reader.image_of(record))
-            writer.close()
-        write_atomically(join_path(self._directory, f"{name}.parquet"), parquet_bytes(shard_table(records)))
-        yield name
-
-
-class WriteFinalShards(beam.PTransform):
-    """(shard_index, (position, record)) -> shards/NNNNN.tar + shards/NNNNN.parquet.
-
-    Records carry either IMAGE_BYTES or a raw location (read from `raw_directory`, one shard at a
-    time: a worker holds at most one shard's images).
-    """
-
-    def __init__(self, directory: str, raw_directory: str = ""):
-        super().__init__()
-        self._directory = directory
-        self._raw_directory = raw_directory
-
-    def expand(self, positioned):
-        return (
-            positioned
-            | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(_WriteFinalShard(self._directory, self._raw_directory))
-        )
 
 
 def read_tar_samples(handle, image_ext: str = "jpg") -> Iterable[tuple[str, bytes, Optional[dict]]]:
