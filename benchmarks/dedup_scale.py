@@ -1,6 +1,7 @@
-"""Scale of the Beam Deduplicate transform on synthetic 64-bit hashes with planted near-duplicates.
+"""Scale of hash-only dedup (the decide phase with CLIP off: hash bands over every sample) on
+synthetic 64-bit hashes with planted near-duplicates, through `curate decide` on a features table.
 
-Each size runs in its own process (FnApiRunner, in-process) so its peak RSS is its own.
+Each size runs in its own process so its peak RSS is its own.
 10% of the records are planted near-duplicates of another record (1-3 random bits flipped);
 the rest are uniform random hashes. Records carry no descriptor or embedding and no mirror hash,
 so this measures banding, bucket comparison, joins and union-find only.
@@ -44,49 +45,36 @@ def make_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, int]:
 
 
 def run_beam(n: int) -> dict:
-    import apache_beam as beam
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    """`curate decide` (dedup only) on an n-row features table of hash-only records."""
+    import glob
 
-    from pipeline.config import CurateConfig
-    from schemas import Col
-    from transforms.dedup import Deduplicate
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main as curate
+    from schemas import FEATURES_SCHEMA, Col, Status
 
     hashes, planted = make_hashes(n)
-    records = [
-        {
-            Col.UID: f"{i:012x}",
-            Col.SHA256: f"sha{i}",
-            Col.PHASH: f"{int(h):016x}",
-            Col.PHASH_MIRROR: None,
-            Col.DEDUP_DESCRIPTOR: None,
-            Col.ORIGINAL_WIDTH: 256,
-            Col.ORIGINAL_HEIGHT: 256,
-            Col.CLIP_SCORE: None,
-            Col.IMAGE_EMBEDDING: None,
-        }
-        for i, h in enumerate(hashes.tolist())
-    ]
-    config = CurateConfig()
+    table = pa.table({
+        Col.UID: [f"{i:032x}" for i in range(n)], Col.STATUS: [Status.KEPT] * n,
+        Col.SHA256: [f"{i:064x}" for i in range(n)], Col.PHASH: [f"{int(h):016x}" for h in hashes.tolist()],
+        Col.ORIGINAL_WIDTH: pa.array(np.full(n, 256, np.int32)), Col.ORIGINAL_HEIGHT: pa.array(np.full(n, 256, np.int32)),
+        Col.CAPTION: ["a photo"] * n,
+    })
+    table = pa.table({name: table[name] if name in table.column_names else pa.nulls(n, FEATURES_SCHEMA.field(name).type)
+                      for name in FEATURES_SCHEMA.names}).cast(FEATURES_SCHEMA)
     with tempfile.TemporaryDirectory() as folder:
+        os.makedirs(os.path.join(folder, "features"))
+        pq.write_table(table, os.path.join(folder, "features", "survivors.parquet"), row_group_size=4096)
         start = time.perf_counter()
-        pipeline = beam.Pipeline(runner=FnApiRunner())
-        (
-            pipeline
-            | beam.Create(records, reshuffle=False)
-            | Deduplicate(config)
-            | beam.combiners.Count.Globally()
-            | beam.Map(str)
-            | beam.io.WriteToText(os.path.join(folder, "count"))
-        )
-        result = pipeline.run()
-        result.wait_until_finish()
+        code = curate(["decide", "--output", folder, "--quiet", "--set", "clip_threshold=-1", "--set", "negatives_k=0",
+                       "--set", "negatives_captions=false"])
         seconds = time.perf_counter() - start
-        dropped = int(open(os.path.join(folder, sorted(os.listdir(folder))[0])).read().strip() or 0)
-    counters = {
-        c.key.metric.name: c.committed
-        for c in result.metrics().query()["counters"]
-        if c.key.metric.namespace == "dedup"
-    }
+        assert code == 0
+        decisions = pa.concat_tables([pq.read_table(f) for f in glob.glob(os.path.join(folder, "decisions", "*.parquet"))])
+        dropped = int(pa.compute.sum(pa.compute.equal(decisions[Col.STATUS], Status.DROPPED)).as_py() or 0)
+        info = json.load(open(os.path.join(folder, "run", "decide.json")))
+    counters = {k.split("/", 1)[1]: v for k, v in info["metrics"].items() if k.startswith("dedup/")}
     return {
         "n": n,
         "seconds": seconds,
@@ -132,9 +120,8 @@ def main() -> None:
         r = child("--one", n)
         beam_results.append(r)
         c = r["counters"]
-        print(f"beam Deduplicate n={n:>9,}: {r['seconds']:8.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-              f"dropped {r['dropped']:,} (planted {r['planted']:,})  buckets {c.get('buckets_compared', 0):,}  "
-              f"oversize {c.get('oversize_buckets', 0):,}  comparisons {c.get('hash_comparisons', 0):,}  "
+        print(f"curate decide (hash-only dedup) n={n:>9,}: {r['seconds']:8.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+              f"dropped {r['dropped']:,} (planted {r['planted']:,})  candidates {c.get('candidate_edges', 0):,}  "
               f"edges {c.get('verified_edges', 0):,}  clusters {c.get('near_clusters', 0):,}", flush=True)
     if len(beam_results) >= 2:
         a, b = beam_results[0], beam_results[-1]

@@ -1,31 +1,34 @@
-"""Scale benchmark of neighbour mining: the partitioned MineHardNegatives path at 100k and 1M.
+"""Neighbour mining alone: the decide phase's partitioned search (transforms/neighbours.py: two-level
+k-means groups, each sample a candidate in its `probe` nearest groups and a query in its nearest,
+exact search inside each group) against exact search over every sample (faiss's brute-force
+top-k with the same skip rules), on three embedding distributions, as a curve of recall@3 against
+the candidates scanned per query for several group sizes and probes.
 
-    python benchmarks/hard_negatives.py [--sizes 100000,1000000] [--dim 512]
+    python benchmarks/hard_negatives.py [--rows 100000] [--queries 1000] [--kinds themes,graded,plateau]
+                                        [--group-sizes 500,1000,2000] [--probes 1,2,3]
 
-Synthetic 512-d unit embeddings with CLIP-like structure (coarse themes -> topics -> samples; the
-generator is below), generated inside the pipeline from chunk seeds so no embedding matrix is ever
-built outside it. Each size runs in its own process on Beam's in-process FnApiRunner (one worker,
-the 2-core laptop case) through the partitioned path (k-means centroids side input, each sample to
-its nearest `negatives_probe` centroids, GroupByKey(centroid), exact faiss inside groups, merge).
-Printed: wall time and peak RSS (whole process tree) per size, time(1M)/time(100k), and recall@k
-of the partitioned result against exact faiss (IndexFlatIP, same exclusions) on the 100k set.
+Distributions (512-d unit vectors):
+- themes: coarse themes -> topics -> samples (the generator below): clear topic clusters;
+- graded, plateau: benchmarks/scale.py's (shared direction, Zipf topics, sub-topics; graded adds a
+  16-d style shared by all topics, so neighbours cross topic lines; plateau has flat neighbourhoods).
+On none of them, nor on uniform random vectors, can a partitioned search that scans a fixed few
+thousand candidates per query find the exact top 3 of every query: the curve shows what a scan
+budget buys on each. The pipeline's public path is measured in benchmarks/scale.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks.common import REPO, run_measured  # noqa: E402
 
 CHUNK = 10_000
 THEMES = 256
@@ -56,127 +59,75 @@ def chunk_embeddings(chunk: int, dim: int, topics: np.ndarray) -> np.ndarray:
     return vectors.astype(np.float16)
 
 
-_TOPICS_CACHE: dict = {}
+def vectors_of(kind: str, rows: int, dim: int = 512) -> np.ndarray:
+    if kind == "themes":
+        topics = _topics(dim)
+        return np.concatenate([chunk_embeddings(c, dim, topics) for c in range(-(-rows // CHUNK))])[:rows]
+    import scale
+
+    rng = np.random.default_rng(11)
+    space = scale.Space(1, kind)
+    p = 1.0 / (np.arange(scale.TOPICS) + 10.0) ** 1.1
+    topic = rng.choice(scale.TOPICS, rows, p=p / p.sum())
+    sub = rng.integers(0, scale.SUBTOPICS, rows)
+    return np.concatenate([space.vectors(topic[i:i + 50_000], sub[i:i + 50_000], rng) for i in range(0, rows, 50_000)])
 
 
-def chunk_records(chunk: int, dim: int):
-    from schemas import Col
+def partitioned(pool, vectors, group_size: int, probe: int, queries: np.ndarray) -> tuple[dict, float, float]:
+    """The decide phase's search, in memory: ({query: neighbour set}, candidates per query, seconds)."""
+    from transforms import neighbours as nn
 
-    topics = _TOPICS_CACHE.get(dim)
-    if topics is None:
-        topics = _TOPICS_CACHE[dim] = _topics(dim)
-    vectors = chunk_embeddings(chunk, dim, topics)
-    for row in range(CHUNK):
-        index = chunk * CHUNK + row
-        yield {
-            Col.UID: uid_of(index),
-            Col.CAPTION_CLEAN: f"sample {index}",
-            Col.IMAGE_EMBEDDING: vectors[row],
-            Col.TEXT_EMBEDDING: None,
-        }
-
-
-def _format(item) -> str:
-    uid, negatives = item
-    return uid + "\t" + ",".join(f"{n['uid']}:{n['score']:.6f}" for n in negatives if n["kind"] == "image")
-
-
-def worker(size: int, dim: int, out: str, overrides: list[str]) -> None:
-    """One pipeline run (in its own process, so its peak RSS is its own)."""
-    import apache_beam as beam
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-
-    from pipeline.config import build_config
-    from transforms.negatives import MineHardNegatives
-
-    config = build_config(overrides=["negatives_captions=false", "negatives_exact_max=0"] + overrides)
     started = time.perf_counter()
-    with beam.Pipeline(runner=FnApiRunner()) as p:
-        (
-            p
-            | "Chunks" >> beam.Create(list(range(size // CHUNK)))
-            | "Reshuffle" >> beam.Reshuffle()
-            | "Generate" >> beam.FlatMap(chunk_records, dim=dim)
-            | "Mine" >> MineHardNegatives(config)
-            | "Format" >> beam.Map(_format)
-            | "Write" >> beam.io.WriteToText(out, shard_name_template="-SSSSS-of-NNNNN")
-        )
-    print(json.dumps({"pipeline_seconds": time.perf_counter() - started}))
-
-
-def exact_reference(size: int, dim: int, k: int, ceiling: float, queries: int) -> dict[str, list[str]]:
-    """Exact faiss over the whole set with the transform's exclusions (self, above the ceiling).
-
-    `queries` > 0: only every (size // queries)-th sample queries (the search itself is exact over
-    all `size` samples); the full 100k x 100k search takes minutes on 2 cores.
-    """
-    import faiss
-
-    topics = _topics(dim)
-    vectors = np.concatenate([chunk_embeddings(c, dim, topics) for c in range(size // CHUNK)]).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    uids = [uid_of(i) for i in range(size)]
-    index = faiss.IndexFlatIP(dim)
-    index.add(vectors)
-    rows = np.arange(0, size, max(1, size // queries)) if queries else np.arange(size)
-    started = time.perf_counter()
-    scores, ids = index.search(vectors[rows], k + 8)
-    seconds = time.perf_counter() - started
-    result = {}
-    for position, row in enumerate(rows):
-        row = int(row)
-        kept = [(-s, uids[j]) for s, j in zip(scores[position], ids[position]) if j >= 0 and j != row and s <= ceiling]
-        result[uids[row]] = [u for _, u in sorted(kept)[:k]]
-    return result, seconds
-
-
-def read_result(out: str) -> dict[str, list[str]]:
-    result = {}
-    for path in sorted(Path(out).parent.glob(Path(out).name + "-*")):
-        for line in path.read_text().splitlines():
-            uid, _, rest = line.partition("\t")
-            result[uid] = [item.split(":")[0] for item in rest.split(",") if item]
-    return result
+    order = np.argsort(np.array([int(uid_of(i)[:15], 16) for i in range(len(vectors))]))
+    sample = vectors[order[:nn.sample_size(len(vectors), group_size, 0, 65_536)]]
+    part = nn.train_partitioning(sample, len(vectors), group_size, 65_536)
+    cells = nn.assign_groups(vectors, part, probe)
+    wanted = np.zeros(len(vectors), dtype=bool)
+    wanted[queries] = True
+    found, scanned = {}, 0
+    for group in range(part.groups):
+        members = np.flatnonzero((cells == group).any(axis=1))
+        homes = members[(cells[members, 0] == group) & wanted[members]]
+        if not len(homes):
+            continue
+        scanned += len(homes) * len(members)
+        sub = nn.Pool(vectors[members], pool.caption_ids[members], pool.hashes[members], pool.present[members])
+        neighbours, _ = nn.group_neighbours(sub, np.searchsorted(members, homes), 3, 0.95, 8)
+        for home, row in zip(homes.tolist(), neighbours):
+            found[home] = set(members[row[row >= 0]].tolist())
+    return found, scanned / len(queries), time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--set", action="append", default=[], help="config override, key=value")
-    parser.add_argument("--recall-queries", type=int, default=10_000, help="0: every sample queries")
-    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--kinds", default="themes,graded,plateau")
+    parser.add_argument("--group-sizes", default="500,1000,2000")
+    parser.add_argument("--probes", default="1,2,3")
     args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.dim, args.out, args.set)
-        return
+    from transforms import neighbours as nn
 
-    from pipeline.config import build_config
-
-    config = build_config(overrides=args.set)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    timings = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in sizes:
-            out = str(Path(tmp) / f"neg{size}")
-            command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(size), "--dim", str(args.dim), "--out", out]
-            for item in args.set:
-                command += ["--set", item]
-            measured = run_measured(command, cwd=REPO, timeout=3600)
-            timings[size] = measured["seconds"]
-            mined = read_result(out)
-            print(f"partitioned n={size:>9,} d={args.dim}: {measured['seconds']:7.1f} s wall, "
-                  f"peak RSS {measured['peak_rss_mb']:7.0f} MB, {len(mined):,} uids out")
-            if size == min(sizes):
-                exact, exact_seconds = exact_reference(size, args.dim, config.negatives_k, config.negatives_ceiling, args.recall_queries)
-                hits = sum(len(set(mined.get(u, [])) & set(e)) for u, e in exact.items())
-                total = sum(len(e) for e in exact.values())
-                print(f"exact faiss IndexFlatIP n={size:,}: {len(exact):,} queries searched in {exact_seconds:.1f} s (in memory, not Beam)")
-                print(f"recall@{config.negatives_k} partitioned vs exact on n={size:,} ({len(exact):,} queries): {hits / total:.4f}")
-    if len(sizes) > 1:
-        small, large = min(sizes), max(sizes)
-        print(f"time({large:,})/time({small:,}) = {timings[large] / timings[small]:.2f} (target <= 12)")
+    print("| embeddings | group size | probe | candidates / query | recall@3 | seconds | exact seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in args.kinds.split(","):
+        raw = vectors_of(kind, args.rows)
+        units, _ = nn.unit_rows(raw, np.ones(len(raw), dtype=bool))
+        vectors = nn.search_vectors(units)
+        rng = np.random.default_rng(3)
+        pool = nn.Pool(vectors, rng.integers(0, 2**63, len(vectors)).astype(np.uint64),
+                       rng.integers(0, 2**63, (len(vectors), 2)).astype(np.uint64), np.ones((len(vectors), 2), bool))
+        queries = np.sort(rng.choice(len(vectors), args.queries, replace=False))
+        started = time.perf_counter()
+        exact, _ = nn.group_neighbours(pool, queries, 3, 0.95, 8)  # over every sample: the reference
+        exact_seconds = time.perf_counter() - started
+        for group_size in [int(g) for g in args.group_sizes.split(",")]:
+            for probe in [int(p) for p in args.probes.split(",")]:
+                found, scanned, seconds = partitioned(pool, vectors, group_size, probe, queries)
+                hits = sum(len(set(row[row >= 0].tolist()) & found.get(int(q), set())) for q, row in zip(queries, exact))
+                recall = hits / max(1, int((exact >= 0).sum()))
+                print(f"| {kind} | {group_size} | {probe} | {scanned:,.0f} | {recall:.3f} | {seconds:.1f} | "
+                      f"{exact_seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

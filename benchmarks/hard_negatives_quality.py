@@ -4,7 +4,8 @@
 
 Embeds `count` synthetic samples (128 px JPEGs, held-out render seed) with the project's tiny CLIP
 (pipeline/tiny_clip.py; the shipped checkpoint, or one trained into a temp folder if none is
-shipped yet), runs MineHardNegatives (exact path) on them and prints:
+shipped yet), runs `curate decide` on them (mining only: dedup off, every pair passes the CLIP
+filter) and prints:
   - how many of (shape, colour, background) a mined image negative shares with its anchor, against
     random other samples (the same number per anchor, seeded);
   - near-duplicates among the negatives (pHash or mirrored pHash within dedup_radius, or image
@@ -15,9 +16,7 @@ shipped yet), runs MineHardNegatives (exact path) on them and prints:
 from __future__ import annotations
 
 import argparse
-import functools
 import io
-import pickle
 import random
 import sys
 import tempfile
@@ -32,9 +31,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RENDER_SEED = 5  # neither the tiny CLIP's training seed (1) nor its held-out seed (2)
 
 
-def _save(items, path):
-    with open(path, "wb") as handle:
-        pickle.dump(dict(items), handle)
+def mine(records: list[dict], folder: Path) -> dict:
+    """`curate decide` on the records as a features table -> {uid: hard negatives}."""
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas import FEATURES_SCHEMA, Col, Status, to_table
+
+    (folder / "features").mkdir(parents=True)
+    rows = [dict(r, **{Col.STATUS: Status.KEPT}) for r in records]
+    pq.write_table(to_table(rows, FEATURES_SCHEMA), folder / "features" / "survivors.parquet")
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "decide", "--output", str(folder), "--quiet",
+                    "--set", "clip_threshold=-1", "--set", "dedup_exact=false", "--set", "dedup_near=false"],
+                   check=True, cwd=Path(__file__).resolve().parents[1])
+    decisions = pa.concat_tables([pq.read_table(f) for f in sorted((folder / "decisions").glob("*.parquet"))])
+    return {row[Col.UID]: row[Col.HARD_NEGATIVES] or [] for row in decisions.to_pylist()}
+
+
+def _near(a: dict, b: dict, radius: int) -> bool:
+    """A pHash (or mirror) of a within `radius` bits of one of b's: a near-duplicate, not a negative."""
+    mine = [int(h, 16) for h in (a["phash"], a["phash_mirror"]) if h]
+    theirs = [int(h, 16) for h in (b["phash"], b["phash_mirror"]) if h]
+    return bool(a["phash"]) and any(bin(x ^ y).count("1") <= radius for x in mine for y in theirs)
 
 
 def embed(count: int):
@@ -56,7 +76,7 @@ def embed(count: int):
         hashes = image_hashes(Image.open(io.BytesIO(jpeg)).convert("RGB"))
         caption = attributes.caption()
         attrs.append(attributes)
-        records.append({"uid": f"s{index:05d}", "caption_clean": caption, "phash": hashes.get("phash"),
+        records.append({"uid": f"{index:032x}", "caption_clean": caption, "phash": hashes.get("phash"),
                         "phash_mirror": hashes.get("phash_mirror")})
         prepared.append(model.prepare(ClipInput(jpeg, caption)))
     images, texts = [], []
@@ -77,27 +97,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000)
     args = parser.parse_args()
 
-    import apache_beam as beam
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    from apache_beam.testing.util import assert_that
-
     from pipeline.config import build_config
     from schemas import Col
-    from transforms.negatives import MineHardNegatives, members_of, too_close
 
     started = time.perf_counter()
     checkpoint, attrs, records, images = embed(args.count)
     print(f"embedded {len(records)} synthetic samples with {checkpoint} in {time.perf_counter() - started:.1f} s")
     config = build_config()
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "negatives.pkl"
-        with beam.Pipeline(runner=FnApiRunner()) as p:
-            mined = p | beam.Create(records) | MineHardNegatives(config)
-            assert_that(mined, functools.partial(_save, path=str(out)))
-        result = pickle.loads(out.read_bytes())
+        result = mine(records, Path(tmp))
 
     by_uid = {r["uid"]: i for i, r in enumerate(records)}
-    members = {r["uid"]: members_of(r)["image"] for r in records}
     no_phash = sum(r["phash"] is None for r in records)
 
     def shared(a, b) -> list[int]:
@@ -116,7 +126,7 @@ def main() -> None:
             mined_shared.append(shared(anchor, other))
             same_attributes += all(shared(anchor, other))
             cosine = float(images[anchor] @ images[other])
-            near_duplicates += too_close(members[uid], members[negative[Col.NEGATIVE_UID]], config.dedup_radius) or (
+            near_duplicates += _near(records[anchor], records[other], config.dedup_radius) or (
                 cosine > config.negatives_ceiling
             )
             random_other = rng.choice([i for i in range(len(records)) if i != anchor])

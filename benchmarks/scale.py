@@ -48,6 +48,7 @@ from common import REPO, BenchServer, run_measured
 
 from schemas import FEATURES_SCHEMA, Col, Status  # noqa: E402
 from transforms.dedup import DESCRIPTOR_BYTES  # noqa: E402
+from transforms.write_output import parquet_writer  # noqa: E402
 
 DIM = 512
 TOPICS = 4096
@@ -109,19 +110,30 @@ def _hex(raw: np.ndarray) -> pa.Array:
 
 
 class Space:
-    """Structured embeddings of one space: shared direction + topic + sub-topic + noise."""
+    """Structured embeddings of one space: a shared direction + topic + sub-topic + noise, and in
+    the "graded" kind (default) a style: a point in a 16-d subspace shared by all topics, so that
+    neighbours inside a sub-topic are nearer or farther by how alike their styles are (real CLIP
+    neighbourhoods fall off gradually). The "plateau" kind has no style: every sub-topic mate is
+    at ~0.8 and every topic mate at ~0.55 within noise, flat neighbourhoods in which the exact
+    top 3 are decided by noise (the hardest case for any partitioned search)."""
 
-    def __init__(self, seed: int, weights=(0.25, 0.30, 0.25, 0.20)):
+    STYLE_DIMS = 16
+
+    def __init__(self, seed: int, kind: str = "graded"):
         rng = np.random.default_rng(seed)
-        self.mean = _unit(rng.standard_normal(DIM))
-        self.topics = _unit(rng.standard_normal((TOPICS, DIM))).astype(np.float32)
-        self.subtopics = _unit(rng.standard_normal((TOPICS * SUBTOPICS, DIM))).astype(np.float32)
+        self.mean = _unit(rng.standard_normal(DIM)).astype(np.float32)
+        self.topics = _unit(rng.standard_normal((TOPICS, DIM)).astype(np.float32))
+        self.subtopics = _unit(rng.standard_normal((TOPICS * SUBTOPICS, DIM)).astype(np.float32))
+        self.style = np.linalg.qr(rng.standard_normal((DIM, self.STYLE_DIMS)))[0].T.astype(np.float32)
+        weights = (0.25, 0.30, 0.25, 0.0, 0.20) if kind == "plateau" else (0.20, 0.25, 0.20, 0.20, 0.15)
         self.scales = np.sqrt(np.asarray(weights, dtype=np.float32))
 
     def vectors(self, topic: np.ndarray, sub: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         noise = _unit(rng.standard_normal((len(topic), DIM)).astype(np.float32))
-        a, b, c, d = self.scales
-        x = a * self.mean[None, :] + b * self.topics[topic] + c * self.subtopics[topic * SUBTOPICS + sub] + d * noise
+        style = _unit(rng.standard_normal((len(topic), self.STYLE_DIMS)).astype(np.float32)) @ self.style
+        a, b, c, e, d = self.scales
+        x = (a * self.mean[None, :] + b * self.topics[topic] + c * self.subtopics[topic * SUBTOPICS + sub]
+             + e * style + d * noise)
         return _unit(x).astype(np.float16)
 
 
@@ -165,7 +177,8 @@ def _flip_bits(words: np.ndarray, rng: np.random.Generator, most: int = 3) -> np
     return out
 
 
-def build_features(seed: Path, rows: int, out: Path, chunk: int = ROWS_PER_FILE, keep_share: float = 1.0) -> dict:
+def build_features(seed: Path, rows: int, out: Path, chunk: int = ROWS_PER_FILE, keep_share: float = 1.0,
+                   kind: str = "graded") -> dict:
     """`rows` cloned feature rows in out/features (+ out/raw linked to the seed's images)."""
     marker = out / "features.json"
     if marker.exists():
@@ -176,11 +189,12 @@ def build_features(seed: Path, rows: int, out: Path, chunk: int = ROWS_PER_FILE,
     (out / "run").mkdir()
     template = templates(seed)
     t_desc = np.frombuffer(b"".join(template[Col.DEDUP_DESCRIPTOR].to_pylist()), dtype=np.uint8).reshape(-1, DESCRIPTOR_BYTES)
-    image_space, text_space = Space(1), Space(2)
+    image_space, text_space = Space(1, kind), Space(2, kind)
     topic_p = 1.0 / (np.arange(TOPICS) + 10.0) ** 1.1
     topic_p /= topic_p.sum()
     started = time.monotonic()
     planted = {"near": 0, "exact": 0}
+    planted_pairs: dict[str, list] = {"near": [], "exact": []}
     for index, start in enumerate(range(0, rows, chunk)):
         n = min(chunk, rows - start)
         rng = np.random.default_rng(10_000 + index)
@@ -194,14 +208,16 @@ def build_features(seed: Path, rows: int, out: Path, chunk: int = ROWS_PER_FILE,
         hashes = rng.integers(0, 2**64, (n, 12), dtype=np.uint64)
         phash = rng.integers(0, 2**64, (n, 2), dtype=np.uint64)
         sha = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+        uid = _hex(rng.integers(0, 256, (n, 16), dtype=np.uint8)).to_pylist()
         # planted copies of earlier rows of the chunk
-        kind = rng.random(n)
-        near = np.flatnonzero((kind < NEAR_SHARE) & (np.arange(n) > 0))
-        exact = np.flatnonzero((kind >= NEAR_SHARE) & (kind < NEAR_SHARE + EXACT_SHARE) & (np.arange(n) > 0))
+        draw = rng.random(n)
+        near = np.flatnonzero((draw < NEAR_SHARE) & (np.arange(n) > 0))
+        exact = np.flatnonzero((draw >= NEAR_SHARE) & (draw < NEAR_SHARE + EXACT_SHARE) & (np.arange(n) > 0))
         for rows_of, is_exact in ((near, False), (exact, True)):
             if not len(rows_of):
                 continue
             source = (rng.random(len(rows_of)) * rows_of).astype(np.int64)
+            planted_pairs["exact" if is_exact else "near"] += [(uid[a], uid[b]) for a, b in zip(rows_of.tolist(), source.tolist())]
             t[rows_of] = t[source]
             desc[rows_of] = desc[source]
             if is_exact:
@@ -218,7 +234,7 @@ def build_features(seed: Path, rows: int, out: Path, chunk: int = ROWS_PER_FILE,
         base = template.take(pa.array(t))
         for w, offset in enumerate(_HASH_WORDS):
             desc[:, offset:offset + 8] = hashes[:, w].astype(">u8").view(np.uint8).reshape(n, 8)
-        uid = _hex(rng.integers(0, 256, (n, 16), dtype=np.uint8))
+        uid = pa.array(uid, pa.string())
         captions = pa.array(captions_for(topic, sub, rng))
         urls = pa.compute.binary_join_element_wise(
             pa.array([f"https://img{i % 997}.example.com/" for i in range(start, start + n)]), uid, ".jpg", "")
@@ -237,13 +253,32 @@ def build_features(seed: Path, rows: int, out: Path, chunk: int = ROWS_PER_FILE,
                                                          pa.array(texts.reshape(-1), pa.float16())),
         })
         table = pa.table({name: columns[name] for name in FEATURES_SCHEMA.names}).cast(FEATURES_SCHEMA)
-        pq.write_table(table, out / "features" / f"survivors-{index:05d}.parquet", compression="zstd", row_group_size=ROW_GROUP)
+        with open(out / "features" / f"survivors-{index:05d}.parquet", "wb") as handle:
+            with parquet_writer(handle, FEATURES_SCHEMA) as writer:  # as the fetch phase writes it
+                writer.write_table(table, row_group_size=ROW_GROUP)
     threshold = float(np.quantile(np.random.default_rng(0).normal(0.3, 0.05, 200_000), 1.0 - keep_share)) if keep_share < 1 else -1.0
     shutil.copy(seed / "run" / "fetch.json", out / "run" / "fetch.json")
-    info = {"rows": rows, "planted": planted, "seconds": round(time.monotonic() - started, 1), "clip_threshold": threshold,
+    info = {"rows": rows, "planted": planted, "embeddings": kind, "seconds": round(time.monotonic() - started, 1), "clip_threshold": threshold,
             "bytes": sum(f.stat().st_size for f in (out / "features").glob("*.parquet"))}
+    (out / "planted.json").write_text(json.dumps(planted_pairs))
     marker.write_text(json.dumps(info))
     return info
+
+
+def planted_found(source: Path, out: Path) -> dict:
+    """Share of the planted (copy, original) pairs the decide phase put in one duplicate cluster
+    (both end with the same survivor), per kind."""
+    planted = json.loads((source / "planted.json").read_text())
+    decisions = pa.concat_tables([pq.read_table(f, columns=[Col.UID, Col.REASON, Col.DUPLICATE_OF])
+                                  for f in sorted(glob.glob(str(out / "decisions" / "*.parquet")))])
+    survivor = {uid: (of if reason in ("duplicate_near", "duplicate_exact") else uid)
+                for uid, reason, of in zip(decisions[Col.UID].to_pylist(), decisions[Col.REASON].to_pylist(),
+                                           decisions[Col.DUPLICATE_OF].to_pylist())}
+    found = {}
+    for kind, pairs in planted.items():
+        together = sum(survivor.get(a, a) == survivor.get(b, b) for a, b in pairs)
+        found[kind] = round(together / len(pairs), 4) if pairs else None
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +434,7 @@ def main() -> int:
     parser.add_argument("--baseline-rows", type=int, default=100_000)
     parser.add_argument("--compare-rows", type=int, default=0)
     parser.add_argument("--keep-share", type=float, default=1.0)
+    parser.add_argument("--embeddings", default="graded", choices=["graded", "plateau"])
     parser.add_argument("--recall-queries", type=int, default=1000)
     parser.add_argument("--recall-max-rows", type=int, default=1_000_000)
     parser.add_argument("--work", default="/tmp/curate-scale")
@@ -412,7 +448,8 @@ def main() -> int:
     baseline = baseline_checkout(work, args.baseline_ref) if args.baseline_rows or args.compare_rows else None
 
     if args.compare_rows:
-        info = build_features(seed, args.compare_rows, work / f"features-{args.compare_rows}", keep_share=args.keep_share)
+        info = build_features(seed, args.compare_rows, work / f"features-{args.compare_rows}", keep_share=args.keep_share,
+                              kind=args.embeddings)
         ours, theirs = work / "compare-ours", work / "compare-baseline"
         for out, checkout in ((ours, REPO), (theirs, baseline)):
             copy_features(work / f"features-{args.compare_rows}", out)
@@ -421,8 +458,8 @@ def main() -> int:
         print(f"decisions at {args.compare_rows:,} rows, ours vs baseline: {results['compare']}", flush=True)
 
     for rows in sizes:
-        source = work / f"features-{rows}"
-        info = build_features(seed, rows, source, keep_share=args.keep_share)
+        source = work / f"features-{rows}-{args.embeddings}"
+        info = build_features(seed, rows, source, keep_share=args.keep_share, kind=args.embeddings)
         print(f"{rows:,} rows: features built ({info['bytes'] / 2**30:.1f} GiB, planted {info['planted']})", flush=True)
         entry = {"features_gib": round(info["bytes"] / 2**30, 2)}
         runs = [("ours", REPO)] + ([("baseline", baseline)] if baseline is not None and rows <= args.baseline_rows else [])
@@ -437,6 +474,8 @@ def main() -> int:
                 if name == "ours":
                     for pass_name, record in measured["passes"].items():
                         print(f"    {pass_name:12s} {record['seconds']:8.1f} s  {record.get('peak_rss_mb')} MB", flush=True)
+            entry[f"{name}_planted_found"] = planted_found(source, out)
+            print(f"    planted copies dropped as duplicates: {entry[f'{name}_planted_found']}", flush=True)
             if name == "ours" and rows <= args.recall_max_rows and args.recall_queries:
                 entry["recall"] = negatives_recall(out, args.recall_queries)
                 print(f"    recall@3 of the negatives: {entry['recall']}", flush=True)

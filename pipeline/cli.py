@@ -31,6 +31,7 @@ from pipeline.layout import PHASES, Layout
 from pipeline.report import AccountingError, account, funnel_text, phase_infos, write_report
 from pipeline.write import build_write
 from transforms.spill import remove_work_directory
+from transforms.write_output import join_path
 from transforms.clip_filter import model_id
 
 log = logging.getLogger("curate")
@@ -63,15 +64,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def beam_options(beam_args: list[str]) -> PipelineOptions:
-    """Pass Beam flags through; locally default to the in-process runner (no Prism download)."""
+# decide and write on at least this many rows use every core (multi_processing, one worker per
+# core) unless the user chose a runner mode: below it, starting the workers costs more than it saves
+MULTI_PROCESS_MIN_ROWS = 200_000
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def beam_options(beam_args: list[str], phase: Optional[str] = None, rows: Optional[int] = None) -> PipelineOptions:
+    """Pass Beam flags through. Locally the DirectRunner, and unless a mode is named its
+    in-process mode (Beam's own default would download the Prism runner), or for a decide/write
+    of at least MULTI_PROCESS_MIN_ROWS rows its multi_processing mode with a worker per core (the
+    columnar phases carry file paths between stages, so their work spreads over processes at
+    little cost)."""
     args = list(beam_args)
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=DirectRunner")
     runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), "DirectRunner")
-    if runner.endswith("DirectRunner") and not any(a.startswith("--direct_running_mode") for a in args):
-        args.append("--direct_running_mode=in_memory")
+    if runner.endswith("DirectRunner") and not any(a.startswith(("--direct_running_mode", "--direct_num_workers"))
+                                                   for a in args):
+        cores = _cores()
+        if phase in ("decide", "write") and cores > 1 and rows is not None and rows >= MULTI_PROCESS_MIN_ROWS:
+            args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={cores}"]
+        else:
+            args.append("--direct_running_mode=in_memory")
     return PipelineOptions(args)
+
+
+def _threads_for(options: PipelineOptions) -> None:
+    """Threads of the numeric libraries in the decide and write phases: several local worker
+    processes share the cores (one thread each per core share), and OpenMP waits passively (a
+    spinning wait on a busy machine costs more than it saves)."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    direct = options.view_as(DirectOptions)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if direct.direct_running_mode == "multi_processing" and (direct.direct_num_workers or 1) > 1:
+        from transforms.neighbours import THREADS_ENV
+
+        os.environ[THREADS_ENV] = str(max(1, _cores() // direct.direct_num_workers))
 
 
 def clip_model_id(config):
@@ -127,7 +160,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
+def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: bool = False) -> dict:
     release_freed_memory()  # each phase starts on a trimmed heap with glibc's default policy
     started, cpu_started = time.time(), cpu_seconds()
     later = PHASES[PHASES.index(phase):]
@@ -136,22 +169,32 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
     for directory in {"fetch": [layout.features, layout.raw_shards], "decide": [layout.decisions],
                       "write": [layout.shards, layout.ledger]}[phase] + [layout.work(phase)]:
         layout.clear(directory)
+    local = progress.is_local_runner(beam_options(beam_args, phase))
+    total = progress.phase_total(phase, config, layout) if local else None
+    options = beam_options(beam_args, phase, total)
+    if phase in ("decide", "write"):
+        _threads_for(options)
     pipeline = beam.Pipeline(options=options)
     rows = PHASE_BUILDERS[phase](pipeline, config, layout)
-    # Progress (and the per-pass record) only where the DoFns run in this process (the local
-    # in-memory runner); --quiet keeps the record and prints nothing.
+    # Progress (and the per-pass record) where the DoFns run on this machine (the local runners:
+    # multi_processing workers write their counts to files the reporter reads); --quiet keeps the
+    # record and prints nothing.
     passes = {}
-    if progress.is_local_runner(options):
+    if local:
         progress.watch(rows, phase)
-        progress.start_phase(phase, progress.phase_total(phase, config, layout), silent=quiet)
+        progress.start_phase(phase, total, silent=quiet)
+        os.environ[progress.SHARED_DIR_ENV] = join_path(layout.work(phase), "progress")
+        os.environ[progress.SHARED_PHASE_ENV] = phase
     try:
         result = pipeline.run()
         result.wait_until_finish()
     finally:
         reporter = progress.current()
+        progress.finish_phase()
         if reporter is not None:
             passes = reporter.pass_records()
-        progress.finish_phase()
+        os.environ.pop(progress.SHARED_DIR_ENV, None)
+        os.environ.pop(progress.SHARED_PHASE_ENV, None)
         remove_work_directory(layout.work(phase))
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
             "clip_model_id": clip_model_id(config),
@@ -171,7 +214,7 @@ def run_phase(phase: str, config, layout: Layout, options: PipelineOptions, quie
     return info
 
 
-def retry_failed(config, layout: Layout, options: PipelineOptions, quiet: bool = False) -> dict:
+def retry_failed(config, layout: Layout, beam_args: list[str], quiet: bool = False) -> dict:
     """Re-fetch the rows whose failure was transient; everything else of the fetch phase stays."""
     previous = layout.read_phase_info("fetch")
     if previous is None:
@@ -181,7 +224,7 @@ def retry_failed(config, layout: Layout, options: PipelineOptions, quiet: bool =
     for stale in PHASES:
         layout.clear(layout.phase_marker(stale))
     layout.clear(layout.features_staging)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(options=beam_options(beam_args, "fetch"))
     build_retry(pipeline, config, layout, round_number)
     result = pipeline.run()
     result.wait_until_finish()
@@ -235,11 +278,11 @@ def _layout_and_config(args):
     return Layout(output), build_config(args.config, args.overrides, **explicit)
 
 
-def run_task(task: str, config, layout: Layout, options: PipelineOptions, quiet: bool) -> None:
+def run_task(task: str, config, layout: Layout, beam_args: list[str], quiet: bool) -> None:
     if task == RETRY:
-        retry_failed(config, layout, options, quiet)
+        retry_failed(config, layout, beam_args, quiet)
     else:
-        run_phase(task, config, layout, options, quiet)
+        run_phase(task, config, layout, beam_args, quiet)
 
 
 def _own_process_main(task: str, argv: list[str]) -> None:
@@ -248,7 +291,7 @@ def _own_process_main(task: str, argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args, beam_args = _parser().parse_known_args(argv)
     layout, config = _layout_and_config(args)
-    run_task(task, config, layout, beam_options(beam_args), args.quiet)
+    run_task(task, config, layout, beam_args, args.quiet)
 
 
 # A phase process re-runs the main module as __mp_main__ (multiprocessing's spawn preparation);
@@ -300,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command in ("run", "fetch") and not config.input:
         print("curate: --input is required", file=sys.stderr)
         return 2
-    options = beam_options(beam_args)
+    beam_options(beam_args)  # bad Beam flags fail here, before any phase
     if args.retry_failed and args.command not in ("run", "fetch"):
         print("curate: --retry-failed goes with `run` or `fetch`", file=sys.stderr)
         return 2
@@ -318,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.command == "run":
                 run_in_own_process(task, argv)
             else:
-                run_task(task, config, layout, options, args.quiet)
+                run_task(task, config, layout, beam_args, args.quiet)
     except PhaseFailed as error:
         print(f"curate: {error}", file=sys.stderr)
         return 1

@@ -81,7 +81,7 @@ class CurateConfig:
     dedup_min_embedding_cosine: float = 0.9  # CLIP image cosine, required too when both have one
     # up to this many samples (after the filters) candidates are searched over all of them by hash
     # bands; above it, inside each CLIP image-embedding group (approximate: README, Deduplication)
-    dedup_exact_max: int = 100_000
+    dedup_exact_max: int = 50_000
     dedup_candidates_per_sample: int = 32  # grouped search: the closest candidates of a sample checked
 
     # ---- CLIP ----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ PASSES = [("count", 0.02), ("sample", 0.08), ("spill", 0.25), ("exact dedup", 0.
 # Spilled columns (in-flight only: never written to a table of the output)
 _CELL, _RANK = "cell", "rank"
 _NEG_PIXELS, _VALUES, _PRESENT = "neg_pixels", "hash_values", "hash_present"
-_VECTOR, _HASHES, _HASHES_PRESENT, _CAPTION_ID = "vector", "phashes", "phashes_present", "caption_id"
+_VECTOR, _HASHES, _HASHES_PRESENT, _CAPTION_KEY = "vector", "phashes", "phashes_present", "caption_key"
 _FILTER_REASON, _SURVIVOR, _KIND, _POSITION = "filter_reason", "survivor", "kind", "position"
 _NEIGHBOUR, _SCORE, _NEIGHBOUR_CAPTION = "neighbour", "score", "neighbour_caption"
 _COMPONENT = "component"
@@ -160,8 +160,6 @@ def _captions(table: pa.Table) -> pa.Array:
     return pc.fill_null(pc.coalesce(clean, raw), "")
 
 
-def _caption_ids(captions: pa.Array) -> np.ndarray:
-    return np.array([nn.caption_id(text) for text in captions.to_pylist()], dtype=np.uint64)
 
 
 def _phashes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +225,7 @@ class _Sample(beam.DoFn):
         self._settings = settings
 
     def process(self, table: pa.Table, counts, cutoff=None):
+        nn.configure_threads()
         count = counts["remaining"]
         if not _needs_groups(count, self._settings):
             return
@@ -245,6 +244,7 @@ class _Sample(beam.DoFn):
 
 def _train(space_and_parts, counts, settings: dict):
     """All sample parts of one space -> (space, Partitioning)."""
+    nn.configure_threads()
     space, parts = space_and_parts
     parts = list(parts)
     keys = np.concatenate([k for k, _ in parts])
@@ -318,6 +318,7 @@ class _MainPass(beam.DoFn):
                           for reason in (DropReason.LANGUAGE_NOT_WANTED, DropReason.LOW_CLIP_SCORE)}
 
     def process(self, table: pa.Table, counts, partitionings, cutoff=None):
+        nn.configure_threads()
         s = self._s
         alive = _alive(table)
         if not alive.num_rows:
@@ -347,7 +348,7 @@ class _MainPass(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(SPILL_EXACT, partitioned(exact, cols.hash_partitions(
                     cols.column(exact, Col.SHA256), exact_partitions(counts["remaining"], s["partition_rows"]))))
         captions = _captions(remaining)
-        caption_ids = _caption_ids(captions) if s["k"] > 0 else np.zeros(remaining.num_rows, dtype=np.uint64)
+        caption_keys = nn.caption_keys(captions) if s["k"] > 0 else np.zeros(remaining.num_rows, dtype=np.uint64)
         hashes, hashes_present = _phashes(remaining)
         if s["dedup_near"] or s["k"] > 0:
             units, valid = _units(remaining, "image")
@@ -360,7 +361,7 @@ class _MainPass(beam.DoFn):
                 Col.DEDUP_DESCRIPTOR: cols.column(remaining, Col.DEDUP_DESCRIPTOR),
                 _VECTOR: cols.vectors_array(units, valid),
                 _HASHES: cols.uint64_matrix_array(hashes), _HASHES_PRESENT: pa.array(np.packbits(hashes_present, axis=1, bitorder="little")[:, 0]),
-                Col.CAPTION: captions, _CAPTION_ID: pa.array(caption_ids),
+                Col.CAPTION: captions, _CAPTION_KEY: pa.array(caption_keys),
             })
             yield beam.pvalue.TaggedOutput(SPILL_IMAGE, _spill_groups(
                 image, units, valid, partitionings.get("image"), s["probe"], keep_ungrouped=s["dedup_near"]))
@@ -369,7 +370,7 @@ class _MainPass(beam.DoFn):
             text = pa.table({
                 Col.UID: uids, _VECTOR: cols.vectors_array(units, valid),
                 _HASHES: cols.uint64_matrix_array(hashes), _HASHES_PRESENT: pa.array(np.packbits(hashes_present, axis=1, bitorder="little")[:, 0]),
-                Col.CAPTION: captions, _CAPTION_ID: pa.array(caption_ids),
+                Col.CAPTION: captions, _CAPTION_KEY: pa.array(caption_keys),
             })
             yield beam.pvalue.TaggedOutput(SPILL_TEXT, _spill_groups(
                 text, units, valid, partitionings.get("text"), s["probe"], keep_ungrouped=False))
@@ -423,6 +424,7 @@ class _ExactDedup(beam.DoFn):
 
     def process(self, partition_and_paths, counts):
         _, paths = partition_and_paths
+        add_pass_rows("decide", "exact dedup", 0)
         table = read_partition(paths)
         add_pass_rows("decide", "exact dedup", table.num_rows if table is not None else 0, counts["remaining"])
         drops = exact_drops(table)
@@ -483,6 +485,8 @@ class _NearDedup(beam.DoFn):
     def process(self, partition_and_paths, exact_dropped, counts):
         s = self._s
         _, paths = partition_and_paths
+        add_pass_rows("decide", "near dedup", 0)
+        nn.configure_threads()
         table = read_partition(paths, columns=_DEDUP_ROWS)
         if table is None or table.num_rows < 2:
             return
@@ -526,8 +530,9 @@ class _NearDedup(beam.DoFn):
             cols.column(payloads, Col.UID), decision_files(counts["alive"], s["rows_per_file"]))))
 
     def _grouped_candidates(self, table, rows, values, present, units, valid) -> np.ndarray:
-        """Inside each group of the partition: CLIP-cosine candidates; rows without a vector
-        (the last partition) by hash bands among themselves."""
+        """Inside each group of the partition, among the samples whose home it is: CLIP-cosine
+        candidates (near-copies sit at cosines over 0.9: the same nearest centroid); rows without
+        a vector (the last partition) by hash bands among themselves."""
         s = self._s
         index = {uid: i for i, uid in enumerate(cols.column(rows, Col.UID).to_pylist())}
         member = np.array([index[u] for u in cols.column(table, Col.UID).to_pylist()], dtype=np.int64)
@@ -539,14 +544,13 @@ class _NearDedup(beam.DoFn):
             sub = dedup.band_candidates(values[lone], present[lone], s["radius"], s["max_bucket"])
             found.append(lone[sub])
         vectors = nn.search_vectors(units)
-        grouped = cells >= 0
+        grouped = (cells >= 0) & (ranks == 0)
         order = np.lexsort((member[grouped], cells[grouped]))
-        g_cells, g_members, g_ranks = cells[grouped][order], member[grouped][order], ranks[grouped][order]
+        g_cells, g_members = cells[grouped][order], member[grouped][order]
         starts = np.flatnonzero(np.r_[True, g_cells[1:] != g_cells[:-1]]) if len(g_cells) else np.zeros(0, int)
         for start, stop in zip(starts.tolist(), np.r_[starts[1:], len(g_cells)].tolist()):
-            pool = g_members[start:stop]
-            homes = pool[g_ranks[start:stop] == 0]
-            found.append(dedup.cosine_candidates(vectors, homes, pool, s["min_cosine"], values, present, s["radius"],
+            homes = g_members[start:stop]
+            found.append(dedup.cosine_candidates(vectors, homes, homes, s["min_cosine"], values, present, s["radius"],
                                                  s["candidates_per_sample"]))
         if not found:
             return np.zeros((0, 2), dtype=np.int64)
@@ -679,7 +683,7 @@ _NEIGHBOUR_SCHEMA = pa.schema([
     pa.field(Col.UID, pa.string()), pa.field(_KIND, pa.int8()), pa.field(_POSITION, pa.int8()),
     pa.field(_NEIGHBOUR, pa.string()), pa.field(_SCORE, pa.float64()), pa.field(_NEIGHBOUR_CAPTION, pa.string()),
 ])
-_NEGATIVE_ROWS = [Col.UID, _CELL, _RANK, _VECTOR, _HASHES, _HASHES_PRESENT, Col.CAPTION, _CAPTION_ID]
+_NEGATIVE_ROWS = [Col.UID, _CELL, _RANK, _VECTOR, _HASHES, _HASHES_PRESENT, Col.CAPTION, _CAPTION_KEY]
 
 
 def _kept_rows(paths, dropped: pa.Array) -> Optional[pa.Table]:
@@ -717,6 +721,8 @@ class _Negatives(beam.DoFn):
     def process(self, partition_and_paths, dropped, kept, counts):
         s = self._s
         _, paths = partition_and_paths
+        add_pass_rows("decide", "negatives", 0)
+        nn.configure_threads()
         table = _kept_rows(paths, dropped)
         if table is None:
             return
@@ -745,7 +751,8 @@ class _Negatives(beam.DoFn):
         units, _ = cols.vectors_of(cols.column(group, _VECTOR))
         pool = nn.Pool(
             vectors=nn.search_vectors(units),
-            caption_ids=cols.column(group, _CAPTION_ID).to_numpy(zero_copy_only=False),
+            caption_ids=nn.caption_ids(cols.column(group, _CAPTION_KEY).to_numpy(zero_copy_only=False),
+                                       cols.column(group, Col.CAPTION).to_pylist()),
             hashes=cols.uint64_matrix(cols.column(group, _HASHES)),
             present=_unpack(cols.column(group, _HASHES_PRESENT), 2),
         )
@@ -871,6 +878,7 @@ def _negatives_column(alive: pa.Table, kept: np.ndarray, neighbours: Optional[pa
 def _write_decisions(range_and_groups, counts, near_survivor, directory: str, settings: dict):
     """(uid range, {alive, exact, near, neighbours: [paths...]}) -> its decisions file."""
     index, groups = range_and_groups
+    add_pass_rows("decide", "decisions", 0)
     alive = read_partition(_paths(groups[SPILL_ALIVE]))
     if alive is None or not alive.num_rows:
         return

@@ -15,6 +15,7 @@ output, no cost beyond a function call), and the launcher prints nothing because
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -59,6 +60,9 @@ class ProgressReporter:
         # passes of a phase that goes over its rows several times (declare_passes)
         self._passes: dict[str, _PassStats] = {name: _PassStats(weight) for name, weight in _DECLARED.get(phase, [])}
         self._fraction_history: list[tuple[float, float]] = []
+        # counts written by other local processes (multi_processing workers), by pid
+        self._shared: dict[str, dict] = {}
+        self._wall_offset = time.time() - clock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         # Overwrite one line on a terminal; append lines to a file or a pipe (CI logs, tests).
@@ -75,6 +79,39 @@ class ProgressReporter:
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def read_shared(self, directory: Optional[str]) -> None:
+        """Take in the counts other local processes wrote to `directory` (one file each)."""
+        if not directory or not os.path.isdir(directory):
+            return
+        for name in os.listdir(directory):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(directory, name)) as handle:
+                    data = json.load(handle)
+            except (OSError, ValueError):
+                continue  # being replaced: read it next time
+            with self._lock:
+                previous = self._shared.get(name, {"stages": {}, "passes": {}})
+                for stage, count in data.get("stages", {}).items():
+                    before = previous["stages"].get(stage, 0)
+                    if stage not in self._counts:
+                        self._counts[stage] = 0
+                        self._totals[stage] = self.total_rows
+                    self._counts[stage] += count - before
+                for pass_name, record in data.get("passes", {}).items():
+                    stats = self._passes.get(pass_name)
+                    if stats is None:
+                        stats = self._passes[pass_name] = _PassStats(0.0)
+                    before = previous["passes"].get(pass_name, {}).get("rows", 0)
+                    stats.rows += record["rows"] - before
+                    started, last = record["started"] - self._wall_offset, record["last"] - self._wall_offset
+                    stats.started = started if stats.started is None else min(stats.started, started)
+                    stats.last = last if stats.last is None else max(stats.last, last)
+                    if record.get("total") is not None:
+                        stats.total = record["total"]
+                self._shared[name] = data
 
     def add_pass(self, name: str, rows: int, total: Optional[int] = None) -> None:
         now = self._clock()
@@ -96,8 +133,10 @@ class ProgressReporter:
         rss = tree_rss_bytes(os.getpid())
         now = self._clock()
         with self._lock:
-            for stats in self._passes.values():
-                if stats.last is not None and now - stats.last <= _PASS_ACTIVE_S:
+            started = [stats for stats in self._passes.values() if stats.started is not None]
+            latest = max(started, key=lambda stats: stats.started, default=None)
+            for stats in started:
+                if stats is latest or now - stats.last <= _PASS_ACTIVE_S:
                     stats.peak_rss = max(stats.peak_rss, rss)
 
     def pass_records(self) -> dict:
@@ -190,6 +229,7 @@ class ProgressReporter:
     def _loop(self) -> None:
         printed = self._clock()
         while not self._stop.wait(min(self.interval_s, _MEMORY_SAMPLE_S)):
+            self.read_shared(os.environ.get(SHARED_DIR_ENV))
             self.sample_memory()
             if self._clock() - printed >= self.interval_s:
                 printed = self._clock()
@@ -204,6 +244,7 @@ class ProgressReporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.read_shared(os.environ.get(SHARED_DIR_ENV))
         if self.counts() or any(stats.rows for stats in self._passes.values()):
             self._emit(self.line(), final=True)
 
@@ -235,10 +276,68 @@ def declare_passes(phase: str, passes: list[tuple[str, float]]) -> None:
 
 
 def add_pass_rows(phase: str, name: str, rows: int, total: Optional[int] = None) -> None:
-    """Count `rows` done by pass `name` of `phase` (from a DoFn: a no-op where no reporter runs)."""
+    """Count `rows` done by pass `name` of `phase` (from a DoFn: a no-op where no reporter runs);
+    0 rows marks the pass as working (a DoFn that takes one large element says so when it starts)."""
     reporter = _REPORTER
-    if reporter is not None and reporter.phase == phase and rows:
+    if reporter is not None and reporter.phase == phase:
         reporter.add_pass(name, rows, total)
+        return
+    shared = _shared_counts(phase)
+    if shared is not None:
+        shared.add_pass(name, rows, total)
+
+
+# Counts of other local processes: the DirectRunner's multi_processing workers run the DoFns in
+# processes of their own, which find no reporter; the launcher names a folder in the environment
+# (they inherit it), each worker keeps its counts in a file of its own there, and the launcher's
+# reporter adds them up. On Dataflow the variable is not set and nothing is written.
+SHARED_DIR_ENV = "CURATE_PROGRESS_DIR"
+SHARED_PHASE_ENV = "CURATE_PROGRESS_PHASE"
+
+
+class _SharedCounts:
+    def __init__(self, directory: str):
+        self.pid = os.getpid()
+        self.path = os.path.join(directory, f"{self.pid}.json")
+        self.stages: dict[str, int] = {}
+        self.passes: dict[str, dict] = {}
+        os.makedirs(directory, exist_ok=True)
+
+    def add_stage(self, stage: str, count: int) -> None:
+        self.stages[stage] = self.stages.get(stage, 0) + count
+        self.write()
+
+    def add_pass(self, name: str, rows: int, total: Optional[int]) -> None:
+        now = time.time()
+        record = self.passes.setdefault(name, {"rows": 0, "started": now, "last": now, "total": None})
+        record["rows"] += rows
+        record["last"] = now
+        if total is not None:
+            record["total"] = total
+        self.write()
+
+    def write(self) -> None:
+        # every call: callers count a batch or a partition at a time, or flush a DoFn's counts
+        temporary = f"{self.path}.{self.pid}.tmp"
+        try:
+            with open(temporary, "w") as handle:
+                json.dump({"stages": self.stages, "passes": self.passes}, handle)
+            os.replace(temporary, self.path)
+        except OSError:
+            pass  # progress is a nicety: never fail a DoFn over it
+
+
+_SHARED: Optional[_SharedCounts] = None
+
+
+def _shared_counts(phase: str) -> Optional[_SharedCounts]:
+    global _SHARED
+    directory = os.environ.get(SHARED_DIR_ENV)
+    if not directory or os.environ.get(SHARED_PHASE_ENV) != phase:
+        return None
+    if _SHARED is None or _SHARED.pid != os.getpid():
+        _SHARED = _SharedCounts(directory)
+    return _SHARED
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -306,6 +405,10 @@ class _CountDoFn(beam.DoFn):
         reporter = _REPORTER
         if reporter is not None and self._pending and reporter.phase == self._phase:
             reporter.add(self._stage, self._pending, self._total)
+        elif self._pending:
+            shared = _shared_counts(self._phase)
+            if shared is not None:
+                shared.add_stage(self._stage, self._pending)
         self._pending = 0
         self._flushed_at = time.monotonic()
 
@@ -508,6 +611,9 @@ def is_local_runner(beam_args_or_options) -> bool:
         runner = options.view_as(StandardOptions).runner or "DirectRunner"
         mode = options.view_as(DirectOptions).direct_running_mode
         name = runner if isinstance(runner, str) else type(runner).__name__
-        return name.endswith(("DirectRunner", "FnApiRunner")) and mode in (None, "in_memory", "multi_threading")
+        # multi_processing workers are processes of this machine: they write their counts to files
+        # the reporter reads (SHARED_DIR_ENV)
+        return name.endswith(("DirectRunner", "FnApiRunner")) and mode in (None, "in_memory", "multi_threading",
+                                                                           "multi_processing")
     except Exception:  # noqa: BLE001
         return False

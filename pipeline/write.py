@@ -141,6 +141,7 @@ class _LedgerRange(beam.DoFn):
 
     def process(self, range_and_groups, rows: int, kept: np.ndarray):
         index, groups = range_and_groups
+        add_pass_rows("write", "ledger", 0)
         features = read_partition(_paths(groups["features"]))
         if features is None or not features.num_rows:
             return
@@ -176,6 +177,7 @@ class _WriteShard(ReadsRawImages):
 
     def process(self, index_and_pieces):
         index, pieces = index_and_pieces
+        add_pass_rows("write", "shards", 0)
         tables = [read_rows(path, start, stop) for path, start, stop in sorted(pieces)]
         samples = pa.concat_tables(tables).sort_by([(_RANK, "ascending")])
         records = samples.drop_columns([_RANK]).to_pylist()

@@ -64,8 +64,11 @@ def test_per_bundle_table_holds_every_row_once_with_float16_embeddings(tmp_path)
                for i in range(2500)]
     with in_process_pipeline() as p:
         _ = p | beam.Create(records) | WriteTablePerBundle(str(tmp_path), "t", FEATURES_SCHEMA)
-    files = sorted(glob.glob(f"{tmp_path}/t-*-of-*.parquet"))
-    assert files and glob.glob(f"{tmp_path}/*") == glob.glob(f"{tmp_path}/t-*-of-*.parquet")  # no temp left
+    files = sorted(glob.glob(f"{tmp_path}/t-*.parquet"))
+    assert files and sorted(glob.glob(f"{tmp_path}/*")) == files  # no temporary left
+    # the embeddings are written for fast reading: no dictionary, byte-stream-split float16
+    column = pq.ParquetFile(files[0]).metadata.row_group(0).column(FEATURES_SCHEMA.get_field_index(Col.IMAGE_EMBEDDING))
+    assert "BYTE_STREAM_SPLIT" in column.encodings and not column.has_dictionary_page
     table = pa.concat_tables([pq.read_table(path) for path in files])
     assert table.schema == FEATURES_SCHEMA
     by_uid = {row[Col.UID]: row for row in table.to_pylist()}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import re
 from typing import Optional, Sequence
 
@@ -35,15 +36,38 @@ KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
 COARSE_PROBE = 2  # coarse cells whose fine centroids a sample is compared with
 MIN_POINTS_PER_CENTROID = 4  # k-means needs several points per centroid
+BALANCE = 2.0  # a group more than this many times the mean size is split
 _FLOAT32_SLACK = 1e-4  # float32 cosines of unit vectors are off by ~1e-6 from float64 ones
 _QUERY_BLOCK = 16_384  # queries per faiss call (faiss blocks its product itself; small calls are slow)
 _FIRST_CANDIDATES = 16  # beyond k, candidates of a block's first look
-_DEEP_CHUNK = 256  # candidates checked at a time when a query is searched on its own
+_DEEP_ENTRIES = 8_000_000  # queries x pool cosines held at once by the deeper search
 
 
 # ------------------------------------------------------------------------------------------------
-# vectors
+# threads
 # ------------------------------------------------------------------------------------------------
+
+THREADS_ENV = "CURATE_THREADS_PER_WORKER"
+_CONFIGURED: list = []
+
+
+def configure_threads() -> None:
+    """BLAS and faiss (OpenMP) threads of this process, once: the launcher sets THREADS_ENV to
+    the cores per worker when it runs several worker processes (each single-threaded then: two
+    processes of two threads on two cores spin against each other and run slower than one)."""
+    if _CONFIGURED:
+        return
+    _CONFIGURED.append(True)
+    threads = os.environ.get(THREADS_ENV)
+    if not threads:
+        return
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(int(threads))
+    threadpool_limits(int(threads))
+
+
 
 
 def unit_rows(values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +102,57 @@ def search_vectors(units: np.ndarray) -> np.ndarray:
 
 def normalised_caption(caption: str) -> str:
     return " ".join(re.findall(r"\w+", (caption or "").casefold()))
+
+
+_WORD_BYTE = np.zeros(256, dtype=bool)
+_WORD_BYTE[np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789_", dtype=np.uint8)] = True
+
+
+def caption_keys(captions) -> np.ndarray:
+    """A 64-bit key per caption that equal normalised captions share (`normalised_caption`): for
+    an ASCII caption, a mix of the count, sum and sum of squares of its lowercased word bytes
+    (computed over the whole column at once); for the others, a hash of the normalised caption.
+    Different captions may share a key; `caption_ids` tells them apart."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    captions = pc.fill_null(captions, "")
+    captions = captions.combine_chunks() if isinstance(captions, pa.ChunkedArray) else captions
+    n = len(captions)
+    ascii_rows = pc.string_is_ascii(captions).to_numpy(zero_copy_only=False)
+    lowered = pc.ascii_lower(captions)
+    offsets = np.frombuffer(lowered.buffers()[1], dtype=np.int32)[lowered.offset:lowered.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(lowered.buffers()[2], dtype=np.uint8) if lowered.buffers()[2] is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0]:offsets[-1]]
+    word = _WORD_BYTE[data]
+    values = data * word  # uint8: the word bytes, 0 elsewhere
+    starts = offsets[:-1] - offsets[0]
+    nonempty = offsets[1:] > offsets[:-1]
+    count = np.zeros(n, dtype=np.uint64)
+    total = np.zeros(n, dtype=np.uint64)
+    squares = np.zeros(n, dtype=np.uint64)
+    if len(data):
+        where = starts[nonempty]
+        count[nonempty] = np.add.reduceat(word, where, dtype=np.uint64)
+        total[nonempty] = np.add.reduceat(values, where, dtype=np.uint64)
+        squares[nonempty] = np.add.reduceat(np.square(values, dtype=np.uint16), where, dtype=np.uint64)
+    keys = (count * np.uint64(0x9E3779B97F4A7C15)) ^ (total * np.uint64(0xC2B2AE3D27D4EB4F)) ^ (squares * np.uint64(0x165667B19E3779F9))
+    for row in np.flatnonzero(~ascii_rows).tolist():
+        keys[row] = caption_id(captions[row].as_py())
+    return keys
+
+
+def caption_ids(keys: np.ndarray, captions: list) -> np.ndarray:
+    """Equal ids exactly for equal normalised captions: rows sharing a `caption_keys` key are
+    told apart by their normalised captions (Python, for those rows only)."""
+    unique, ids, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    ids = ids.astype(np.int64)
+    shared = np.flatnonzero(counts[ids] > 1)
+    if len(shared):
+        names: dict = {}
+        for row in shared.tolist():
+            ids[row] = len(unique) + names.setdefault((int(keys[row]), normalised_caption(captions[row] or "")), len(names))
+    return ids.astype(np.uint64)
 
 
 def caption_id(caption: str) -> int:
@@ -120,9 +195,15 @@ class Pool:
     caption_ids: np.ndarray  # [n] uint64 (`caption_id`)
     hashes: np.ndarray  # [n, 2] uint64: pHash, mirrored pHash
     present: np.ndarray  # [n, 2] bool: whether each hash is there
+    vectors64: Optional[np.ndarray] = None  # float64 copy, made once when pairs are re-scored
 
     def __len__(self) -> int:
         return len(self.vectors)
+
+    def exact(self) -> np.ndarray:
+        if self.vectors64 is None:
+            self.vectors64 = self.vectors.astype(np.float64)
+        return self.vectors64
 
 
 def _top_unsorted(cosines: np.ndarray, depth: int) -> np.ndarray:
@@ -132,16 +213,37 @@ def _top_unsorted(cosines: np.ndarray, depth: int) -> np.ndarray:
     return np.argpartition(cosines, size - depth, axis=-1)[..., size - depth:]
 
 
+def _rules(pool: Pool, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """[b, n] whether each candidate passes the rules that do not need a score: a sample (not a
+    pad), not the query itself, another caption, not a pHash near-copy."""
+    safe = np.maximum(candidates, 0)
+    return (
+        (candidates >= 0) & (safe != queries[:, None])
+        & (pool.caption_ids[safe] != pool.caption_ids[queries][:, None])
+        & ~near_copies(pool.hashes[queries], pool.present[queries], pool.hashes[safe], pool.present[safe], _RADIUS[0])
+    )
+
+
+_RADIUS = [8]  # the near-copy radius of the search in progress (set by group_neighbours)
+
+
 def _valid(pool: Pool, queries: np.ndarray, candidates: np.ndarray, cosines: np.ndarray, scores: np.ndarray,
            ceiling: float, radius: int) -> np.ndarray:
     """[b, n] whether each candidate of each query may be its negative."""
-    safe = np.maximum(candidates, 0)
-    return (
-        (candidates >= 0) & (cosines <= ceiling + _FLOAT32_SLACK) & (scores <= ceiling)
-        & (safe != queries[:, None])
-        & (pool.caption_ids[safe] != pool.caption_ids[queries][:, None])
-        & ~near_copies(pool.hashes[queries], pool.present[queries], pool.hashes[safe], pool.present[safe], radius)
-    )
+    _RADIUS[0] = radius
+    return _rules(pool, queries, candidates) & (cosines <= ceiling + _FLOAT32_SLACK) & (scores <= ceiling)
+
+
+def _pair_scores(pool: Pool, queries: np.ndarray, candidates: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """[b, n] float64 cosines where `where`, nan elsewhere (only the pairs that decide anything
+    are scored in float64)."""
+    scores = np.full(candidates.shape, np.nan)
+    rows, columns = np.nonzero(where)
+    exact = pool.exact()
+    for start in range(0, len(rows), 65_536):  # bounded temporaries
+        r, c = rows[start:start + 65_536], columns[start:start + 65_536]
+        scores[r, c] = (exact[candidates[r, c]] * exact[queries[r]]).sum(axis=-1)
+    return scores
 
 
 def _best(candidates: np.ndarray, scores: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,39 +263,43 @@ def _best(candidates: np.ndarray, scores: np.ndarray, keep: np.ndarray, k: int) 
     return chosen, chosen_scores
 
 
-def _search_alone(pool: Pool, query: int, k: int, ceiling: float, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """One query against the whole pool, candidates checked best float32 cosine first, a chunk at a
-    time, until k valid ones are found and the next cosine is below the k-th by more than float32's
-    error."""
-    cosines = pool.vectors @ pool.vectors[query]
-    order = np.lexsort((np.arange(len(cosines)), -cosines))
-    order = order[cosines[order] <= ceiling + _FLOAT32_SLACK]
-    query64 = pool.vectors[query].astype(np.float64)
-    queries = np.array([query])
-    kept_candidates, kept_scores, kept_cosines = [], [], []
-    found, cutoff = 0, -math.inf
-    for start in range(0, len(order), _DEEP_CHUNK):
-        chunk = order[start:start + _DEEP_CHUNK]
-        chunk_cosines = cosines[chunk]
-        if found >= k and chunk_cosines[0] < cutoff:
-            break
-        scores = rescore(query64, pool.vectors, chunk)
-        valid = _valid(pool, queries, chunk[None, :], chunk_cosines[None, :], scores[None, :], ceiling, radius)[0]
-        kept_candidates.append(chunk[valid])
-        kept_scores.append(scores[valid])
-        kept_cosines.append(chunk_cosines[valid])
-        found += int(valid.sum())
-        if found >= k:
-            cutoff = np.concatenate(kept_cosines)[k - 1] - _FLOAT32_SLACK
-    if not kept_candidates:
-        return np.full(k, -1), np.full(k, np.nan)
-    candidates = np.concatenate(kept_candidates)
-    scores = np.concatenate(kept_scores)
-    keep = np.ones(len(candidates), dtype=bool)
-    if found >= k:
-        keep = np.concatenate(kept_cosines) >= cutoff
-    chosen, chosen_scores = _best(candidates[None, :], scores[None, :], keep[None, :], k)
-    return chosen[0], chosen_scores[0]
+def _search_deep(pool: Pool, rows: np.ndarray, k: int, ceiling: float) -> tuple[np.ndarray, np.ndarray]:
+    """The queries whose first candidates did not settle them (a crowded space: most cosines over
+    the ceiling, many near-copies or repeated captions), against the whole pool: their cosines
+    with every sample, those over the ceiling masked out, ranked a depth at a time (4x deeper each
+    round) until each has k valid ones and the next cosine is below the k-th by more than float32's
+    error, or no unmasked cosine is left."""
+    found = np.full((len(rows), k), -1, dtype=np.int64)
+    found_scores = np.full((len(rows), k), np.nan)
+    chunk = max(1, _DEEP_ENTRIES // len(pool))
+    for start in range(0, len(rows), chunk):
+        part = np.arange(start, min(start + chunk, len(rows)))
+        cosines = pool.vectors[rows[part]] @ pool.vectors.T
+        np.putmask(cosines, cosines > ceiling + _FLOAT32_SLACK, -np.inf)
+        depth = min(len(pool), k + _FIRST_CANDIDATES)
+        while len(part):
+            local = part - start
+            top = np.array(_top_unsorted(cosines[local], depth))
+            top_cosines = np.take_along_axis(cosines[local], top, axis=-1)
+            order = np.lexsort((top, -top_cosines), axis=-1)
+            candidates = np.take_along_axis(top, order, axis=-1)
+            ranked = np.take_along_axis(top_cosines, order, axis=-1)
+            queries = rows[part]
+            scores = _pair_scores(pool, queries, candidates, np.isfinite(ranked))
+            valid = _rules(pool, queries, candidates) & np.isfinite(ranked) & (scores <= ceiling)
+            counted = np.cumsum(valid, axis=1)
+            has_k = counted[:, -1] >= k
+            kth = np.argmax(counted >= k, axis=1)
+            cutoffs = np.where(has_k, ranked[np.arange(len(part)), kth] - _FLOAT32_SLACK, -np.inf)
+            last = ranked[:, -1]
+            settled = (depth >= len(pool)) | ~np.isfinite(last) | (has_k & (last < cutoffs))
+            keep = valid & np.where(has_k[:, None], ranked >= cutoffs[:, None], True)
+            chosen, chosen_scores = _best(candidates, np.nan_to_num(scores, nan=-np.inf), keep, k)
+            found[part[settled]] = chosen[settled]
+            found_scores[part[settled]] = chosen_scores[settled]
+            part = part[~settled]
+            depth = min(len(pool), depth * 4)
+    return found, found_scores
 
 
 def group_neighbours(pool: Pool, queries: np.ndarray, k: int, ceiling: float, radius: int,
@@ -211,28 +317,35 @@ def group_neighbours(pool: Pool, queries: np.ndarray, k: int, ceiling: float, ra
     block = _QUERY_BLOCK
     if threads:
         faiss.omp_set_num_threads(threads)
+    _RADIUS[0] = radius
     for start in range(0, len(queries), block):
         rows = queries[start:start + block]
-        block_vectors = pool.vectors[rows]
-        cosines, candidates = faiss.knn(block_vectors, pool.vectors, depth, metric=faiss.METRIC_INNER_PRODUCT)
+        cosines, candidates = faiss.knn(pool.vectors[rows], pool.vectors, depth, metric=faiss.METRIC_INNER_PRODUCT)
         candidates = candidates.astype(np.int64)
         cosines = np.where(candidates >= 0, cosines, -np.inf).astype(np.float32)
-        block_scores = rescore(block_vectors.astype(np.float64), pool.vectors, np.maximum(candidates, 0))
-        valid = _valid(pool, rows, candidates, cosines, block_scores, ceiling, radius)
-        # faiss lists candidates best first; a list settles a query when it holds k valid ones and
-        # its last cosine is below the k-th valid one by more than float32's error (nothing it left
-        # out can beat them), or when it holds the whole pool
-        counted = np.cumsum(valid, axis=1)
+        # faiss lists candidates best first. Candidates the rules and the float32 cosine allow are
+        # scored in float64 down to just below the k-th of them (what ranks them exactly), and near
+        # the ceiling (what decides them); the rest cannot be among the best k.
+        maybe = _rules(pool, rows, candidates) & (cosines <= ceiling + _FLOAT32_SLACK)
+        counted = np.cumsum(maybe, axis=1)
         has_k = counted[:, -1] >= k
         kth = np.argmax(counted >= k, axis=1)
-        cutoffs = cosines[np.arange(len(rows)), kth] - _FLOAT32_SLACK
-        settled = (depth >= len(pool)) | (has_k & (cosines[:, -1] < cutoffs))
+        kth_cosines = np.where(has_k, cosines[np.arange(len(rows)), kth], -np.inf)
+        need = maybe & ((cosines >= kth_cosines[:, None] - 2 * _FLOAT32_SLACK) | (cosines > ceiling - _FLOAT32_SLACK))
+        block_scores = _pair_scores(pool, rows, candidates, need)
+        valid = need & (block_scores <= ceiling)
+        # a candidate the float64 ceiling took out moves the k-th: such a row is searched alone
+        lost = (need & ~valid).any(axis=1)
+        cutoffs = kth_cosines - _FLOAT32_SLACK
+        # settled: k valid found and nothing left out of the list can beat them, or the list is the pool
+        settled = ~lost & ((depth >= len(pool)) | (has_k & (cosines[:, -1] < cutoffs)))
         keep = valid & np.where(has_k[:, None], cosines >= cutoffs[:, None], True)
-        chosen, chosen_scores = _best(candidates, block_scores, keep, k)
+        chosen, chosen_scores = _best(candidates, np.nan_to_num(block_scores, nan=-np.inf), keep, k)
         neighbours[start:start + len(rows)] = chosen
         scores[start:start + len(rows)] = chosen_scores
-        for row in np.flatnonzero(~settled).tolist():
-            neighbours[start + row], scores[start + row] = _search_alone(pool, int(rows[row]), k, ceiling, radius)
+        deeper = np.flatnonzero(~settled)
+        if len(deeper):
+            neighbours[start + deeper], scores[start + deeper] = _search_deep(pool, rows[deeper], k, ceiling)
     return neighbours, scores
 
 
@@ -298,9 +411,28 @@ def train_partitioning(sample: np.ndarray, count: int, group_size: int, partitio
         wanted = max(1, round(groups * len(members) / len(sample)))
         wanted = max(1, min(wanted, len(members) // MIN_POINTS_PER_CENTROID)) if len(members) else 1
         centres = _kmeans(members, wanted, KMEANS_SEED + 1 + cell) if len(members) else coarse[cell:cell + 1]
+        if len(members) and len(centres) > 1:
+            centres = _balanced(members, centres, KMEANS_SEED + 100_003 * (cell + 1))
         fine.append(centres)
         parents.append(np.full(len(centres), cell, dtype=np.int32))
     return Partitioning(coarse, np.ascontiguousarray(np.concatenate(fine)), np.concatenate(parents))
+
+
+def _balanced(members: np.ndarray, centres: np.ndarray, seed: int) -> np.ndarray:
+    """k-means on Zipf-like data (a few huge topics) leaves some groups many times the target,
+    and a group costs its queries times its pool: a centroid holding more than BALANCE times the
+    mean share of the sample is replaced by centroids of its own points, enough for the mean."""
+    own = nearest_centroids(members, centres, 1)[:, 0]
+    counts = np.bincount(own, minlength=len(centres))
+    target = len(members) / len(centres)
+    pieces = []
+    for index, count in enumerate(counts.tolist()):
+        if count > BALANCE * target and count >= 2 * MIN_POINTS_PER_CENTROID:
+            parts = min(math.ceil(count / target), count // MIN_POINTS_PER_CENTROID)
+            pieces.append(_kmeans(members[own == index], parts, seed + index))
+        else:
+            pieces.append(centres[index:index + 1])
+    return np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32)
 
 
 def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray, count: int) -> np.ndarray:
@@ -311,16 +443,32 @@ def nearest_centroids(vectors: np.ndarray, centroids: np.ndarray, count: int) ->
         return np.zeros((0, count), dtype=np.int64)
     cosines = vectors @ centroids.T
     candidates = np.array(_top_unsorted(cosines, min(len(centroids), count + 2)))
-    return _settle(vectors, centroids, candidates, count)
+    return _settle(vectors, centroids, candidates, np.take_along_axis(cosines, candidates, axis=-1), count)
 
 
-def _settle(vectors: np.ndarray, centroids: np.ndarray, candidates: np.ndarray, count: int) -> np.ndarray:
-    """Per row, the `count` candidates (centroid indices, -1 = none) with the highest float64 cosine."""
-    safe = np.maximum(candidates, 0)
-    scores = rescore(vectors.astype(np.float64), centroids, safe)
-    scores = np.where(candidates >= 0, scores, -np.inf)
-    order = np.lexsort((np.where(candidates >= 0, candidates, np.iinfo(np.int64).max), -scores), axis=-1)[:, :count]
-    return np.take_along_axis(candidates, order, axis=-1)
+_LAST = np.iinfo(np.int64).max
+
+
+def _settle(vectors: np.ndarray, centroids: np.ndarray, candidates: np.ndarray, cosines: np.ndarray,
+            count: int) -> np.ndarray:
+    """Per row, the `count` candidates (centroid indices, -1 = none) with the highest cosine, ties
+    by index. float32 cosines decide where the ranking they give is clear by more than float32's
+    error; rows with a closer call are settled in float64."""
+    ids = np.where(candidates >= 0, candidates, _LAST)
+    cosines = np.where(candidates >= 0, cosines, -np.inf).astype(np.float32)
+    order = np.lexsort((ids, -cosines), axis=-1)
+    ranked = np.take_along_axis(cosines, order, axis=-1)
+    depth = min(count + 1, ranked.shape[1])
+    gaps = ranked[:, :depth - 1] - ranked[:, 1:depth] if depth > 1 else np.full((len(ranked), 1), np.inf)
+    close = np.flatnonzero((gaps < _FLOAT32_SLACK).any(axis=1) & np.isfinite(ranked[:, :depth]).all(axis=1))
+    chosen = np.take_along_axis(candidates, order, axis=-1)[:, :count]
+    if len(close):
+        safe = np.maximum(candidates[close], 0)
+        scores = rescore(vectors[close].astype(np.float64), centroids, safe)
+        scores = np.where(candidates[close] >= 0, scores, -np.inf)
+        exact = np.lexsort((ids[close], -scores), axis=-1)[:, :count]
+        chosen[close] = np.take_along_axis(candidates[close], exact, axis=-1)
+    return chosen
 
 
 def assign_groups(vectors: np.ndarray, partitioning: Partitioning, probe: int) -> np.ndarray:
@@ -343,8 +491,9 @@ def assign_groups(vectors: np.ndarray, partitioning: Partitioning, probe: int) -
             cosines[rows, block] = vectors[rows] @ partitioning.fine[fines].T
             ids[rows, block] = fines
     depth = min(slots, probe + 2)
-    picked = np.take_along_axis(ids, np.array(_top_unsorted(cosines, depth)), axis=-1)
-    return _settle(vectors, partitioning.fine, picked, probe)
+    top = np.array(_top_unsorted(cosines, depth))
+    return _settle(vectors, partitioning.fine, np.take_along_axis(ids, top, axis=-1),
+                   np.take_along_axis(cosines, top, axis=-1), probe)
 
 
 def stable_hash64(text: str) -> int:

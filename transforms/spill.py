@@ -21,6 +21,8 @@ read by a key of their own (uid) before anything depends on the order.
 
 from __future__ import annotations
 
+import os
+import posixpath
 import uuid
 from typing import Iterable, Optional, Sequence
 
@@ -173,6 +175,9 @@ def remove_work_directory(directory: str) -> None:
     try:
         if FileSystems.exists(directory):
             FileSystems.delete([directory])
+        parent = posixpath.dirname(directory.rstrip("/"))
+        if "://" not in directory and os.path.isdir(parent) and not os.listdir(parent):
+            os.rmdir(parent)  # the work folder of all phases, once empty
     except Exception:  # noqa: BLE001 - temporary files; never fail a finished phase over them
         pass
 
