@@ -290,7 +290,7 @@ def run_phase(out: Path, phase: str, checkout: Path, extra: list[str], timeout: 
     command = [sys.executable, "-m", "pipeline.cli", phase, "--output", str(out), "--quiet"] + extra
     measured = run_measured(command, env=env_for(checkout), cwd=checkout, timeout=timeout)
     info = json.loads((out / "run" / f"{phase}.json").read_text())
-    return {"seconds": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"], "passes": info.get("passes", {}),
+    return {"seconds": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"], "passes": info.get("passes", []),
             "metrics": info.get("metrics", {})}
 
 
@@ -472,8 +472,8 @@ def main() -> int:
                 print(f"{rows:,} rows, {name} {phase}: {measured['seconds']:.0f} s, {rows / measured['seconds']:,.0f} rows/s, "
                       f"peak RSS {measured['peak_rss_mb']:,.0f} MB", flush=True)
                 if name == "ours":
-                    for pass_name, record in measured["passes"].items():
-                        print(f"    {pass_name:12s} {record['seconds']:8.1f} s  {record.get('peak_rss_mb')} MB", flush=True)
+                    for record in measured["passes"]:
+                        print(f"    {record['pass']:12s} {record['seconds']:8.1f} s  {record.get('peak_rss_mb')} MB", flush=True)
             entry[f"{name}_planted_found"] = planted_found(source, out)
             print(f"    planted copies dropped as duplicates: {entry[f'{name}_planted_found']}", flush=True)
             if name == "ours" and rows <= args.recall_max_rows and args.recall_queries:

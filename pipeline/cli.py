@@ -179,7 +179,7 @@ def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: b
     # Progress (and the per-pass record) where the DoFns run on this machine (the local runners:
     # multi_processing workers write their counts to files the reporter reads); --quiet keeps the
     # record and prints nothing.
-    passes = {}
+    passes: list = []
     if local:
         progress.watch(rows, phase)
         progress.start_phase(phase, total, silent=quiet)

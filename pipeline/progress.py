@@ -112,6 +112,12 @@ class ProgressReporter:
                     if record.get("total") is not None:
                         stats.total = record["total"]
                 self._shared[name] = data
+        if any(stats.started is not None and not stats.peak_rss for stats in self._passes.values()):
+            rss = tree_rss_bytes(os.getpid())
+            with self._lock:
+                for stats in self._passes.values():
+                    if stats.started is not None and not stats.peak_rss:
+                        stats.peak_rss = rss
 
     def add_pass(self, name: str, rows: int, total: Optional[int] = None) -> None:
         now = self._clock()
@@ -119,12 +125,17 @@ class ProgressReporter:
             stats = self._passes.get(name)
             if stats is None:
                 stats = self._passes[name] = _PassStats(0.0)
-            if stats.started is None:
+            starting = stats.started is None
+            if starting:
                 stats.started = now
             stats.last = now
             stats.rows += rows
             if total is not None:
                 stats.total = total
+        if starting:  # a pass shorter than the sampling period still gets its memory
+            rss = tree_rss_bytes(os.getpid())
+            with self._lock:
+                stats.peak_rss = max(stats.peak_rss, rss)
 
     def sample_memory(self) -> None:
         """Attribute the process tree's resident memory now to the passes active in the last moment."""
@@ -139,14 +150,14 @@ class ProgressReporter:
                 if stats is latest or now - stats.last <= _PASS_ACTIVE_S:
                     stats.peak_rss = max(stats.peak_rss, rss)
 
-    def pass_records(self) -> dict:
-        """Per pass: rows, seconds from its first to its last row, peak RSS (MB) while active."""
+    def pass_records(self) -> list[dict]:
+        """Per pass, in order: rows, seconds from its first to its last row, peak RSS (MB) while active."""
         with self._lock:
-            return {
-                name: {"rows": stats.rows, "seconds": round((stats.last or 0) - (stats.started or 0), 3),
-                       "peak_rss_mb": round(stats.peak_rss / 2**20) if stats.peak_rss else None}
+            return [
+                {"pass": name, "rows": stats.rows, "seconds": round((stats.last or 0) - (stats.started or 0), 3),
+                 "peak_rss_mb": round(stats.peak_rss / 2**20) if stats.peak_rss else None}
                 for name, stats in self._passes.items() if stats.started is not None
-            }
+            ]
 
     def _overall(self) -> tuple[Optional[str], float]:
         """(the pass active last, the phase's weighted fraction done)."""

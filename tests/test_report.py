@@ -319,7 +319,7 @@ def test_progress_over_passes_gives_one_eta_for_the_phase():
         reporter.add_pass("search", 50, total=200)  # a quarter of the second: 3/16 more
         line = reporter.line()
         assert "pass 2/2 search, 50/200 rows" in line and "44% of the phase" in line and "ETA" in line
-        records = reporter.pass_records()
+        records = {r["pass"]: r for r in reporter.pass_records()}
         assert records["read"]["rows"] == 100 and records["search"]["rows"] == 50
     finally:
         progress.declare_passes("decide", [])
