@@ -58,6 +58,7 @@ _VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-p
 _CHUNK = 64 * 1024
 # Rows (small dicts, no bodies yet) that may wait for their host's policy files beyond max_in_flight.
 _MAX_ROWS_WAITING_FOR_POLICY = 4096
+_WINDOW_RECHECK_S = 0.05
 # Magic numbers of the formats the decode stage accepts; used to tell an image served with a
 # wrong Content-Type from an HTML page before reading a large body.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
@@ -567,11 +568,14 @@ class _FetchDoFn(beam.DoFn):
         return KEPT, record
 
     def _drain(self, block: bool):
-        """The rows finished so far; with `block`, at least one (waiting for it)."""
+        """The rows finished so far; with `block`, at least one (waiting for it), unless the window
+        opens meanwhile (rows that begin to wait for their host's policy files leave it)."""
         while self._outstanding:
             try:
-                record, downloaded = self._done.get(block=block)
+                record, downloaded = self._done.get(block=block, timeout=_WINDOW_RECHECK_S if block else None)
             except queue.Empty:
+                if block and self._window_full():
+                    continue
                 return
             block = False
             self._outstanding -= 1

@@ -269,7 +269,7 @@ class SitePolicies:
         self._clock = clock
         self._origins: collections.OrderedDict[str, _Origin] = collections.OrderedDict()
         self.stats = dict.fromkeys(POLICY_STATS, 0)
-        self.waiting = 0  # rows waiting for an origin's policy files right now
+        self.waiting = 0  # rows waiting for an origin's policy files or its Crawl-delay right now
 
     @property
     def active(self) -> bool:
@@ -315,7 +315,7 @@ class SitePolicies:
         self.stats["robots_bytes"] += len(outcome.body or b"")
         status = outcome.http_status
         if outcome.reason is None and status is not None and 200 <= status < 300:
-            text = (outcome.body or b"").decode("utf-8", errors="replace")
+            text = (outcome.body or b"").decode("utf-8-sig", errors="replace")  # a BOM is not a field name
             return RobotsRules.parse(text, self.token), self.config.policy_ttl_s
         if status == 429 or (status or 0) >= 500:
             self.stats["robots_unreachable"] += 1
@@ -384,7 +384,11 @@ class SitePolicies:
         if start > now:
             self.stats["crawl_delay_waits"] += 1
             self.stats["crawl_delay_wait_ms"] += int((start - now) * 1000)
-            await asyncio.sleep(start - now)
+            self.waiting += 1  # holds no request slot meanwhile
+            try:
+                await asyncio.sleep(start - now)
+            finally:
+                self.waiting -= 1
         return None
 
     def refusal_of_response(self, headers) -> Optional[Refusal]:
