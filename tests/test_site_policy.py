@@ -372,3 +372,48 @@ def test_parsers_without_a_server():
     assert parse_usage_preferences(['train-ai=n;x=1, "bad", search=y']) == {"train-ai": "n", "search": "y"}
     assert ai_usage_refusal({"train-ai": "y", "train-genai": "n"}) == "train-genai=n"
     assert TdmRules.parse(b'[{"location": "/x", "tdm-reservation": "1"}, 5, {"no": 1}]').rules == (("/x", True, ""),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `curate run` (the demo corpus has one row per signal): ledger, run/fetch.json, report
+# ---------------------------------------------------------------------------------------------
+
+
+def test_demo_run_reports_site_policies(demo_output):
+    import json
+
+    summary = json.loads((demo_output / "report" / "summary.json").read_text())
+    policies = summary["site_policies"]
+    refused = {c["reason"]: c["rows_refused"] for c in policies["checks"]}
+    assert refused == {"robots_disallowed": 1, "tdm_reserved": 2, "ai_usage_refused": 1, "robots_noai": 1}
+    assert all(c["on"] for c in policies["checks"])
+    (host,) = policies["top_hosts"]
+    assert host["host"] == "127.0.0.1" and host["rows_refused"] == 5 == policies["rows_refused"]
+    assert host["reasons"] == {"tdm_reserved": 2, "ai_usage_refused": 1, "robots_disallowed": 1, "robots_noai": 1}
+    fetch_info = json.loads((demo_output / "run" / "fetch.json").read_text())
+    assert fetch_info["metrics"]["policy/robots_requests"] == policies["policy_fetches"]["robots_requests"] >= 1
+    assert policies["policy_fetches"]["robots_cache_hits"] > 100 and policies["policy_fetches"]["robots_bytes"] > 0
+    funnel_fetch = next(f for f in summary["funnel"] if f["stage"] == "fetch")
+    assert funnel_fetch["reasons"]["robots_disallowed"] == 1
+    page = (demo_output / "report" / "index.html").read_text()
+    assert '<section id="policies"><h2>Site policies</h2>' in page and "respect_robots_txt" in page
+
+
+def test_site_policy_figures_are_columnar_and_count_hosts():
+    import pyarrow as pa
+
+    from pipeline.report import site_policy_figures
+
+    urls = ["http://A.example/x", "https://a.example:8443/y", "http://b.example/z", "http://[::1]:80/q",
+            "javascript:alert(1)", "http://c.example/k"]
+    reasons = ["robots_disallowed", "tdm_reserved", "ai_usage_refused", "robots_disallowed", "robots_disallowed",
+               None]
+    table = pa.table({Col.URL: urls, Col.REASON: reasons})
+    figures = site_policy_figures(table, {"policy/robots_requests": 3, "fetch/downloaded": 9},
+                                  {"respect_tdmrep": False})
+    assert figures["rows_refused"] == 5 and figures["hosts_with_refusals"] == 4
+    assert figures["top_hosts"][0] == {"host": "a.example", "rows_refused": 2,
+                                       "reasons": {"robots_disallowed": 1, "tdm_reserved": 1}}
+    assert {h["host"] for h in figures["top_hosts"]} == {"a.example", "b.example", "[::1]", "(none)"}
+    assert [c["on"] for c in figures["checks"]] == [True, False, True, True]
+    assert figures["policy_fetches"] == {"robots_requests": 3}
