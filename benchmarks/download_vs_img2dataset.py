@@ -97,6 +97,16 @@ def run_curate(repo: Path, rows: Path, out: Path, port: int, env: dict, extra: l
     return result
 
 
+def in_alternating_order(round_index: int, run_a, run_b) -> tuple[dict, dict]:
+    """(run_a(), run_b()), run in the order a, b on even rounds and b, a on odd ones: a machine
+    that drifts, or a warm page cache, favours neither."""
+    if round_index % 2:
+        b = run_b()
+        return run_a(), b
+    a = run_a()
+    return a, run_b()
+
+
 def paired(label_a: str, label_b: str, rounds: list[tuple[dict, dict]]) -> dict:
     """Per-round ratio b/a of samples/s, with the median and the spread over rounds."""
     import statistics
@@ -173,12 +183,7 @@ def main() -> int:
             if baseline is not None:  # which of the two goes first alternates from round to round
                 before = lambda: run_curate(baseline, rows, work / "baseline_out", server.port, env,  # noqa: E731
                                             args.curate_args.split())
-                if round_index % 2:
-                    curate = ours()
-                    base = before()
-                else:
-                    base = before()
-                    curate = ours()
+                base, curate = in_alternating_order(round_index, before, ours)
                 before_after.append((base, curate))
                 print(f"round {round_index + 1}: baseline {base['rate']:.1f} samples/s, this checkout "
                       f"{curate['rate']:.1f} samples/s, ratio {curate['rate'] / base['rate']:.3f}", flush=True)
@@ -239,12 +244,7 @@ def hosts_case(args) -> int:
         for round_index in range(args.repeat):
             on = lambda: run_curate(REPO, rows, work / "on_out", server.port, env, extra)  # noqa: E731
             off = lambda: run_curate(REPO, rows, work / "off_out", server.port, env, extra + POLICIES_OFF)  # noqa: E731
-            if round_index % 2:
-                with_policies = on()
-                without = off()
-            else:
-                without = off()
-                with_policies = on()
+            without, with_policies = in_alternating_order(round_index, off, on)
             rounds.append((without, with_policies))
             print(f"round {round_index + 1}: policies off {without['rate']:.1f} samples/s, on "
                   f"{with_policies['rate']:.1f} samples/s, ratio {with_policies['rate'] / without['rate']:.3f}; "
