@@ -333,17 +333,20 @@ class Downloader:
         assert self._session is not None, "Downloader.open() was not awaited"
         visited: set[str] = set()
         current = url
-        checked_origin = origin_and_target(url)[0] if check_policies else None
+        checked_origin = None  # the url's own origin was checked by fetch()
         for _ in range(self.config.max_redirects + 1):
             refused = check_url(current, self.policy)
             if refused is not None:
                 refused.final_url = current
                 return refused
-            if check_policies and self.site_policies.active and origin_and_target(current)[0] != checked_origin:
-                checked_origin = origin_and_target(current)[0]  # a redirect to another host: its policies too
-                policy_refusal = await self.site_policies.refusal_before_fetch(current)
-                if policy_refusal is not None:
-                    return FetchOutcome(reason=policy_refusal.reason, detail=policy_refusal.detail, final_url=current)
+            if check_policies and current != url and self.site_policies.active:
+                hop_origin = origin_and_target(current)[0]
+                if hop_origin != (checked_origin or origin_and_target(url)[0]):  # a redirect to another host
+                    checked_origin = hop_origin
+                    policy_refusal = await self.site_policies.refusal_before_fetch(current)
+                    if policy_refusal is not None:
+                        return FetchOutcome(reason=policy_refusal.reason, detail=policy_refusal.detail,
+                                            final_url=current)
             async with self._session.get(current, allow_redirects=False) as response:
                 status = response.status
                 if status in REDIRECT_STATUSES:
