@@ -57,7 +57,7 @@ class CurateConfig:
     respect_tdmrep: bool = True  # W3C TDMRep: tdm-reservation header and /.well-known/tdmrep.json
     respect_content_usage: bool = True  # IETF AIPREF: Content-Usage header and robots.txt rule
     robots_token: str = ""  # our product token in robots.txt groups; "" = user_agent's first product name
-    policy_cache_hosts: int = 10_000  # origins (scheme, host, port) whose policies a worker keeps (LRU)
+    policy_cache_hosts: int = 4096  # origins (scheme, host, port) whose policies a worker keeps (LRU)
     policy_ttl_s: float = 86_400.0  # RFC 9309 2.4: a cached robots.txt is used for at most 24 h
     policy_error_ttl_s: float = 600.0  # how long a 5xx/429/unreachable robots.txt keeps the site disallowed
     policy_max_bytes: int = 524_288  # robots.txt / tdmrep.json are parsed up to this (RFC 9309: >= 500 KiB)

@@ -292,7 +292,7 @@ class SitePolicies:
         if isinstance(slot, _Known) and slot.expires > self._clock():
             self.stats[f"{kind}_cache_hits"] += 1
             return slot.value
-        if isinstance(slot, asyncio.Future):
+        if isinstance(slot, asyncio.Future) and not slot.cancelled():  # cancelled: only at shutdown
             self.stats[f"{kind}_cache_hits"] += 1
             return slot
         self.stats[f"{kind}_requests"] += 1
