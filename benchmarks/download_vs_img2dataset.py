@@ -112,7 +112,13 @@ def paired(label_a: str, label_b: str, rounds: list[tuple[dict, dict]]) -> dict:
     import statistics
 
     ratios = [b["rate"] / a["rate"] for a, b in rounds]
+    cpu_ratios = [b["cpu_seconds"] / a["cpu_seconds"] for a, b in rounds]
     summary = {
+        f"{label_a}_cpu_seconds": [round(a["cpu_seconds"], 1) for a, _ in rounds],
+        f"{label_b}_cpu_seconds": [round(b["cpu_seconds"], 1) for _, b in rounds],
+        "round_cpu_ratios": [round(r, 3) for r in cpu_ratios],
+        "median_cpu_ratio": round(statistics.median(cpu_ratios), 3),
+        "cpu_ratio_spread": [round(min(cpu_ratios), 3), round(max(cpu_ratios), 3)],
         f"{label_a}_samples_per_s": [round(a["rate"], 1) for a, _ in rounds],
         f"{label_b}_samples_per_s": [round(b["rate"], 1) for _, b in rounds],
         f"{label_a}_median": round(statistics.median(a["rate"] for a, _ in rounds), 1),
@@ -124,7 +130,9 @@ def paired(label_a: str, label_b: str, rounds: list[tuple[dict, dict]]) -> dict:
     }
     print(f"{label_b} / {label_a}: median {summary['median_ratio']:.3f} over {len(ratios)} rounds "
           f"(min {summary['ratio_spread'][0]:.3f}, max {summary['ratio_spread'][1]:.3f}); medians "
-          f"{summary[f'{label_a}_median']} vs {summary[f'{label_b}_median']} samples/s", flush=True)
+          f"{summary[f'{label_a}_median']} vs {summary[f'{label_b}_median']} samples/s; CPU seconds "
+          f"{label_b} / {label_a}: median {summary['median_cpu_ratio']:.3f} (min {summary['cpu_ratio_spread'][0]:.3f}, "
+          f"max {summary['cpu_ratio_spread'][1]:.3f})", flush=True)
     return summary
 
 
@@ -186,7 +194,8 @@ def main() -> int:
                 base, curate = in_alternating_order(round_index, before, ours)
                 before_after.append((base, curate))
                 print(f"round {round_index + 1}: baseline {base['rate']:.1f} samples/s, this checkout "
-                      f"{curate['rate']:.1f} samples/s, ratio {curate['rate'] / base['rate']:.3f}", flush=True)
+                      f"{curate['rate']:.1f} samples/s, ratio {curate['rate'] / base['rate']:.3f}; CPU s "
+                      f"{base['cpu_seconds']:.1f} vs {curate['cpu_seconds']:.1f}", flush=True)
             else:
                 curate = ours()
             runs.append((i2d, i2d_ok, curate, curate["ok"]))
@@ -247,7 +256,8 @@ def hosts_case(args) -> int:
             without, with_policies = in_alternating_order(round_index, off, on)
             rounds.append((without, with_policies))
             print(f"round {round_index + 1}: policies off {without['rate']:.1f} samples/s, on "
-                  f"{with_policies['rate']:.1f} samples/s, ratio {with_policies['rate'] / without['rate']:.3f}; "
+                  f"{with_policies['rate']:.1f} samples/s, ratio {with_policies['rate'] / without['rate']:.3f}; CPU s "
+                  f"{without['cpu_seconds']:.1f} vs {with_policies['cpu_seconds']:.1f}; "
                   f"{with_policies['policy_counters']}", flush=True)
     finally:
         server.close()
