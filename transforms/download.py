@@ -286,11 +286,14 @@ class Downloader:
     async def fetch(self, url: str) -> FetchOutcome:
         started = time.monotonic()
         outcome = check_url(url, self.policy)
+        origin = None  # set: the url's site policies apply (Crawl-delay included)
         if outcome is None and self.site_policies.active:
-            refused = await self.site_policies.refusal_before_fetch(url)
+            origin_target = origin_and_target(url)
+            origin = origin_target[0]
+            refused = await self.site_policies.refusal_before_fetch(url, origin_target)
             if refused is not None:
                 outcome = FetchOutcome(reason=refused.reason, detail=refused.detail, final_url=url)
-        outcome, attempts = await self._with_retries(url, outcome, self._read, pace=True)
+        outcome, attempts = await self._with_retries(url, outcome, self._read, origin=origin)
         outcome.attempts = attempts
         outcome.seconds = time.monotonic() - started
         return outcome
@@ -301,8 +304,9 @@ class Downloader:
         outcome.attempts = attempts
         return outcome
 
-    async def _with_retries(self, url: str, outcome: Optional[FetchOutcome], read, pace: bool = False):
-        """Attempts until one is not transient or the retries are spent; `outcome` set: no attempt."""
+    async def _with_retries(self, url: str, outcome: Optional[FetchOutcome], read, origin: Optional[str] = None):
+        """Attempts until one is not transient or the retries are spent; `outcome` set: no attempt.
+        With `origin`, each attempt keeps that origin's Crawl-delay and redirects meet site policies."""
         attempts = 0
         while outcome is None or (outcome.transient and attempts <= self.config.retries):
             if outcome is not None:  # a transient failure: back off, then try again
@@ -313,8 +317,8 @@ class Downloader:
                         break  # the server asks for longer than we are willing to hold the row
                     delay = max(delay, outcome.retry_after)
                 await asyncio.sleep(delay)
-            if pace:  # Crawl-delay of the row's own host
-                refused = await self.site_policies.pace(url)
+            if origin is not None:  # Crawl-delay of the row's own host
+                refused = await self.site_policies.pace(origin)
                 if refused is not None:
                     outcome = FetchOutcome(reason=refused.reason, detail=refused.detail, final_url=url)
                     break
@@ -322,26 +326,27 @@ class Downloader:
             async with self._slot(url), self._slots:  # a row waiting for its host holds no global slot
                 try:
                     async with asyncio.timeout(self.config.request_deadline_s):
-                        outcome = await self._attempt(url, read, check_policies=pace)
+                        outcome = await self._attempt(url, read, origin)
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # noqa: BLE001 - classified into a reason, never raised
                     outcome = classify_exception(error)
         return outcome, attempts
 
-    async def _attempt(self, url: str, read, check_policies: bool = False) -> FetchOutcome:
+    async def _attempt(self, url: str, read, checked_origin: Optional[str] = None) -> FetchOutcome:
+        """One attempt, redirects followed by hand; with `checked_origin` (the url's, whose site
+        policies fetch() checked), a hop to another origin meets that origin's policies first."""
         assert self._session is not None, "Downloader.open() was not awaited"
         visited: set[str] = set()
         current = url
-        checked_origin = None  # the url's own origin was checked by fetch()
         for _ in range(self.config.max_redirects + 1):
             refused = check_url(current, self.policy)
             if refused is not None:
                 refused.final_url = current
                 return refused
-            if check_policies and current != url and self.site_policies.active:
+            if checked_origin is not None and current != url:
                 hop_origin = origin_and_target(current)[0]
-                if hop_origin != (checked_origin or origin_and_target(url)[0]):  # a redirect to another host
+                if hop_origin != checked_origin:  # a redirect to another host
                     checked_origin = hop_origin
                     policy_refusal = await self.site_policies.refusal_before_fetch(current)
                     if policy_refusal is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -97,6 +98,7 @@ def _normalise_escapes(text: str) -> str:
     return _UNRESERVED_ESCAPE.sub(fix, text)
 
 
+@functools.lru_cache(maxsize=4096)
 def _pattern_regex(pattern: str) -> re.Pattern:
     """A robots.txt-style path pattern (prefix match, `*` any run, a final `$` the end)."""
     anchored = pattern.endswith("$")
@@ -105,7 +107,7 @@ def _pattern_regex(pattern: str) -> re.Pattern:
 
 
 def _pattern_matches(pattern: str, target: str) -> bool:
-    return _pattern_regex(pattern).match(_normalise_escapes(target)) is not None
+    return _pattern_regex(pattern).match(_normalise_escapes(target) if "%" in target else target) is not None
 
 
 def parse_usage_preferences(values: list[str]) -> dict[str, str]:
@@ -340,9 +342,9 @@ class SitePolicies:
         ttl = self.config.policy_ttl_s if status is not None and 400 <= status < 500 else self.config.policy_error_ttl_s
         return TdmRules(), ttl
 
-    async def refusal_before_fetch(self, url: str) -> Optional[Refusal]:
+    async def refusal_before_fetch(self, url: str, origin_target: Optional[tuple[str, str]] = None) -> Optional[Refusal]:
         """robots.txt (and its Content-Usage) and tdmrep.json of the url's origin."""
-        origin, target = origin_and_target(url)
+        origin, target = origin_target or origin_and_target(url)
         entry = self._origin(origin)
         robots = self._lookup(entry, "robots", origin) if self.config.respect_robots_txt else None
         tdm = self._lookup(entry, "tdmrep", origin) if self.config.respect_tdmrep else None
@@ -363,12 +365,11 @@ class SitePolicies:
             return tdm.refusal(target)
         return None
 
-    async def pace(self, url: str) -> Optional[Refusal]:
+    async def pace(self, origin: str) -> Optional[Refusal]:
         """Crawl-delay: requests to one origin start at least that far apart (up to the cap). A row
         that would wait longer than `max_retry_after_s` is not held (rate_limited, retried later)."""
         if not self.config.respect_robots_txt:
             return None
-        origin, _ = origin_and_target(url)
         entry = self._origins.get(origin)
         known = entry.robots if entry is not None else None
         rules = known.value if isinstance(known, _Known) else None
