@@ -14,6 +14,7 @@ setup(
         "apache-beam>=2.60,<3",
         "pyarrow>=14,<26",
         "aiohttp>=3.9,<4",
+        "protego>=0.7,<1",  # robots.txt rule matching (RFC 9309)
         "pillow>=10",
         "numpy>=2.0",
         "imagehash>=4.3",

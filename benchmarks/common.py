@@ -54,8 +54,12 @@ def _tree_rss_bytes(pid: int) -> int:
 
 
 def run_measured(command: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 3600) -> dict:
-    """Wall time and peak RSS summed over the whole process tree (img2dataset forks workers)."""
+    """Wall time and peak RSS summed over the whole process tree (img2dataset forks workers), and
+    the CPU seconds of the tree (its reaped processes: steadier than wall time on a busy machine)."""
+    import resource
+
     started = time.monotonic()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
     while process.poll() is None:
@@ -67,7 +71,9 @@ def run_measured(command: list[str], env: dict | None = None, cwd: Path | None =
     output = process.stdout.read()
     if process.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({process.returncode}):\n{output[-3000:]}")
-    return {"seconds": time.monotonic() - started, "peak_rss_mb": peak / 2**20, "output": output}
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return {"seconds": time.monotonic() - started, "peak_rss_mb": peak / 2**20, "output": output, "cpu_seconds": cpu}
 
 
 class BenchServer:

@@ -18,7 +18,8 @@ import yaml
 PROJECT_NAME = "curate"
 PROJECT_VERSION = "0.1.0"
 DEFAULT_USER_AGENT = (
-    f"{PROJECT_NAME}-bot/{PROJECT_VERSION} (image-text dataset curation; honours X-Robots-Tag noai)"
+    f"{PROJECT_NAME}-bot/{PROJECT_VERSION} (image-text dataset curation; honours robots.txt, TDMRep, "
+    "Content-Usage and X-Robots-Tag noai)"
 )
 
 RESIZE_MODES = ("border", "keep_ratio", "center_crop", "no")
@@ -50,6 +51,20 @@ class CurateConfig:
     respect_noai: bool = True
     ssrf_guard: bool = True
     allow_hosts: list = dataclasses.field(default_factory=list)  # "host:port" loopback exceptions
+
+    # ---- site policies: responsible crawling, every check on by default (README) ---------
+    respect_robots_txt: bool = True  # RFC 9309 robots.txt of each image's own host (+ Crawl-delay)
+    respect_tdmrep: bool = True  # W3C TDMRep: tdm-reservation header and /.well-known/tdmrep.json
+    respect_content_usage: bool = True  # IETF AIPREF: Content-Usage header and robots.txt rule
+    robots_token: str = ""  # our product token in robots.txt groups; "" = user_agent's first product name
+    policy_cache_hosts: int = 4096  # origins (scheme, host, port) whose policies a worker keeps (LRU)
+    policy_ttl_s: float = 86_400.0  # RFC 9309 2.4: a cached robots.txt is used for at most 24 h
+    policy_error_ttl_s: float = 600.0  # how long a 5xx/429/unreachable robots.txt keeps the site disallowed
+    policy_max_bytes: int = 524_288  # robots.txt / tdmrep.json are parsed up to this (RFC 9309: >= 500 KiB)
+    crawl_delay_max_s: float = 10.0  # Crawl-delay is honoured up to this per-host interval
+    # fixed answers for host names, like curl --resolve ({name: address}); still checked by the
+    # SSRF guard (loopback needs --allow-host). Tests and benchmarks map many names to 127.0.0.1.
+    resolve_hosts: dict = dataclasses.field(default_factory=dict)
 
     # ---- decode / image rules ------------------------------------------------------------
     max_pixels: int = 80_000_000
@@ -129,10 +144,30 @@ class CurateConfig:
                 raise ValueError(f"{name} must be positive")
         if self.retries < 0 or self.max_redirects < 0:
             raise ValueError("retries and max_redirects must be >= 0")
+        _validate_site_policy_keys(self)
         return self
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def robots_product_token(config: CurateConfig) -> str:
+    """The token robots.txt groups and X-Robots-Tag scopes name us by: `robots_token`, else the
+    product name that starts `user_agent` ("curate-bot/0.1.0 (...)" -> "curate-bot"), lower case."""
+    return (config.robots_token or config.user_agent.split("/", 1)[0]).strip().lower()
+
+
+def _validate_site_policy_keys(config: CurateConfig) -> None:
+    token = robots_product_token(config)
+    if not token or not all(c.isascii() and (c.isalpha() or c in "-_") for c in token):
+        raise ValueError(f"robots_token {token!r}: RFC 9309 product tokens are letters, '-' and '_' only; "
+                         "set robots_token=NAME (or a user_agent that starts with NAME/VERSION)")
+    for name in ("policy_cache_hosts", "policy_max_bytes"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive")
+    for name in ("policy_ttl_s", "policy_error_ttl_s", "crawl_delay_max_s"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(CurateConfig)}

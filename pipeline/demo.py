@@ -31,6 +31,9 @@ from pipeline import synthetic
 _CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
                   ".webp": "image/webp", ".svg": "image/svg+xml", ".html": "text/html", ".bin": "application/octet-stream"}
 STALL_SECONDS = 120  # bounded: a stalled request ends by itself even if no client gives up
+# The site's policies (README, "Site policies"): one disallowed folder, one TDM-reserved folder.
+ROBOTS_TXT = "User-agent: *\nDisallow: /private/\nAllow: /\n\nUser-agent: otherbot\nDisallow: /\n"
+TDMREP_JSON = '[{"location": "/reserved/*", "tdm-reservation": 1, "tdm-policy": "https://example.invalid/tdm"}]'
 
 
 def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
@@ -127,6 +130,17 @@ def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
             gauge["now"] -= 1
         return file_response(request.query["to"])
 
+    async def robots_txt(request):
+        return web.Response(text=ROBOTS_TXT)
+
+    async def tdmrep_json(request):
+        return web.Response(text=TDMREP_JSON, content_type="application/json")
+
+    async def policy_file(request):
+        """/private/ (robots.txt), /reserved/ (tdmrep.json), /tdm/ and /ai-pref/ (response headers)."""
+        headers = {"tdm": {"tdm-reservation": "1"}, "ai-pref": {"Content-Usage": "train-ai=n, search=y"}}
+        return file_response(request.match_info["name"], **headers.get(request.match_info["folder"], {}))
+
     async def stats(request):
         if "reset" in request.query:
             gauge.update(now=0, peak=0, user_agents=set())
@@ -149,6 +163,9 @@ def make_app(root: Path, latency_ms: float = 0.0) -> web.Application:
         web.get("/huge-chunked", huge_chunked),
         web.get("/slow/{index}", slow),
         web.get("/stats", stats),
+        web.get("/robots.txt", robots_txt),
+        web.get("/.well-known/tdmrep.json", tdmrep_json),
+        web.get("/{folder:private|reserved|tdm|ai-pref}/{name}", policy_file),
     ])
     return app
 
@@ -277,6 +294,10 @@ def make_corpus(root: Path, base_url: str, good: int = 200, seed: int = 7) -> Pa
     rows.append((f"{base_url}/loop-a", "a redirect loop never ends", "redirect_loop"))
     rows.append((f"{base_url}/redirect-out?port=9&to={first}", "a redirect to a forbidden host", "ssrf"))
     rows.append((f"{base_url}/noai/{first}", "a picture whose owner says noai", "noai"))
+    rows.append((f"{base_url}/private/{first}", "a picture in a folder robots.txt disallows", "robots"))
+    rows.append((f"{base_url}/reserved/{first}", "a picture whose site reserves text and data mining", "tdm_file"))
+    rows.append((f"{base_url}/tdm/{first}", "a picture served with a tdm reservation header", "tdm_header"))
+    rows.append((f"{base_url}/ai-pref/{first}", "a picture whose owner refuses AI training", "ai_usage"))
     rows.append((f"{base_url}/huge", "a picture with a two gigabyte body", "huge"))
     rows.append((f"{base_url}/flaky/503/demo?fail=1&to={first}", goods[0][0].caption() + " after one 503", "retry_ok"))
     truncated = _jpeg(goods[1][1])

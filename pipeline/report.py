@@ -124,7 +124,8 @@ FUNNEL_STAGES: list[tuple[str, str, tuple[DropReason, ...]]] = [
     ("captions", "caption rules", (R.CAPTION_TOO_SHORT, R.CAPTION_TOO_LONG, R.CAPTION_BOILERPLATE)),
     ("fetch", "downloaded", (R.SSRF_BLOCKED, R.DNS_ERROR, R.CONNECTION_ERROR, R.TIMEOUT, R.TOO_MANY_REDIRECTS,
                              R.HTTP_CLIENT_ERROR, R.HTTP_SERVER_ERROR, R.RATE_LIMITED, R.BODY_TOO_LARGE,
-                             R.ROBOTS_NOAI, R.NOT_AN_IMAGE, R.SOURCE_MISSING_IMAGE)),
+                             R.ROBOTS_NOAI, R.NOT_AN_IMAGE, R.SOURCE_MISSING_IMAGE,
+                             R.ROBOTS_DISALLOWED, R.TDM_RESERVED, R.AI_USAGE_REFUSED)),
     ("decode", "decoded, image rules", (R.DECODE_ERROR, R.DECOMPRESSION_BOMB, R.TOO_SMALL, R.BAD_ASPECT_RATIO,
                                         R.BLANK_IMAGE)),
     ("filters", "decide filters (language, CLIP)", (R.LANGUAGE_NOT_WANTED, R.LOW_CLIP_SCORE)),
@@ -433,6 +434,50 @@ def download_figures(rows: dict) -> dict:
     }
 
 
+# Site policies: which owner signal refused how many rows, and where (columnar: the ledger may
+# have millions of rows, so nothing here goes row by row in Python).
+POLICY_SIGNALS = (  # (signal, the reason it gives, the config key that turns it off)
+    ("robots.txt (RFC 9309)", R.ROBOTS_DISALLOWED, "respect_robots_txt"),
+    ("TDMRep (W3C)", R.TDM_RESERVED, "respect_tdmrep"),
+    ("Content-Usage (IETF AIPREF)", R.AI_USAGE_REFUSED, "respect_content_usage"),
+    ("X-Robots-Tag noai", R.ROBOTS_NOAI, "respect_noai"),
+)
+POLICY_COUNTER_NAMESPACE = "policy/"
+TOP_POLICY_HOSTS = 10
+_URL_HOST = r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^:/?#]*)"
+
+
+def site_policy_figures(table: pa.Table, counters: dict, config: dict) -> dict:
+    """Rows refused per signal, the hosts with most refusals, and what fetching the policy files cost."""
+    reasons = [reason.value for _, reason, _ in POLICY_SIGNALS]
+    if table.num_rows and Col.REASON in table.column_names and Col.URL in table.column_names:
+        refused = table.filter(pc.fill_null(pc.is_in(table.column(Col.REASON), value_set=pa.array(reasons)), False))
+    else:
+        refused = pa.table({Col.URL: pa.array([], pa.string()), Col.REASON: pa.array([], pa.string())})
+    counts = {row["values"]: row["counts"] for row in pc.value_counts(refused.column(Col.REASON)).to_pylist()}
+    hosts = pc.utf8_lower(pc.struct_field(pc.extract_regex(refused.column(Col.URL), _URL_HOST), [0]))
+    pairs = pa.table({"host": pc.fill_null(hosts, "(none)"), "reason": refused.column(Col.REASON)})
+    per_host = pairs.group_by("host").aggregate([([], "count_all")])
+    top = per_host.sort_by([("count_all", "descending"), ("host", "ascending")]).slice(0, TOP_POLICY_HOSTS)
+    top_hosts = top.column("host").to_pylist()
+    detail = pairs.filter(pc.is_in(pairs.column("host"), value_set=top.column("host")))
+    by_reason = detail.group_by(["host", "reason"]).aggregate([([], "count_all")]).to_pylist()
+    return {
+        "checks": [{"signal": signal, "reason": reason.value, "config_key": key, "on": bool(config.get(key, True)),
+                    "rows_refused": int(counts.get(reason.value, 0))} for signal, reason, key in POLICY_SIGNALS],
+        "rows_refused": refused.num_rows,
+        "hosts_with_refusals": per_host.num_rows,
+        "top_hosts": [
+            {"host": host, "rows_refused": count,
+             "reasons": dict(sorted(((r["reason"], r["count_all"]) for r in by_reason if r["host"] == host),
+                                    key=lambda kv: (-kv[1], kv[0])))}
+            for host, count in zip(top_hosts, top.column("count_all").to_pylist())
+        ],
+        "policy_fetches": {name[len(POLICY_COUNTER_NAMESPACE):]: value for name, value in sorted(counters.items())
+                           if name.startswith(POLICY_COUNTER_NAMESPACE)},
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading what the report needs
 # ---------------------------------------------------------------------------------------------
@@ -710,6 +755,7 @@ def build_summary(layout: Layout, accounting: dict, infos: dict) -> tuple[dict, 
         caption_lengths=caption_figures(rows),
         duplicates=duplicate_figures(rows),
         downloads=download_figures(rows),
+        site_policies=site_policy_figures(table, phases["fetch"]["counters"], config),
         phases=phases,
         timings=timings,
         config=config,
@@ -1013,7 +1059,8 @@ def render_html(summary: dict, rows: dict, thumbs: dict[str, str]) -> str:
     add = parts.append
     sections = [("funnel", "Funnel"), ("reasons", "Drop reasons"), ("examples", "Examples"), ("clip", "CLIP score"),
                 ("languages", "Languages"), ("sizes", "Image sizes"), ("captions", "Captions"),
-                ("duplicates", "Duplicates"), ("downloads", "Downloads"), ("negatives", "Hard negatives"),
+                ("duplicates", "Duplicates"), ("downloads", "Downloads"), ("policies", "Site policies"),
+                ("negatives", "Hard negatives"),
                 ("time", "Time"), ("config", "Config")]
     add("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
@@ -1136,6 +1183,8 @@ def render_html(summary: dict, rows: dict, thumbs: dict[str, str]) -> str:
                numeric=(1, 2, 3)))
     add("</section>")
 
+    add(site_policy_html(s["site_policies"]))
+
     neg = s["hard_negatives"]
     add('<section id="negatives"><h2>Hard negatives</h2>')
     if neg["triples"]:
@@ -1181,6 +1230,30 @@ def render_html(summary: dict, rows: dict, thumbs: dict[str, str]) -> str:
         + "</details></section>")
     add("</main></body></html>")
     return "\n".join(parts)
+
+
+def site_policy_html(policies: dict) -> str:
+    fetches = policies["policy_fetches"]
+    parts = ['<section id="policies"><h2>Site policies</h2>',
+             f"<p>{policies['rows_refused']:,} rows refused by their site's owner, on "
+             f"{policies['hosts_with_refusals']:,} hosts. Each check has its own config key; turning one off "
+             "is the user's responsibility (README, \u201cSite policies\u201d).</p>",
+             _table(["signal", "reason", "rows refused", "config key", "on"],
+                    [[c["signal"], c["reason"], c["rows_refused"], c["config_key"], "yes" if c["on"] else "OFF"]
+                     for c in policies["checks"]], numeric=(2,))]
+    if policies["top_hosts"]:
+        parts.append("<h3>Hosts with most refusals</h3>")
+        parts.append(_table(["host", "rows refused", "reasons"],
+                            [[h["host"], h["rows_refused"], ", ".join(f"{k} {v}" for k, v in h["reasons"].items())]
+                             for h in policies["top_hosts"]], numeric=(1,)))
+    parts.append("<h3>Cost of the policy files</h3>")
+    if fetches:
+        parts.append(_table(["counter (per worker: one request per host, then cache hits)", "value"],
+                            [[k, v] for k, v in fetches.items()], numeric=(1,)))
+    else:
+        parts.append('<p class="muted">No policy file was fetched in this run.</p>')
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def _thumbnail_uids(summary: dict) -> set:

@@ -32,6 +32,9 @@ class DropReason(str, enum.Enum):
     ROBOTS_NOAI = "robots_noai"
     NOT_AN_IMAGE = "not_an_image"
     SOURCE_MISSING_IMAGE = "source_missing_image"
+    ROBOTS_DISALLOWED = "robots_disallowed"
+    TDM_RESERVED = "tdm_reserved"
+    AI_USAGE_REFUSED = "ai_usage_refused"
 
     # --- decoding and image rules -----------------------------------------------------------
     DECODE_ERROR = "decode_error"
@@ -82,6 +85,12 @@ REASON_DESCRIPTIONS: dict[DropReason, str] = {
     DropReason.ROBOTS_NOAI: "X-Robots-Tag forbids AI use (noai / noimageai)",
     DropReason.NOT_AN_IMAGE: "the body is not a decodable image format (HTML, SVG, text, ...)",
     DropReason.SOURCE_MISSING_IMAGE: "a WebDataset input sample carries no image",
+    DropReason.ROBOTS_DISALLOWED: "the image host's robots.txt disallows our user agent for this path "
+    "(or answered 5xx/429: the site is treated as disallowed for a while, RFC 9309)",
+    DropReason.TDM_RESERVED: "the rightsholder reserves text and data mining (W3C TDMRep: tdm-reservation "
+    "header or /.well-known/tdmrep.json)",
+    DropReason.AI_USAGE_REFUSED: "the site refuses AI training (IETF AIPREF Content-Usage header or "
+    "robots.txt rule)",
     DropReason.DECODE_ERROR: "the image bytes are corrupt or truncated",
     DropReason.DECOMPRESSION_BOMB: "the header declares more pixels than allowed",
     DropReason.TOO_SMALL: "the image is smaller than the minimum side length",

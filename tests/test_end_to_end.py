@@ -45,6 +45,8 @@ EXPECTED = {
     "http_404": "http_client_error", "http_403": "http_client_error", "http_500": "http_server_error",
     "stall": "timeout", "drip": "timeout", "html": "not_an_image", "redirect_loop": "too_many_redirects",
     "ssrf": "ssrf_blocked", "ssrf_loopback": "ssrf_blocked", "noai": "robots_noai", "huge": "body_too_large",
+    "robots": "robots_disallowed", "tdm_file": "tdm_reserved", "tdm_header": "tdm_reserved",
+    "ai_usage": "ai_usage_refused",
     "truncated": "decode_error", "bomb": "decompression_bomb", "tiny": "too_small", "blank": "blank_image",
     "aspect": "bad_aspect_ratio", "svg": "not_an_image", "missing_url": "missing_url",
     "ftp": "unsupported_scheme", "javascript": "unsupported_scheme", "file": "unsupported_scheme",

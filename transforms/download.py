@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import random
+import re
 import socket
 import threading
 import time
@@ -42,16 +43,22 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.config import CurateConfig
+from pipeline.config import CurateConfig, robots_product_token
 from schemas import Col, DropReason
 from transforms.base import DROPPED, KEPT, DropCounters, is_dropped, mark_dropped
+from transforms.site_policy import POLICY_STATS, SitePolicies, origin_and_target
 
 log = logging.getLogger(__name__)
 
 ALLOWED_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 NOAI_DIRECTIVES = frozenset({"noai", "noimageai"})
+_BOT_NAME = re.compile(r"[a-z_*-][a-z0-9_.-]*")
+_VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
 _CHUNK = 64 * 1024
+# Rows (small dicts, no bodies yet) that may wait for their host's policy files beyond max_in_flight.
+_MAX_ROWS_WAITING_FOR_POLICY = 4096
+_WINDOW_RECHECK_S = 0.05
 # Magic numbers of the formats the decode stage accepts; used to tell an image served with a
 # wrong Content-Type from an HTML page before reading a large body.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
@@ -102,14 +109,24 @@ class HostPolicy:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp's threaded resolver, then drops every address the policy refuses."""
+    """Resolves like aiohttp's threaded resolver, then drops every address the policy refuses.
 
-    def __init__(self, policy: HostPolicy):
+    `fixed` answers some names without DNS (config `resolve_hosts`, like curl --resolve); those
+    answers go through the same policy, so a name mapped to loopback still needs --allow-host."""
+
+    def __init__(self, policy: HostPolicy, fixed: Optional[dict] = None):
         self._policy = policy
         self._inner = aiohttp.ThreadedResolver()
+        self._fixed = {str(name).lower(): str(address) for name, address in (fixed or {}).items()}
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET):
-        infos = await self._inner.resolve(host, port, family)
+        address = self._fixed.get(host.lower())
+        if address is not None:
+            ip = ipaddress.ip_address(address)
+            infos = [{"hostname": host, "host": address, "port": port, "proto": 0, "flags": socket.AI_NUMERICHOST,
+                      "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET}]
+        else:
+            infos = await self._inner.resolve(host, port, family)
         admitted = [info for info in infos if self._policy.admits(host, port, info["host"])]
         if not admitted:
             refused = ", ".join(sorted({info["host"] for info in infos}))
@@ -162,16 +179,17 @@ def check_url(url: str, policy: HostPolicy) -> Optional[FetchOutcome]:
 
 
 def robots_forbid(values: list[str], product_token: str) -> bool:
-    """X-Robots-Tag: 'noai', 'noimageai', or 'somebot: noai' (applies only to that bot)."""
+    """X-Robots-Tag: 'noai' / 'noimageai' for every bot, or scoped: 'curate-bot: noai'. A scope
+    ('otherbot: noindex, noai') covers the rest of its header value, as search engines read it."""
     for value in values:
+        scope = None
         for part in value.split(","):
             part = part.strip().lower()
-            if ":" in part:
-                bot, _, directive = part.partition(":")
-                if bot.strip() not in (product_token, "*") or "/" in bot:
-                    continue
-                part = directive.strip()
-            if part in NOAI_DIRECTIVES:
+            head, sep, rest = part.partition(":")
+            head = head.strip()
+            if sep and rest.strip() and _BOT_NAME.fullmatch(head) and head not in _VALUED_DIRECTIVES:
+                scope, part = head, rest.strip()
+            if part in NOAI_DIRECTIVES and scope in (None, "*", product_token):
                 return True
     return False
 
@@ -216,20 +234,28 @@ def classify_exception(error: BaseException) -> FetchOutcome:
 
 
 class Downloader:
-    """Async HTTP client: one per worker process, used from its event loop only."""
+    """Async HTTP client: one per worker process, used from its event loop only.
+
+    Site policies (transforms/site_policy.py) are checked before a row takes a request slot: a row
+    whose host's robots.txt is still on its way waits without holding one, so a stalled robots.txt
+    never holds back the rows of other hosts. The policy files come through `fetch_policy_file`:
+    this same session, SSRF guard, deadline and redirect checks, a smaller body cap.
+    """
 
     def __init__(self, config: CurateConfig):
         self.config = config
         self.policy = HostPolicy(config.ssrf_guard, config.allow_hosts)
-        self.product_token = config.user_agent.split("/", 1)[0].strip().lower()
+        self.product_token = robots_product_token(config)
+        self.site_policies = SitePolicies(config, self.fetch_policy_file)
         self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._slots = asyncio.Semaphore(config.max_in_flight)  # taken before the deadline starts
         self._session: Optional[aiohttp.ClientSession] = None
 
     async def open(self) -> "Downloader":
         connector = aiohttp.TCPConnector(
             limit=self.config.max_in_flight,
             limit_per_host=self.config.per_host_concurrency,
-            resolver=GuardedResolver(self.policy),
+            resolver=GuardedResolver(self.policy, self.config.resolve_hosts),
             ttl_dns_cache=300,
             enable_cleanup_closed=True,
         )
@@ -260,6 +286,27 @@ class Downloader:
     async def fetch(self, url: str) -> FetchOutcome:
         started = time.monotonic()
         outcome = check_url(url, self.policy)
+        origin = None  # set: the url's site policies apply (Crawl-delay included)
+        if outcome is None and self.site_policies.active:
+            origin_target = origin_and_target(url)
+            origin = origin_target[0]
+            refused = await self.site_policies.refusal_before_fetch(url, origin_target)
+            if refused is not None:
+                outcome = FetchOutcome(reason=refused.reason, detail=refused.detail, final_url=url)
+        outcome, attempts = await self._with_retries(url, outcome, self._read, origin=origin)
+        outcome.attempts = attempts
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    async def fetch_policy_file(self, url: str) -> FetchOutcome:
+        """robots.txt or tdmrep.json: the same guarded path as an image, read up to `policy_max_bytes`."""
+        outcome, attempts = await self._with_retries(url, check_url(url, self.policy), self._read_policy_file)
+        outcome.attempts = attempts
+        return outcome
+
+    async def _with_retries(self, url: str, outcome: Optional[FetchOutcome], read, origin: Optional[str] = None):
+        """Attempts until one is not transient or the retries are spent; `outcome` set: no attempt.
+        With `origin`, each attempt keeps that origin's Crawl-delay and redirects meet site policies."""
         attempts = 0
         while outcome is None or (outcome.transient and attempts <= self.config.retries):
             if outcome is not None:  # a transient failure: back off, then try again
@@ -270,20 +317,25 @@ class Downloader:
                         break  # the server asks for longer than we are willing to hold the row
                     delay = max(delay, outcome.retry_after)
                 await asyncio.sleep(delay)
+            if origin is not None:  # Crawl-delay of the row's own host
+                refused = await self.site_policies.pace(origin)
+                if refused is not None:
+                    outcome = FetchOutcome(reason=refused.reason, detail=refused.detail, final_url=url)
+                    break
             attempts += 1
-            async with self._slot(url):
+            async with self._slot(url), self._slots:  # a row waiting for its host holds no global slot
                 try:
                     async with asyncio.timeout(self.config.request_deadline_s):
-                        outcome = await self._attempt(url)
+                        outcome = await self._attempt(url, read, origin)
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # noqa: BLE001 - classified into a reason, never raised
                     outcome = classify_exception(error)
-        outcome.attempts = attempts
-        outcome.seconds = time.monotonic() - started
-        return outcome
+        return outcome, attempts
 
-    async def _attempt(self, url: str) -> FetchOutcome:
+    async def _attempt(self, url: str, read, checked_origin: Optional[str] = None) -> FetchOutcome:
+        """One attempt, redirects followed by hand; with `checked_origin` (the url's, whose site
+        policies fetch() checked), a hop to another origin meets that origin's policies first."""
         assert self._session is not None, "Downloader.open() was not awaited"
         visited: set[str] = set()
         current = url
@@ -292,6 +344,14 @@ class Downloader:
             if refused is not None:
                 refused.final_url = current
                 return refused
+            if checked_origin is not None and current != url:
+                hop_origin = origin_and_target(current)[0]
+                if hop_origin != checked_origin:  # a redirect to another host
+                    checked_origin = hop_origin
+                    policy_refusal = await self.site_policies.refusal_before_fetch(current)
+                    if policy_refusal is not None:
+                        return FetchOutcome(reason=policy_refusal.reason, detail=policy_refusal.detail,
+                                            final_url=current)
             async with self._session.get(current, allow_redirects=False) as response:
                 status = response.status
                 if status in REDIRECT_STATUSES:
@@ -309,28 +369,54 @@ class Downloader:
                             http_status=status, final_url=current,
                         )
                     continue
-                return await self._read(response, current)
+                return await read(response, current)
         return FetchOutcome(
             reason=DropReason.TOO_MANY_REDIRECTS,
             detail=f"more than {self.config.max_redirects} redirects", final_url=current,
         )
 
-    async def _read(self, response: aiohttp.ClientResponse, url: str) -> FetchOutcome:
+    @staticmethod
+    def _transient_status(response: aiohttp.ClientResponse, base: dict) -> Optional[FetchOutcome]:
         status = response.status
-        content_type = response.headers.get("Content-Type", "")
-        base = dict(http_status=status, final_url=url, content_type=content_type or None)
         if status == 429 or status >= 500:
             return FetchOutcome(
                 reason=DropReason.RATE_LIMITED if status == 429 else DropReason.HTTP_SERVER_ERROR,
                 detail=f"HTTP {status}", transient=True,
                 retry_after=parse_retry_after(response.headers.get("Retry-After")), **base,
             )
+        return None
+
+    async def _read_policy_file(self, response: aiohttp.ClientResponse, url: str) -> FetchOutcome:
+        base = dict(http_status=response.status, final_url=url)
+        transient = self._transient_status(response, base)
+        if transient is not None:
+            return transient
+        # RFC 9309 2.5: parse at least 500 KiB; what lies past the cap is not read
+        limit, chunks, received = self.config.policy_max_bytes, [], 0
+        if 200 <= response.status < 300:
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                chunks.append(chunk[: limit - received])
+                received += len(chunks[-1])
+                if received >= limit:
+                    break
+        return FetchOutcome(body=b"".join(chunks), **base)
+
+    async def _read(self, response: aiohttp.ClientResponse, url: str) -> FetchOutcome:
+        status = response.status
+        content_type = response.headers.get("Content-Type", "")
+        base = dict(http_status=status, final_url=url, content_type=content_type or None)
+        transient = self._transient_status(response, base)
+        if transient is not None:
+            return transient
         if status >= 400 or status < 200 or status == 204:
             return FetchOutcome(reason=DropReason.HTTP_CLIENT_ERROR, detail=f"HTTP {status}", **base)
         if self.config.respect_noai and robots_forbid(
             response.headers.getall("X-Robots-Tag", []), self.product_token
         ):
             return FetchOutcome(reason=DropReason.ROBOTS_NOAI, detail="X-Robots-Tag", **base)
+        refused = self.site_policies.refusal_of_response(response.headers)
+        if refused is not None:
+            return FetchOutcome(reason=refused.reason, detail=refused.detail, **base)
         limit = self.config.max_body_bytes
         declared = response.content_length
         if declared is not None and declared > limit:
@@ -384,6 +470,7 @@ class _FetchDoFn(beam.DoFn):
         self._ok = Metrics.counter("fetch", "downloaded")
         self._bytes = Metrics.counter("fetch", "bytes_downloaded")
         self._drops = DropCounters("fetch")
+        self._policy_counters = {name: Metrics.counter("policy", name) for name in POLICY_STATS}
 
     def setup(self):
         self._loop = asyncio.new_event_loop()
@@ -395,6 +482,7 @@ class _FetchDoFn(beam.DoFn):
         self._wake_pending = False  # a call to _start_fetches is scheduled on the loop
         self._done: queue.SimpleQueue = queue.SimpleQueue()  # (record, downloaded) back to the bundle thread
         self._tasks: set = set()  # the loop keeps no strong reference to running tasks itself
+        self._policy_reported = dict.fromkeys(POLICY_STATS, 0)  # what the Beam counters have so far
 
     def teardown(self):
         try:
@@ -407,6 +495,23 @@ class _FetchDoFn(beam.DoFn):
 
     def start_bundle(self):
         self._outstanding = 0
+
+    def _report_policy_stats(self) -> None:
+        """The downloader's policy-file counts (kept on the loop thread) into Beam counters, which
+        only count from the bundle thread."""
+        stats = self._downloader.site_policies.stats
+        for name, counter in self._policy_counters.items():
+            value = stats[name]
+            if value != self._policy_reported[name]:
+                counter.inc(value - self._policy_reported[name])
+                self._policy_reported[name] = value
+
+    def _window_full(self) -> bool:
+        """`max_in_flight` rows in flight; rows waiting for their host's robots.txt do not count (up
+        to a bound), so a stalled robots.txt cannot fill the window and stall other hosts."""
+        waiting = self._downloader.site_policies.waiting
+        return (self._outstanding - waiting >= self._config.max_in_flight
+                or self._outstanding >= self._config.max_in_flight + _MAX_ROWS_WAITING_FOR_POLICY)
 
     # --- pool thread ---------------------------------------------------------------------------
     def _run_postprocess(self, record: dict) -> dict:
@@ -471,11 +576,14 @@ class _FetchDoFn(beam.DoFn):
         return KEPT, record
 
     def _drain(self, block: bool):
-        """The rows finished so far; with `block`, at least one (waiting for it)."""
+        """The rows finished so far; with `block`, at least one (waiting for it), unless the window
+        opens meanwhile (rows that begin to wait for their host's policy files leave it)."""
         while self._outstanding:
             try:
-                record, downloaded = self._done.get(block=block)
+                record, downloaded = self._done.get(block=block, timeout=_WINDOW_RECHECK_S if block else None)
             except queue.Empty:
+                if block and self._window_full():
+                    continue
                 return
             block = False
             self._outstanding -= 1
@@ -487,7 +595,7 @@ class _FetchDoFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DROPPED, record)
             return
         self._submit(record)
-        for tag, result in self._drain(block=self._outstanding >= self._config.max_in_flight):
+        for tag, result in self._drain(block=self._window_full()):
             yield result if tag == KEPT else beam.pvalue.TaggedOutput(DROPPED, result)
 
     def finish_bundle(self):
@@ -495,6 +603,7 @@ class _FetchDoFn(beam.DoFn):
             for tag, result in self._drain(block=True):
                 value = WindowedValue(result, MIN_TIMESTAMP, [GlobalWindow()])
                 yield value if tag == KEPT else beam.pvalue.TaggedOutput(DROPPED, value)
+        self._report_policy_stats()
 
 
 class FetchImages(beam.PTransform):
