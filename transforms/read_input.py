@@ -1,6 +1,6 @@
 """Read stage: input files -> one record per input row, malformed rows included.
 
-Files are matched and opened with Beam's fileio (local, GCS, S3 alike) and streamed row by row:
+Files are matched and opened with Beam's FileSystems (local, GCS, S3 alike) and streamed row by row:
 no input file is ever held whole in memory, CSV captions may span lines, and every row gets a
 stable position (file, row index) for the ledger. A row that cannot be parsed still becomes a
 record, marked dropped with a reason, so that it reaches the ledger.
@@ -19,8 +19,8 @@ from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline.config import CurateConfig
 from schemas import Col, DropReason, Status
@@ -105,16 +105,37 @@ def validate_url(url: str) -> Optional[tuple[DropReason, str]]:
     return None
 
 
+def _extra_value(value: Any) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value if value is None else _clean_text(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (bool, int, float, list, dict, tuple)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return str(value)  # dates, decimals, ... from Parquet
+
+
+def extra_json(extra: dict) -> Optional[str]:
+    """The input row's other columns as one JSON object whose values are all strings (or null):
+    typed the same whatever the input format, so a csv's "3" and a jsonl's 3 are both "3", and a
+    loader that infers one schema over every sample (Hugging Face's webdataset) never meets a
+    column that changes type between input files. None when there are no other columns."""
+    if not extra:
+        return None
+    values = {str(key): _extra_value(value) for key, value in extra.items()}
+    return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
 def row_to_record(fields: dict, source_file: str, source_row: int, url_col: str, caption_col: str) -> dict:
     """One parsed input row (column -> value) to a record; extra columns are kept as JSON."""
     record = _base_record(source_file, source_row)
     raw_url = fields.get(url_col)
     url = _clean_text(raw_url).strip()
     caption = _clean_text(fields.get(caption_col))
-    extra = {str(k): v for k, v in fields.items() if k not in (url_col, caption_col)}
+    extra = {k: v for k, v in fields.items() if k not in (url_col, caption_col)}
     record[Col.URL] = url or None
     record[Col.CAPTION] = caption
-    record[Col.EXTRA] = json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False) if extra else None
+    record[Col.EXTRA] = extra_json(extra)
     record[Col.UID] = make_uid(url, caption)
     if url_col not in fields:
         return mark_dropped(record, DropReason.MISSING_URL, f"no column {url_col!r}")
@@ -148,17 +169,21 @@ def buffered(handle) -> io.BufferedReader:
     return io.BufferedReader(_RawReader(handle), buffer_size=1 << 20)
 
 
-def _text_stream(handle) -> io.TextIOWrapper:
+def text_stream(handle) -> io.TextIOWrapper:
     # surrogateescape keeps undecodable bytes visible so the row can be flagged, not crash.
     return io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
 
 
+def read_header(text: io.TextIOBase, delimiter: str) -> list[str]:
+    """The column names on the first line of a CSV/TSV text stream (a BOM and spaces stripped)."""
+    header = next(csv.reader([text.readline()], delimiter=delimiter), [])
+    return [h.lstrip("\ufeff").strip() for h in header]
+
+
 def iter_delimited(handle, source_file: str, config: CurateConfig, delimiter: str) -> Iterator[dict]:
     csv.field_size_limit(max(config.max_field_bytes, 1024))
-    text = _text_stream(handle)
-    header_line = text.readline()
-    header = next(csv.reader([header_line], delimiter=delimiter), [])
-    header = [h.lstrip("\ufeff").strip() for h in header]
+    text = text_stream(handle)
+    header = read_header(text, delimiter)
     reader = csv.reader(text, delimiter=delimiter)
     row_index = 0
     while True:
@@ -223,6 +248,39 @@ def iter_parquet(handle, source_file: str, config: CurateConfig) -> Iterator[dic
             row_index += 1
 
 
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 < number < 1_000_000 and number == value else None
+
+
+def source_description(meta: dict) -> dict:
+    """What an input shard's KEY.json says about the image its (resized) copy was made from:
+    img2dataset and our own shards write `original_width`, `original_height` and `sha256` of the
+    downloaded original. Untrusted: a value of the wrong type or shape is ignored."""
+    found = {}
+    width, height = _positive_int(meta.get("original_width")), _positive_int(meta.get("original_height"))
+    if width and height:
+        found[Col.ORIGINAL_WIDTH], found[Col.ORIGINAL_HEIGHT] = width, height
+    digest = meta.get("sha256")
+    if isinstance(digest, str) and len(digest) == 64 and set(digest.lower()) <= _SHA256_HEX:
+        found[Col.SHA256] = digest.lower()
+    return found
+
+
+def source_size(record: dict) -> Optional[tuple[int, int]]:
+    """The original (width, height) an input shard gave for its image, if it gave one."""
+    width, height = record.get(Col.ORIGINAL_WIDTH), record.get(Col.ORIGINAL_HEIGHT)
+    return (width, height) if width and height else None
+
+
 def _webdataset_record(key: str, members: dict, source_file: str, row_index: int) -> dict:
     meta: dict = {}
     if "json" in members:
@@ -232,13 +290,19 @@ def _webdataset_record(key: str, members: dict, source_file: str, row_index: int
         except ValueError:
             meta = {}
     caption = members["txt"].decode("utf-8", "replace") if "txt" in members else _clean_text(meta.get("caption"))
+    # Our own shards' KEY.json carry the raw caption in `caption` (KEY.txt is the clean one): the
+    # raw one keeps the uid of the row it came from.
+    if isinstance(meta.get(Col.CAPTION_CLEAN), str) and isinstance(meta.get("caption"), str):
+        caption = _clean_text(meta["caption"])
     url = _clean_text(meta.get("url")).strip()
     record = _base_record(source_file, row_index)
     record[Col.URL] = url or None
     record[Col.CAPTION] = caption
-    extra = {k: v for k, v in meta.items() if k not in ("url", "caption")}
-    extra["source_key"] = key
-    record[Col.EXTRA] = json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False)
+    # img2dataset flattens the input's extra columns into KEY.json; ours keeps them in `extra`
+    extra = meta[Col.EXTRA] if isinstance(meta.get(Col.EXTRA), dict) else {
+        k: v for k, v in meta.items() if k not in ("url", "caption")}
+    record[Col.EXTRA] = extra_json(dict(extra, source_key=key))
+    record.update(source_description(meta))
     # Without a url the uid falls back to the sample's place in its shard.
     record[Col.UID] = make_uid(url or f"{posixpath.basename(source_file)}#{key}", caption)
     image = next((members[ext] for ext in _IMAGE_EXTENSIONS if ext in members), None)
@@ -273,19 +337,47 @@ def iter_file_records(handle, source_file: str, fmt: str, config: CurateConfig) 
     return _READERS[fmt](handle, source_file, config)
 
 
+def input_patterns(input_spec: str) -> list[str]:
+    """The paths and globs of `--input` (a comma-separated list)."""
+    return [p.strip() for p in (input_spec or "").split(",") if p.strip()]
+
+
+def is_local(pattern: str) -> bool:
+    return "://" not in pattern
+
+
+def has_wildcard(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def match_input_pattern(pattern: str, cwd: str = "") -> list[tuple[str, str]]:
+    """(the file's path as the user gave it, its path to open) for every file `pattern` matches,
+    sorted. The first is what the ledger's source_file holds: `a/rows.csv` and `b/rows.csv` stay
+    apart. Beam's local matcher finds nothing for a relative glob whose first part is a wildcard
+    (`*/rows.csv`), so local relative globs are matched as absolute paths and named relative again."""
+    if not (is_local(pattern) and has_wildcard(pattern)):
+        found = FileSystems.match([pattern])[0].metadata_list
+        return sorted((pattern if len(found) == 1 and m.path == pattern else m.path, m.path) for m in found)
+    cwd = cwd or os.getcwd()
+    relative = not os.path.isabs(pattern)
+    absolute = os.path.join(cwd, pattern) if relative else pattern
+    paths = sorted(m.path for m in FileSystems.match([absolute])[0].metadata_list)
+    return [(os.path.relpath(path, cwd) if relative else path, path) for path in paths]
+
+
 class _ReadFileDoFn(beam.DoFn):
     def __init__(self, config: CurateConfig):
         self._config = config
 
-    def process(self, readable: fileio.ReadableFile):
-        path = readable.metadata.path
+    def process(self, named_path: tuple[str, str]):
+        source_file, path = named_path
         fmt = self._config.input_format if self._config.input_format != "auto" else detect_format(path)
         # Parquet needs random access (footer first); the others are streamed with
         # transparent decompression chosen by the file extension.
         compression = CompressionTypes.UNCOMPRESSED if fmt == "parquet" else CompressionTypes.AUTO
-        with readable.open(compression_type=compression) as handle:
+        with FileSystems.open(path, compression_type=compression) as handle:
             stream = handle if fmt == "parquet" else buffered(handle)
-            yield from iter_file_records(stream, os.path.basename(path), fmt, self._config)
+            yield from iter_file_records(stream, source_file, fmt, self._config)
 
 
 class ReadRows(beam.PTransform):
@@ -296,12 +388,11 @@ class ReadRows(beam.PTransform):
         self._config = config
 
     def expand(self, pbegin):
-        patterns = [p for p in self._config.input.split(",") if p.strip()]
+        cwd = os.getcwd()  # where relative inputs were given: the ledger names files relative to it
         return (
             pbegin
-            | "Patterns" >> beam.Create(patterns)
-            | "Match" >> fileio.MatchAll()
-            | "Open" >> fileio.ReadMatches()
+            | "Patterns" >> beam.Create(input_patterns(self._config.input))
+            | "Match" >> beam.FlatMap(match_input_pattern, cwd=cwd)
             | "Parse" >> beam.ParDo(_ReadFileDoFn(self._config))
             # Without this, rows of one input file would stay fused on the worker that read it.
             | "Spread" >> beam.Reshuffle()
