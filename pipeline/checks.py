@@ -86,6 +86,8 @@ def _nothing_matches(pattern: str) -> str:
     if has_wildcard(pattern):
         return f"--input {_quote(pattern)} matches no file; check the folder and the pattern"
     where = ""
+    if pattern.startswith("~"):
+        return f"--input {_quote(pattern)}: no such file (a quoted ~ is not your home folder: write $HOME)"
     if is_local(pattern):
         folder = os.path.dirname(pattern) or "."
         if not os.path.isdir(folder):
@@ -257,18 +259,33 @@ def check_inputs_not_in_output(config) -> None:
                                      "which this run replaces; copy it elsewhere or pick another --output")
 
 
-PHASE_NEEDS = {"decide": "fetch", "write": "decide"}
+PHASES_BEFORE = {"decide": ("fetch",), "write": ("fetch", "decide")}
 
 
 def require_earlier_phase(command: str, layout: Layout) -> None:
     """`curate decide` needs a finished fetch in the folder, `curate write` a finished decide."""
-    needed = PHASE_NEEDS.get(command)
-    while needed:
+    for needed in PHASES_BEFORE.get(command, ()):
         if layout.read_phase_info(needed) is None:
             what = "does not exist" if not FileSystems.exists(layout.root) else f"has no finished {needed} phase"
             raise UsageError(f"`curate {command}` reads the {needed} phase's output, but {_quote(layout.root)} "
                              f"{what}: run `curate {needed}` (or `curate run`) with --output {layout.root} first")
-        needed = PHASE_NEEDS.get(needed)
+
+
+def check_runner(options) -> None:
+    """The runner exists (a misspelt --runner is an error when the pipeline is built, deep in a
+    phase) and its required options are there (Dataflow: project, region, temp_location)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+    from apache_beam.runners.runner import create_runner
+
+    name = options.view_as(StandardOptions).runner
+    try:
+        runner = create_runner(name)
+    except (ValueError, ImportError) as error:
+        raise UsageError(f"--runner {name}: {_first_line(error)}") from None
+    problems = PipelineOptionsValidator(options, runner).validate()
+    if problems:
+        raise UsageError(f"--runner {name}: " + " ".join(problems))
 
 
 def require_output_folder(layout: Layout) -> None:

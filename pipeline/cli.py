@@ -596,8 +596,9 @@ def plan_tasks(args, config, layout: Layout) -> list[str]:
     return tasks
 
 
-def start_up(args, config, layout: Layout) -> None:
+def start_up(args, config, layout: Layout, options: PipelineOptions) -> None:
     """Everything that can be known to be wrong before any work starts."""
+    checks.check_runner(options)
     checks.check_output(layout.root)
     if args.command in ("run", "fetch") and not getattr(args, "retry_failed", False):
         checks.check_inputs(config)
@@ -608,7 +609,7 @@ def start_up(args, config, layout: Layout) -> None:
 def run_command(args, beam_args: list[str], argv: list[str]) -> int:
     layout, config = _layout_and_config(args)
     options = beam_options(beam_args)
-    start_up(args, config, layout)
+    start_up(args, config, layout, options)
     logs.configure(logs.log_path_for(layout.root))
     tasks = plan_tasks(args, config, layout)
     try:

@@ -281,6 +281,14 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, dict):
             raise wrong
         text = str(value).strip()
+        if text.startswith("["):  # --set languages=[en, de]: YAML's list syntax
+            try:
+                parsed = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise wrong from None
+            if not isinstance(parsed, list):
+                raise wrong
+            return parsed
         return [part.strip() for part in text.split(",") if part.strip()] if text else []
     if hint is dict:
         if isinstance(value, dict):

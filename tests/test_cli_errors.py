@@ -98,61 +98,43 @@ def test_relative_glob_matches_what_the_shell_would(tmp_path):
     assert sorted(r[Col.SOURCE_FILE] for r in features) == ["a/rows.csv", "b/rows.csv"]  # the paths as given
 
 
-@pytest.mark.parametrize("flag, header, fix", [
-    ("", "URL,TEXT", "--url-col URL"),  # LAION's parquet spelling, in a csv
-    ("--url-col=link", "url,caption", "--url-col url"),
-    ("--caption-col=text", "image_url,caption", "--url-col image_url"),
+def _parquet_bytes(columns: dict) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer)
+    return buffer.getvalue()
+
+
+A_ROW = "http://example.invalid/a.jpg,a caption here\n"
+
+
+@pytest.mark.parametrize("name, data, args, needles", [
+    # a wrong url or caption column: the file's real columns and the flag to pass
+    ("rows.csv", "URL,TEXT\n" + A_ROW, [], ["column 'url'", "URL, TEXT", "--url-col URL"]),  # LAION's spelling
+    ("rows.csv", "url,caption\n" + A_ROW, ["--url-col=link"], ["column 'link'", "url, caption", "--url-col url"]),
+    ("rows.csv", "image_url,caption\n" + A_ROW, ["--caption-col=text"], ["image_url, caption", "--url-col image_url"]),
+    ("rows.csv", "url,TEXT,license\n" + A_ROW.strip() + ",cc0\n", [], ["'caption'", "TEXT, license",
+                                                                          "--caption-col TEXT"]),
+    ("rows.jsonl", '{"image": "http://example.invalid/a.jpg", "caption": "a caption"}\n', [],
+     ["key 'url'", "image, caption", "--url-col image"]),
+    ("p.parquet", _parquet_bytes({"URL": ["http://example.invalid/a.jpg"], "TEXT": ["a caption"]}), [],
+     ["column 'url'", "--url-col URL"]),
+    # not the format it is read as
+    ("rows.csv", A_ROW, [], ["no header line", "url,caption"]),
+    ("rows.csv", "url;caption\nhttp://example.invalid/a.jpg;a caption here\n", [], ["semicolon-separated", "rows.csv"]),
+    ("tabs.csv", "url\tcaption\nhttp://example.invalid/a.jpg\ta caption here\n", [],
+     ["tab-separated", "--input-format tsv"]),
+    ("p.parquet", _parquet_bytes({"url": ["http://example.invalid/a.jpg"], "caption": ["a caption"]}),
+     ["--input-format", "csv"], ["binary", "--input-format"]),
+    ("rows.csv.gz", b"this is not gzip data at all", [], ["cannot read", "rows.csv.gz"]),
+    ("rows.txt", "url,caption\n" + A_ROW, [], ["rows.txt", "--input-format"]),
+    ("bad.parquet", b"PAR1 but not really", [], ["cannot read", "bad.parquet"]),
+    ("rows.jsonl", "url,caption\n" + A_ROW, [], ["rows.jsonl", "JSON object", "--input-format"]),
 ])
-def test_wrong_url_or_caption_column_names_the_real_columns(tmp_path, flag, header, fix):
-    (tmp_path / "rows.csv").write_text(f"{header}\nhttp://example.invalid/a.jpg,a caption here\n")
-    args = ["run", "--input", str(tmp_path / "rows.csv"), "--output", str(tmp_path / "out")] + ([flag] if flag else [])
-    err = assert_refused(curate(*args), EXIT_USAGE, "rows.csv", fix)
-    assert all(column in err for column in header.split(","))
-
-
-def test_wrong_caption_column(tmp_path):
-    (tmp_path / "rows.csv").write_text("url,TEXT,license\nhttp://example.invalid/a.jpg,a caption here,cc0\n")
-    assert_refused(curate("run", "--input", str(tmp_path / "rows.csv"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "'caption'", "TEXT, license", "--caption-col TEXT")
-
-
-def test_jsonl_and_parquet_columns_are_checked_too(tmp_path):
-    (tmp_path / "rows.jsonl").write_text('{"image": "http://example.invalid/a.jpg", "caption": "a caption"}\n')
-    assert_refused(curate("run", "--input", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "key 'url'", "image, caption", "--url-col image")
-    pq.write_table(pa.table({"URL": ["http://example.invalid/a.jpg"], "TEXT": ["a caption"]}), tmp_path / "p.parquet")
-    assert_refused(curate("run", "--input", str(tmp_path / "p.parquet"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "column 'url'", "--url-col URL")
-
-
-def test_csv_without_a_header_line(tmp_path):
-    (tmp_path / "rows.csv").write_text("http://example.invalid/a.jpg,a caption here\n")
-    assert_refused(curate("run", "--input", str(tmp_path / "rows.csv"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "no header line", "url,caption")
-
-
-def test_unreadable_or_unknown_input_files(tmp_path):
-    (tmp_path / "rows.csv.gz").write_bytes(b"this is not gzip data at all")
-    assert_refused(curate("run", "--input", str(tmp_path / "rows.csv.gz"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "cannot read", "rows.csv.gz")
-    (tmp_path / "rows.txt").write_text("url,caption\n")
-    assert_refused(curate("run", "--input", str(tmp_path / "rows.txt"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "rows.txt", "--input-format")
-    (tmp_path / "bad.parquet").write_bytes(b"PAR1 but not really")
-    assert_refused(curate("run", "--input", str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "cannot read", "bad.parquet")
-
-
-def test_wrong_separator_or_format(tmp_path):
-    (tmp_path / "rows.csv").write_text("url;caption\nhttp://example.invalid/a.jpg;a caption here\n")
-    assert_refused(curate("run", "--input", str(tmp_path / "rows.csv"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "semicolon-separated", "rows.csv")
-    (tmp_path / "tabs.csv").write_text("url\tcaption\nhttp://example.invalid/a.jpg\ta caption here\n")
-    assert_refused(curate("run", "--input", str(tmp_path / "tabs.csv"), "--output", str(tmp_path / "out")),
-                   EXIT_USAGE, "tab-separated", "--input-format tsv")
-    pq.write_table(pa.table({"url": ["http://example.invalid/a.jpg"], "caption": ["a caption"]}), tmp_path / "p.parquet")
-    assert_refused(curate("run", "--input", str(tmp_path / "p.parquet"), "--input-format", "csv", "--output",
-                          str(tmp_path / "out")), EXIT_USAGE, "binary", "--input-format")
+def test_input_file_mistakes(tmp_path, name, data, args, needles):
+    path = tmp_path / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    assert_refused(curate("run", "--input", str(path), "--output", str(tmp_path / "out"), *args), EXIT_USAGE, *needles)
+    assert not (tmp_path / "out").exists()
 
 
 def test_input_with_no_rows(tmp_path):
@@ -178,6 +160,8 @@ def test_input_inside_a_folder_the_run_replaces(tmp_path):
     (["--url_col", "link"], ["unknown flag --url_col", "--url-col"]),
     (["--runer", "DirectRunner"], ["unknown flag --runer", "--runner"]),  # close to a Beam option
     (["--direct_num_workers", "two"], ["--direct_num_workers", "two"]),  # Beam's option, Beam's type
+    (["--runner", "Dirrect"], ["--runner Dirrect", "Valid values are"]),
+    (["--runner", "DataflowRunner"], ["--runner DataflowRunner", "project", "region", "temp_location"]),
     (["--set", "retries=abc"], ["retries", "integer", "'abc'"]),
     (["--set", "clip_treshold=0.3"], ["clip_treshold", "did you mean clip_threshold?", "curate config"]),
     (["--set", "retries"], ["--set expects key=value"]),
@@ -508,3 +492,17 @@ def test_img2dataset_shards_are_judged_by_their_original(tmp_path):
     assert ledger["http://h/good.jpg"][Col.STATUS] == Status.KEPT
     assert ledger["http://h/good.jpg"][Col.SHA256] == "b" * 64
     assert (ledger["http://h/good.jpg"][Col.ORIGINAL_WIDTH], ledger["http://h/good.jpg"][Col.WIDTH]) == (1024, 256)
+
+
+def test_a_failed_phase_leaves_no_beam_temp_folders(tmp_path):
+    """What `curate` does when a pipeline raises (WriteToParquet leaves beam-temp-* behind)."""
+    from pipeline.cli import _remove_beam_temp
+    from pipeline.layout import Layout
+
+    layout = Layout(str(tmp_path))
+    for folder in ("features/beam-temp-survivors-1a2b", "ledger/beam-temp-ledger-3c4d"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "part.parquet").write_bytes(b"x")
+    (tmp_path / "features" / "kept.parquet").write_bytes(b"x")
+    _remove_beam_temp(layout)
+    assert not glob.glob(f"{tmp_path}/*/beam-temp-*") and (tmp_path / "features" / "kept.parquet").exists()
