@@ -43,7 +43,7 @@ from pipeline.errors import (  # noqa: E402
 )
 from pipeline.heap import release_freed_memory, share_one_arena  # noqa: E402
 from pipeline.layout import PHASES, Layout  # noqa: E402
-from transforms.clip_filter import model_id  # noqa: E402
+from transforms.clip_filter import check_checkpoint_file, model_id  # noqa: E402
 from transforms.read_input import input_patterns, match_input_pattern  # noqa: E402
 
 # The phases' modules (and the report's) are imported when they run: a mistake found at start-up
@@ -610,8 +610,10 @@ def run_command(args, beam_args: list[str], argv: list[str]) -> int:
     layout, config = _layout_and_config(args)
     options = beam_options(beam_args)
     start_up(args, config, layout, options)
-    logs.configure(logs.log_path_for(layout.root))
     tasks = plan_tasks(args, config, layout)
+    if config.clip_enabled and ({"fetch", RETRY} & set(tasks)):
+        check_checkpoint_file(config)  # the rest of the model's checks need torch: in the phase itself
+    logs.configure(logs.log_path_for(layout.root))
     try:
         for task in tasks:
             if args.command == "run":

@@ -178,11 +178,11 @@ _CHOICES = {
 }
 _POSITIVE = ("max_in_flight", "per_host_concurrency", "samples_per_shard", "raw_images_per_file", "image_size",
              "request_deadline_s", "connect_timeout_s", "max_body_bytes", "max_pixels", "max_field_bytes",
-             "clip_min_batch_size", "clip_max_batch_size", "ledger_rows_per_file", "negatives_exact_max",
-             "negatives_group_size", "negatives_probe", "negatives_sample", "dedup_max_bucket", "max_caption_chars")
+             "clip_min_batch_size", "clip_max_batch_size", "ledger_rows_per_file", "negatives_group_size", "negatives_probe", "negatives_sample", "dedup_max_bucket", "max_caption_chars")
 _NOT_NEGATIVE = ("retries", "max_redirects", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
                  "min_image_size", "min_caption_words", "min_caption_chars", "dedup_radius", "negatives_k",
-                 "negatives_centroids", "clip_cpu_threads", "blank_std_threshold")
+                 "negatives_centroids", "clip_cpu_threads", "blank_std_threshold",
+                 "negatives_exact_max")  # 0: always the partitioned search
 _RANGES = {
     "encode_quality": (1, 100),
     "lang_min_score": (0.0, 1.0),

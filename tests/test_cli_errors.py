@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.config import describe_keys
 from pipeline.errors import EXIT_CEILING, EXIT_USAGE
 from schemas import Col, DropReason, Status
-from tests.conftest import REPO, TINY_CLIP_ARGS
+from tests.conftest import REPO
 
 NO_CLIP = ["--set", "clip_enabled=false"]
 FAST = ["--set", "request_deadline_s=3", "--set", "backoff_base_s=0.05", "--set", "backoff_max_s=0.2"]
@@ -384,7 +384,7 @@ def test_progress_off_a_terminal_is_honest(server, tmp_path):
         f"{server.base_url}/files/good_{i % 40:04d}.jpg,a shape picture number {i} on a background\n"
         for i in range(120)))
     result = curate("fetch", "--input", str(rows), "--output", str(tmp_path / "out"), "--allow-host", server.allow,
-                    *TINY_CLIP_ARGS, *FAST, env={"CURATE_PROGRESS_INTERVAL_S": "0.5"})
+                    *NO_CLIP, *FAST, env={"CURATE_PROGRESS_INTERVAL_S": "0.3"})
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("[curate] fetch:")]
     assert lines, result.stderr

@@ -64,6 +64,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.heap import keep_freed_memory
 from schemas import Col, DropReason
 from transforms.base import DROPPED, KEPT, caption_of, is_dropped, mark_dropped
+from transforms.clip_filter import check_checkpoint_file
 from transforms.write_output import RawImageReader, ReadsRawImages
 
 log = logging.getLogger(__name__)
@@ -1026,13 +1027,7 @@ def resolve_model(config, keep: bool) -> None:
     from pipeline.errors import UsageError, did_you_mean
 
     checkpoint = config.clip_checkpoint
-    if checkpoint and "://" not in checkpoint:
-        if not os.path.exists(checkpoint):
-            raise UsageError(f"the CLIP checkpoint {checkpoint!r} (clip_checkpoint) does not exist; "
-                             "pass --set clip_checkpoint=PATH of an existing file, or --set clip_enabled=false")
-        if not os.path.isfile(checkpoint):
-            raise UsageError(f"the CLIP checkpoint {checkpoint!r} (clip_checkpoint) is not a file; "
-                             "pass --set clip_checkpoint=PATH of a checkpoint file, or --set clip_enabled=false")
+    check_checkpoint_file(config)
     name = resolve_model_name(config.clip_model, checkpoint)
     known = open_clip.list_models()
     if name not in known and not name.startswith(("hf-hub:", "local-dir:")):
