@@ -107,7 +107,7 @@ def _format_of(path: str, config) -> str:
                          "csv|tsv|jsonl|parquet|webdataset") from None
 
 
-def _columns_and_rows(path: str, fmt: str, config) -> tuple[Optional[list[str]], bool]:
+def _columns_and_rows(path: str, fmt: str) -> tuple[Optional[list[str]], bool]:
     """(column names, or None where columns do not apply; whether the file has a data row)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -193,7 +193,7 @@ def check_input_file(path: str, config) -> bool:
     """Format, readability and the url/caption columns of one input file. Returns whether it has rows."""
     fmt = _format_of(path, config)
     try:
-        columns, has_rows = _columns_and_rows(path, fmt, config)
+        columns, has_rows = _columns_and_rows(path, fmt)
     except UsageError as error:
         raise UsageError(f"{_quote(path)}: {error}; is it {fmt}? (--input-format)") from None
     except Exception as error:  # noqa: BLE001 - whatever a corrupt gzip/parquet/tar raises
@@ -215,7 +215,7 @@ def check_inputs(config) -> None:
     local = [f for f in files if is_local(f[1])][:MAX_LOCAL_FILES_CHECKED]
     remote = [f for f in files if not is_local(f[1])][:MAX_REMOTE_FILES_CHECKED]
     has_rows = False
-    for given, path in local + remote:
+    for _, path in local + remote:
         has_rows = check_input_file(path, config) or has_rows
     if not has_rows and len(local) + len(remote) == len(files):
         names = ", ".join(_quote(g) for g, _ in files[:3]) + (", ..." if len(files) > 3 else "")
