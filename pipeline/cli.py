@@ -1,67 +1,271 @@
-"""`curate run|fetch|decide|write|report`: the command line.
+"""`curate run|fetch|decide|write|report|config`: the command line.
 
-Our own flags are parsed here; everything else (--runner, --project, --region, --temp_location,
---setup_file, --direct_num_workers, ...) passes straight through to Beam's PipelineOptions.
+Each command has its own flags and help (`curate run --help`). Flags curate does not know go
+to Beam's PipelineOptions (--runner, --project, --region, --temp_location, --setup_file,
+--direct_num_workers, ...) when Beam knows them; a flag neither knows is an error with a
+suggestion, never silently dropped. A user's mistake ends in one line and exit code 2
+(pipeline/errors.py lists the codes), before any work starts where it can be known then.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import logging
-import multiprocessing
-import os
-import resource
-import sys
-import time
-import warnings
-from typing import Optional
+from pipeline import logs
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+logs.silence_import_noise()  # before Beam is imported: it logs through the root logger on import
 
-from pipeline import progress
-from pipeline.heap import release_freed_memory, share_one_arena
-from pipeline.config import build_config, phase_fingerprint
-from pipeline.decide import build_decide
-from pipeline.fetch import build_fetch, build_retry
-from pipeline.layout import PHASES, Layout
-from pipeline.report import AccountingError, account, funnel_text, phase_infos, write_report
-from pipeline.write import build_write
-from transforms.spill import remove_work_directory
-from transforms.write_output import join_path
-from transforms.clip_filter import model_id
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from typing import Optional  # noqa: E402
 
-log = logging.getLogger("curate")
+import apache_beam as beam  # noqa: E402
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
-PHASE_BUILDERS = {"fetch": build_fetch, "decide": build_decide, "write": build_write}
-COMMANDS = ("run", "fetch", "decide", "write", "report")
+from pipeline import ceiling, checks, progress  # noqa: E402
+from pipeline.config import PROJECT_NAME, PROJECT_VERSION, build_config, describe_keys, phase_fingerprint  # noqa: E402
+from pipeline.errors import (  # noqa: E402
+    EXIT_ACCOUNTING,
+    EXIT_CEILING,
+    EXIT_CODES,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    did_you_mean,
+)
+from pipeline.heap import release_freed_memory, share_one_arena  # noqa: E402
+from pipeline.layout import PHASES, Layout  # noqa: E402
+from transforms.clip_filter import check_checkpoint_file, model_id  # noqa: E402
+from transforms.read_input import input_patterns, match_input_pattern  # noqa: E402
+from transforms.spill import remove_work_directory  # noqa: E402
+from transforms.write_output import join_path  # noqa: E402
+
+# The phases' modules (and the report's) are imported when they run: a mistake found at start-up
+# is reported without loading them, and phase processes have them preloaded (_phase_processes).
+PHASE_MODULES = {"fetch": "pipeline.fetch", "decide": "pipeline.decide", "write": "pipeline.write"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("output_dir", nargs="?", help="for `report`: the output folder (same as --output)")
-    parser.add_argument("--input", help="input path, glob, or comma-separated list (csv/tsv/jsonl/parquet/tar, .gz too)")
-    parser.add_argument("--output", help="output folder (local path or gs://...)")
-    parser.add_argument("--input-format", dest="input_format")
-    parser.add_argument("--url-col", dest="url_col")
-    parser.add_argument("--caption-col", dest="caption_col")
-    parser.add_argument("--config", help="YAML file of config keys")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument(
-        "--allow-host", dest="allow_hosts", action="append", default=[], metavar="HOST:PORT",
-        help="admit one loopback host:port the SSRF guard would refuse (demo and tests only)",
-    )
-    parser.add_argument("--force", action="store_true", help="`run`: re-run phases that are up to date")
-    parser.add_argument(
-        "--retry-failed", action="store_true",
-        help="`run`/`fetch`: re-fetch only rows whose earlier failure was transient (timeout, 5xx, 429, ...)",
-    )
-    parser.add_argument("--quiet", action="store_true")
+def phase_builder(phase: str):
+    import importlib
+
+    return getattr(importlib.import_module(PHASE_MODULES[phase]), f"build_{phase}")
+
+
+PIPELINE_COMMANDS = ("run", "fetch", "decide", "write")
+INPUT_FLAGS = ("--input", "--input-format", "--url-col", "--caption-col", "--allow-host", "--retry-failed")
+COMMANDS = PIPELINE_COMMANDS + ("report", "config")
+
+# ---------------------------------------------------------------------------------------------
+# Flags and help
+# ---------------------------------------------------------------------------------------------
+
+INPUT_FORMATS_HELP = """\
+input (--input): a path, a glob or a comma-separated list of them, local or gs://...; .gz too
+  csv, tsv     a header line naming the columns; --url-col and --caption-col pick two of them
+  jsonl        one JSON object per line
+  parquet      any Parquet table with the two columns
+  webdataset   img2dataset-style .tar shards (KEY.jpg, KEY.txt, KEY.json): nothing is downloaded
+The format comes from each file's extension unless --input-format says it. Other columns are
+kept: the ledger's `extra` and each sample's KEY.json `extra` object."""
+
+BEAM_HELP = """\
+Beam options pass straight through: --runner, --project, --region, --temp_location,
+--setup_file, --direct_num_workers, --direct_running_mode, ... (without --runner: the local
+in-process DirectRunner). A flag that neither curate nor Beam knows is an error."""
+
+CONFIG_HELP = """\
+config: every key of `curate config` can be set in a YAML file (--config) or with --set KEY=VALUE
+(repeatable; --set wins over the file). Unknown keys and values of the wrong type are errors."""
+
+EXIT_HELP = "exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
+
+OUTPUT_HELP = """\
+output (--output): features/ raw/ (fetch), decisions/ (decide), shards/NNNNN.tar + .parquet,
+ledger/, report/index.html (write); run/*.json per phase, run/beam.log (Beam's own log)."""
+
+COMMAND_HELP = {
+    "run": ("fetch, decide and write in turn, then check the accounting and write the report",
+            "Runs the three phases, each in a process of its own, skipping a phase whose inputs and\n"
+            "config keys are unchanged since it last finished (--force re-runs them)."),
+    "fetch": ("phase 1: read the input, download, decode, caption rules, CLIP scores",
+              "Reads the input rows and writes OUTPUT/features (one row per input row, failures\n"
+              "included) and OUTPUT/raw (the survivors' images)."),
+    "decide": ("phase 2: language and CLIP filters, duplicates, hard negatives (features only)",
+               "Reads OUTPUT/features only (no download, no image bytes) and writes OUTPUT/decisions.\n"
+               "Needs a finished fetch phase in OUTPUT. Re-run it with new thresholds in seconds."),
+    "write": ("phase 3: shards, ledger and report; checks the accounting",
+              "Reads OUTPUT/decisions and OUTPUT/features (images from OUTPUT/raw) and writes the\n"
+              "WebDataset + Parquet shards, the ledger and the report. Needs a finished decide phase."),
+    "report": ("re-check an output folder's accounting and rewrite its report",
+               "Reads the ledger, the shards and run/*.json of a finished run; downloads nothing and\n"
+               "runs no Beam job."),
+    "config": ("list every config key: type, default, phase, meaning",
+               "Every key can be set in a YAML file (--config) or with --set KEY=VALUE. With --config\n"
+               "or --set, the value they give is shown too (and checked). `phase` is the earliest phase\n"
+               "a change re-runs under `curate run`."),
+}
+
+
+class _Once(argparse.Action):
+    """A flag that takes one value: given twice, argparse would keep the last one silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, f"_seen_{self.dest}", False):
+            hint = " as one comma-separated list: --input a.csv,b.csv" if self.dest == "input" else " once"
+            raise UsageError(f"{option_string} is given twice; give it{hint}")
+        setattr(namespace, f"_seen_{self.dest}", True)
+        setattr(namespace, self.dest, values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (UsageError), not a usage block and a message."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (`{self.prog} --help` lists the flags)")
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=30, width=100)
+
+
+def _add_input_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", required=required, metavar="PATHS", action=_Once,
+                       help="input files: a path, a glob or a comma-separated list (see below)")
+    group.add_argument("--input-format", dest="input_format", metavar="FORMAT", action=_Once,
+                       choices=("auto", "csv", "tsv", "jsonl", "parquet", "webdataset"),
+                       help="csv, tsv, jsonl, parquet or webdataset (default: from each file's extension)")
+    group.add_argument("--url-col", dest="url_col", metavar="NAME", action=_Once, help="column holding the image URL (default: url)")
+    group.add_argument("--caption-col", dest="caption_col", metavar="NAME", action=_Once,
+                       help="column holding the caption (default: caption)")
+    group.add_argument("--allow-host", dest="allow_hosts", action="append", default=[], metavar="HOST:PORT",
+                       help="admit one loopback host:port the SSRF guard would refuse (demo and tests only; repeatable)")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("config")
+    group.add_argument("--config", metavar="FILE.yaml", action=_Once, help="YAML file of config keys (`curate config` lists them)")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="set one config key, e.g. --set clip_threshold=0.3 (repeatable; wins over --config)")
+
+
+def _add_output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, metavar="DIR", action=_Once,
+                        help="output folder, local or gs://... (created if missing)")
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines; the final summary and errors still print")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROJECT_NAME, formatter_class=_help_formatter, allow_abbrev=False,
+                     description="Curate web image-text pairs into training-ready WebDataset + Parquet shards, "
+                                 "with a ledger row for every input row.",
+                     epilog="Run `curate COMMAND --help` for a command's flags.\n\n" + EXIT_HELP)
+    parser.add_argument("--version", action="version",
+                        version=f"{PROJECT_NAME} {PROJECT_VERSION} (apache-beam {beam.__version__})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
+    for name in COMMANDS:
+        summary, details = COMMAND_HELP[name]
+        epilog = {
+            "run": [INPUT_FORMATS_HELP, OUTPUT_HELP, CONFIG_HELP, BEAM_HELP, EXIT_HELP],
+            "fetch": [INPUT_FORMATS_HELP, CONFIG_HELP, BEAM_HELP, EXIT_HELP],
+            "decide": [CONFIG_HELP, BEAM_HELP, EXIT_HELP],
+            "write": [CONFIG_HELP, BEAM_HELP, EXIT_HELP],
+            "report": [EXIT_HELP],
+            "config": [],
+        }[name]
+        sub = commands.add_parser(name, help=summary, description=f"curate {name}: {summary}.\n\n{details}",
+                                  epilog="\n\n".join(epilog), formatter_class=_help_formatter, allow_abbrev=False)
+        if name in ("run", "fetch"):
+            _add_input_flags(sub, required=True)
+        if name in PIPELINE_COMMANDS:
+            _add_output_flag(sub)
+        if name in PIPELINE_COMMANDS or name == "config":
+            _add_config_flags(sub)
+        if name == "run":
+            sub.add_argument("--force", action="store_true", help="re-run phases that are up to date")
+        if name in ("run", "fetch"):
+            sub.add_argument("--retry-failed", action="store_true",
+                             help="re-fetch only rows whose failure was transient (timeout, connection, DNS, 429, 5xx), "
+                                  "then decide and write again")
+        if name == "report":
+            sub.add_argument("output_dir", nargs="?", metavar="DIR", help="the --output folder of a run")
+            sub.add_argument("--output", metavar="DIR", help="same as DIR")
+        if name == "config":
+            sub.add_argument("keys", nargs="*", metavar="KEY", help="only the keys whose name contains one of these")
+            sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name != "config":
+            _add_quiet(sub)
     return parser
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [option for action in parser._actions for option in action.option_strings]
+
+
+def beam_argument_parser() -> argparse.ArgumentParser:
+    """A parser of every option Beam's PipelineOptions classes define (what PipelineOptions itself
+    builds in get_all_options), whose errors are one line."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser  # Beam's, for ValueProvider options
+
+    class _OneLine(_BeamArgumentParser):
+        def error(self, message: str):
+            raise UsageError(f"Beam option: {message}")
+
+    parser = _OneLine(allow_abbrev=False, add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def check_beam_args(beam_args: list[str], command: str, ours: list[str]) -> None:
+    """Every flag left after ours must be one Beam knows: Beam would drop an unknown one with a
+    warning among its logs (`--sett retries=1` ran without the setting)."""
+    beam_parser = beam_argument_parser()
+    _, unknown = beam_parser.parse_known_args(beam_args)
+    flags = [arg for arg in unknown if arg.startswith("-")]
+    if flags:
+        flag = flags[0].split("=", 1)[0]
+        if command in ("decide", "write") and flag in INPUT_FLAGS:
+            raise UsageError(f"`curate {command}` reads the fetch phase's output in --output, not the input: "
+                             f"drop {flag} (it goes with `curate run` and `curate fetch`)")
+        raise UsageError(f"unknown flag {flag}" + did_you_mean(flag, ours + _option_strings(beam_parser))
+                         + f" for `curate {command}`; `curate {command} --help` lists its flags, "
+                           "and Beam's own options pass through")
+    if unknown:
+        raise UsageError(f"unexpected argument {unknown[0]!r} for `curate {command}`; "
+                         f"`curate {command} --help` lists its flags")
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, and Beam's (checked: every one must be a flag Beam knows)."""
+    parser = build_parser()
+    if not argv:
+        raise UsageError("no command given: curate run|fetch|decide|write|report|config "
+                         "(`curate --help` says what each does)")
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        raise UsageError(f"unknown command {argv[0]!r}" + did_you_mean(argv[0], COMMANDS, cutoff=0.6)
+                         + "; the commands: " + ", ".join(COMMANDS))
+    args, beam_args = parser.parse_known_args(argv)
+    if args.command is None:
+        raise UsageError("no command given: curate run|fetch|decide|write|report|config")
+    command_parser = parser._subparsers._group_actions[0].choices[args.command]
+    if args.command in PIPELINE_COMMANDS:
+        check_beam_args(beam_args, args.command, _option_strings(command_parser))
+    elif beam_args:
+        command_parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    return args, beam_args
 
 
 # decide and write on at least this many rows use every core (multi_processing, one worker per
@@ -79,12 +283,14 @@ def beam_options(beam_args: list[str], phase: Optional[str] = None, rows: Option
     of at least MULTI_PROCESS_MIN_ROWS rows its multi_processing mode with a worker per core (the
     columnar phases carry file paths between stages, so their work spreads over processes at
     little cost)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
     args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
+    runner = PipelineOptions(args).view_as(StandardOptions).runner
+    if runner is None:
         args.append("--runner=DirectRunner")
-    runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), "DirectRunner")
-    if runner.endswith("DirectRunner") and not any(a.startswith(("--direct_running_mode", "--direct_num_workers"))
-                                                   for a in args):
+    if str(runner or "DirectRunner").endswith("DirectRunner") and not any(
+            a.startswith(("--direct_running_mode", "--direct_num_workers")) for a in args):
         cores = _cores()
         if phase in ("decide", "write") and cores > 1 and rows is not None and rows >= MULTI_PROCESS_MIN_ROWS:
             args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={cores}"]
@@ -128,11 +334,11 @@ def input_signature(config) -> str:
     """Paths, sizes and modification times of the input files: a changed file re-runs fetch."""
     if not config.input:
         return ""
-    patterns = [p.strip() for p in config.input.split(",") if p.strip()]
     entries = sorted(
         (m.path, m.size_in_bytes, m.last_updated_in_seconds)
-        for result in FileSystems.match(patterns)
-        for m in result.metadata_list
+        for pattern in input_patterns(config.input)
+        for _, path in match_input_pattern(pattern)
+        for m in FileSystems.match([path])[0].metadata_list
     )
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
@@ -160,7 +366,75 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def resolve_clip(config, options: PipelineOptions) -> None:
+    """The CLIP model exists, its weights can be had and it loads: checked before a fetch phase
+    starts any work (else minutes of downloads end in a traceback inside RunInference)."""
+    if not config.clip_enabled:
+        return
+    from transforms.clip_score import resolve_model  # torch: only in the phases that score
+
+    resolve_model(config, keep=progress.is_local_runner(options))
+
+
+def _remove_beam_temp(layout: Layout) -> None:
+    """A failed write leaves Beam's `beam-temp-*` folders behind in the table folders."""
+    for directory in (layout.features, layout.features_staging, layout.decisions, layout.ledger):
+        try:
+            files = FileSystems.match([f"{directory}/beam-temp-*/*"])[0].metadata_list
+        except Exception:  # noqa: BLE001 - the folder does not exist: nothing to clean
+            continue
+        folders = sorted({metadata.path.rsplit("/", 1)[0] for metadata in files})
+        if folders:
+            FileSystems.delete(folders)
+
+
+def _run_pipeline(pipeline: beam.Pipeline, phase: str, rows, total, layout: Layout, quiet: bool,
+                  options) -> tuple[object, list]:
+    """Run a built pipeline with Beam's output in run/beam.log and our progress on the terminal
+    (counting `rows`, what the phase builder returned, if it wired no progress of its own).
+    Returns (result, the record of each pass over the rows). Progress and the records where the
+    DoFns run on this machine (local runners: multi_processing workers write their counts to
+    files the reporter reads); --quiet keeps the records and prints nothing."""
+    passes: list = []
+    local = progress.is_local_runner(options)
+    try:
+        with logs.beam_output_to_log(logs.log_path_for(layout.root)):
+            if local:
+                progress.watch(rows, phase)
+                progress.start_phase(phase, total() if callable(total) else total, stream=logs.terminal(),
+                                     silent=quiet)
+                os.environ[progress.SHARED_DIR_ENV] = join_path(layout.work(phase), "progress")
+                os.environ[progress.SHARED_PHASE_ENV] = phase
+            try:
+                result = pipeline.run()
+                result.wait_until_finish()
+            finally:
+                reporter = progress.current()
+                progress.finish_phase()
+                if reporter is not None:
+                    passes = reporter.pass_records()
+                os.environ.pop(progress.SHARED_DIR_ENV, None)
+                os.environ.pop(progress.SHARED_PHASE_ENV, None)
+                remove_work_directory(layout.work(phase))
+    except BaseException:
+        _remove_beam_temp(layout)
+        raise
+    return result, passes
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=logs.terminal(), flush=True)
+
+
 def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: bool = False) -> dict:
+    local = progress.is_local_runner(beam_options(beam_args, phase))
+    total = progress.phase_total(phase, config, layout) if local else None
+    options = beam_options(beam_args, phase, total)
+    if phase == "fetch":
+        resolve_clip(config, options)
+    else:
+        _threads_for(options)
     release_freed_memory()  # each phase starts on a trimmed heap with glibc's default policy
     started, cpu_started = time.time(), cpu_seconds()
     later = PHASES[PHASES.index(phase):]
@@ -169,33 +443,9 @@ def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: b
     for directory in {"fetch": [layout.features, layout.raw_shards], "decide": [layout.decisions],
                       "write": [layout.shards, layout.ledger]}[phase] + [layout.work(phase)]:
         layout.clear(directory)
-    local = progress.is_local_runner(beam_options(beam_args, phase))
-    total = progress.phase_total(phase, config, layout) if local else None
-    options = beam_options(beam_args, phase, total)
-    if phase in ("decide", "write"):
-        _threads_for(options)
     pipeline = beam.Pipeline(options=options)
-    rows = PHASE_BUILDERS[phase](pipeline, config, layout)
-    # Progress (and the per-pass record) where the DoFns run on this machine (the local runners:
-    # multi_processing workers write their counts to files the reporter reads); --quiet keeps the
-    # record and prints nothing.
-    passes: list = []
-    if local:
-        progress.watch(rows, phase)
-        progress.start_phase(phase, total, silent=quiet)
-        os.environ[progress.SHARED_DIR_ENV] = join_path(layout.work(phase), "progress")
-        os.environ[progress.SHARED_PHASE_ENV] = phase
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    finally:
-        reporter = progress.current()
-        progress.finish_phase()
-        if reporter is not None:
-            passes = reporter.pass_records()
-        os.environ.pop(progress.SHARED_DIR_ENV, None)
-        os.environ.pop(progress.SHARED_PHASE_ENV, None)
-        remove_work_directory(layout.work(phase))
+    rows = phase_builder(phase)(pipeline, config, layout)
+    result, passes = _run_pipeline(pipeline, phase, rows, total, layout, quiet, options)
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
             "clip_model_id": clip_model_id(config),
             "fingerprint": fingerprint(config, phase),
@@ -209,8 +459,7 @@ def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: b
             "passes": passes,
             "pid": os.getpid()}
     layout.write_phase_info(phase, info)
-    if not quiet:
-        print(f"[curate] {phase} finished in {info['seconds']:.1f}s", file=sys.stderr)
+    _say(quiet, f"[curate] {phase} finished in {info['seconds']:.1f}s")
     return info
 
 
@@ -218,44 +467,86 @@ def retry_failed(config, layout: Layout, beam_args: list[str], quiet: bool = Fal
     """Re-fetch the rows whose failure was transient; everything else of the fetch phase stays."""
     previous = layout.read_phase_info("fetch")
     if previous is None:
-        raise SystemExit("curate: --retry-failed needs a finished fetch phase in --output")
+        raise UsageError(f"--retry-failed needs a finished fetch phase in {layout.root!r}: "
+                         "run `curate run` (or `curate fetch`) without it first")
+    options = beam_options(beam_args, "fetch")
+    resolve_clip(config, options)
     started = time.time()
     round_number = int(previous.get("retry_rounds", 0)) + 1
     for stale in PHASES:
         layout.clear(layout.phase_marker(stale))
     layout.clear(layout.features_staging)
-    pipeline = beam.Pipeline(options=beam_options(beam_args, "fetch"))
+    from pipeline.fetch import build_retry
+
+    pipeline = beam.Pipeline(options=options)
     build_retry(pipeline, config, layout, round_number)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result, _ = _run_pipeline(pipeline, "fetch", None, None, layout, True, options)
     layout.replace(layout.features, layout.features_staging)
     info = dict(previous, retry_rounds=round_number, retry_seconds=round(time.time() - started, 3),
                 retry_metrics=_metrics(result))
     layout.write_phase_info("fetch", info)
-    if not quiet:
-        print(f"[curate] retry round {round_number} finished in {info['retry_seconds']:.1f}s", file=sys.stderr)
+    _say(quiet, f"[curate] retry round {round_number} finished in {info['retry_seconds']:.1f}s")
     return info
 
 
-def report(layout: Layout, quiet: bool = False) -> dict:
+def report(layout: Layout) -> dict:
+    """Account, write the report and print the summary (always: --quiet hides progress, not this)."""
+    from pipeline.report import account, funnel_text, phase_infos, write_report
+
     summary = account(layout)
     path = write_report(layout, summary, phase_infos(layout))
-    if not quiet:
-        print(funnel_text(summary))
-        print(f"shards:  {layout.shards}/  ({summary['shards']} tar + parquet)")
-        print(f"ledger:  {layout.ledger}/")
-        print(f"report:  {path}")
+    print(funnel_text(summary))
+    print(f"shards:  {layout.shards}/  ({summary['shards']} tar + parquet)")
+    print(f"ledger:  {layout.ledger}/")
+    print(f"report:  {path}")
+    sys.stdout.flush()
     return summary
 
 
-def report_or_fail(layout: Layout, quiet: bool) -> int:
+def report_or_fail(layout: Layout) -> int:
     """Exit code 3, loudly, when the ledger does not account for every input row."""
+    from pipeline.report import AccountingError
+
     try:
-        report(layout, quiet)
+        report(layout)
     except AccountingError as error:
         print(f"curate: ACCOUNTING FAILED: {error}", file=sys.stderr)
-        return 3
-    return 0
+        return EXIT_ACCOUNTING
+    return EXIT_OK
+
+
+def check_ceiling(pattern: str, config, final: bool) -> int:
+    """Exit code 4 when too many rows failed (pipeline/ceiling.py), after everything is written."""
+    message = ceiling.breach(pattern, config, final)
+    if message is None:
+        return EXIT_OK
+    print("curate: " + message, file=sys.stderr)
+    return EXIT_CEILING
+
+
+def print_config(args) -> int:
+    """`curate config`: every key with its type, default, phase and meaning (and the value that
+    --config/--set give it)."""
+    config = build_config(args.config, args.overrides) if (args.config or args.overrides) else None
+    rows = [row for row in describe_keys() if not args.keys or any(k in row["key"] for k in args.keys)]
+    if args.keys and not rows:
+        raise UsageError(f"no config key contains {' or '.join(map(repr, args.keys))}"
+                         + did_you_mean(args.keys[0], [r["key"] for r in describe_keys()]))
+    for row in rows:
+        if config is not None:
+            row["value"] = getattr(config, row["key"])
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return EXIT_OK
+    width = max(len(row["key"]) for row in rows)
+    for row in rows:
+        value = f"  = {json.dumps(row['value'], default=str)}" if "value" in row and row["value"] != row["default"] else ""
+        print(f"{row['key']:<{width}}  {json.dumps(row['default'], default=str):<18} {row['phase']:<6} "
+              f"{row['meaning']} [{row['type']}]{value}")
+    if not args.keys:
+        print(f"\n{len(rows)} keys. Columns: key, default, phase (the earliest phase a change re-runs), meaning "
+              "[type]. Set them with --set KEY=VALUE or in a --config YAML file.")
+    return EXIT_OK
 
 
 RETRY = "retry"  # the --retry-failed round of fetch, a task like a phase
@@ -265,15 +556,15 @@ class PhaseFailed(RuntimeError):
     pass
 
 
-def _output(args) -> str:
-    return (args.output or args.output_dir).rstrip("/")
+class PhaseRefused(RuntimeError):
+    """A phase process stopped at a user's mistake; it printed the line itself."""
 
 
 def _layout_and_config(args):
-    output = _output(args)
-    explicit = {k: getattr(args, k) for k in ("input", "input_format", "url_col", "caption_col")}
+    output = (args.output or "").rstrip("/") or args.output
+    explicit = {k: getattr(args, k, None) for k in ("input", "input_format", "url_col", "caption_col")}
     explicit["output"] = output
-    if args.allow_hosts:
+    if getattr(args, "allow_hosts", None):
         explicit["allow_hosts"] = args.allow_hosts
     return Layout(output), build_config(args.config, args.overrides, **explicit)
 
@@ -288,10 +579,14 @@ def run_task(task: str, config, layout: Layout, beam_args: list[str], quiet: boo
 def _own_process_main(task: str, argv: list[str]) -> None:
     """A phase's own process: the same command line, one task."""
     share_one_arena()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args, beam_args = _parser().parse_known_args(argv)
-    layout, config = _layout_and_config(args)
-    run_task(task, config, layout, beam_args, args.quiet)
+    try:
+        args, beam_args = parse_args(argv)
+        layout, config = _layout_and_config(args)
+        logs.configure(logs.log_path_for(layout.root))
+        run_task(task, config, layout, beam_args, args.quiet)
+    except UsageError as error:
+        print(f"curate: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
 
 
 # A phase process re-runs the main module as __mp_main__ (multiprocessing's spawn preparation);
@@ -302,7 +597,7 @@ warnings.filterwarnings("ignore", message=r"'pipeline\.cli' found in sys\.module
 
 def _phase_processes():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.cli"])
+    context.set_forkserver_preload(["pipeline.cli"] + list(PHASE_MODULES.values()) + ["pipeline.report"])
     return context
 
 
@@ -325,49 +620,95 @@ def run_in_own_process(task: str, argv: list[str]) -> None:
         process.terminate()
         process.join()
         raise
+    if process.exitcode == EXIT_USAGE:
+        raise PhaseRefused(task)
     if process.exitcode != 0:
         raise PhaseFailed(f"the {task} phase failed (exit code {process.exitcode}); its error is above")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    share_one_arena()  # before Beam's threads take arenas of their own (pipeline/heap.py says why)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, beam_args = _parser().parse_known_args(argv)
-    if not (args.output or args.output_dir):
-        print("curate: --output is required", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "report":
-        return report_or_fail(Layout(_output(args)), args.quiet)
-    layout, config = _layout_and_config(args)
-    if args.command in ("run", "fetch") and not config.input:
-        print("curate: --input is required", file=sys.stderr)
-        return 2
-    beam_options(beam_args)  # bad Beam flags fail here, before any phase
-    if args.retry_failed and args.command not in ("run", "fetch"):
-        print("curate: --retry-failed goes with `run` or `fetch`", file=sys.stderr)
-        return 2
-    tasks = [RETRY] if args.retry_failed else []
+def plan_tasks(args, config, layout: Layout) -> list[str]:
+    """The tasks this command runs, in order: the --retry-failed round (when there is something to
+    retry), then every phase that is not up to date, and every phase after one that runs."""
+    tasks = []
+    if getattr(args, "retry_failed", False):
+        if layout.read_phase_info("fetch") is None:
+            raise UsageError(f"--retry-failed needs a finished fetch phase in {layout.root!r}: "
+                             "run the same command without --retry-failed first")
+        if checks.transient_failures(layout):
+            tasks.append(RETRY)
+        else:
+            print("[curate] --retry-failed: no row failed with a transient error (timeout, connection, DNS, 429, "
+                  "5xx), so there is nothing to retry; skipped", file=sys.stderr)
     for phase in PHASES if args.command == "run" else (args.command,):
-        if phase == "fetch" and args.retry_failed:
+        if phase == "fetch" and getattr(args, "retry_failed", False):
             continue
-        if not tasks and args.command == "run" and not args.force and phase_is_current(phase, config, layout):
-            if not args.quiet:
-                print(f"[curate] {phase} is up to date, skipped (--force re-runs it)", file=sys.stderr)
+        if (not tasks and args.command == "run" and not args.force
+                and phase_is_current(phase, config, layout)):
+            _say(args.quiet, f"[curate] {phase} is up to date, skipped (--force re-runs it)")
             continue
         tasks.append(phase)  # every phase after one that runs must run too
+    return tasks
+
+
+def start_up(args, config, layout: Layout, options: PipelineOptions) -> None:
+    """Everything that can be known to be wrong before any work starts."""
+    checks.check_runner(options)
+    checks.check_output(layout.root)
+    if args.command in ("run", "fetch") and not getattr(args, "retry_failed", False):
+        checks.check_inputs(config)
+        checks.check_inputs_not_in_output(config)
+    checks.require_earlier_phase(args.command, layout)
+
+
+def run_command(args, beam_args: list[str], argv: list[str]) -> int:
+    layout, config = _layout_and_config(args)
+    options = beam_options(beam_args)
+    start_up(args, config, layout, options)
+    tasks = plan_tasks(args, config, layout)
+    if config.clip_enabled and ({"fetch", RETRY} & set(tasks)):
+        check_checkpoint_file(config)  # the rest of the model's checks need torch: in the phase itself
+    logs.configure(logs.log_path_for(layout.root))
     try:
         for task in tasks:
             if args.command == "run":
                 run_in_own_process(task, argv)
             else:
                 run_task(task, config, layout, beam_args, args.quiet)
+    except PhaseRefused:
+        return EXIT_USAGE
     except PhaseFailed as error:
         print(f"curate: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    if args.command == "fetch":
+        return check_ceiling(layout.features_glob(), config, final=False) if tasks else EXIT_OK
     if args.command in ("run", "write"):
-        return report_or_fail(layout, args.quiet)
-    return 0
+        code = report_or_fail(layout)
+        return code if code != EXIT_OK else check_ceiling(layout.ledger_glob(), config, final=True)
+    return EXIT_OK
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    share_one_arena()  # before Beam's threads take arenas of their own (pipeline/heap.py says why)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, beam_args = parse_args(argv)
+        if args.command == "config":
+            return print_config(args)
+        if args.command == "report":
+            output = args.output or args.output_dir
+            if not output:
+                raise UsageError("`curate report` needs the output folder: curate report DIR")
+            layout = Layout(output.rstrip("/") or output)
+            checks.require_output_folder(layout)
+            logs.configure(None)
+            return report_or_fail(layout)
+        return run_command(args, beam_args, argv)
+    except UsageError as error:
+        print(f"curate: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("curate: interrupted; the same command resumes (finished phases are kept)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
 from transforms.batch import hash_partitions
-from transforms.read_input import ReadRows
+from transforms.read_input import ReadRows, source_size
 from transforms.spill import SpillBatches, partitioned, read_partition
 from transforms.write_output import WriteRawImages, WriteTablePerBundle
 
@@ -35,9 +35,11 @@ log = logging.getLogger(__name__)
 def decode_and_describe(record: dict, config: CurateConfig) -> dict:
     """Runs in the fetch worker's thread pool on each downloaded body (CPU work)."""
     data = record[Col.IMAGE_BYTES]
-    record[Col.SHA256] = sha256_hex(data)
+    # A shard given as input may say what its (resized) image was made from: then the sha256 and
+    # the size rules are the original's (read_input.source_description)
+    record[Col.SHA256] = record.get(Col.SHA256) or sha256_hex(data)
     try:
-        decoded = decode_image(data, config)
+        decoded = decode_image(data, config, source_size(record))
     except ImageRejected as rejected:
         return mark_dropped(record, rejected.reason, rejected.detail)
     apply_decoded(record, decoded)

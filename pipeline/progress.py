@@ -20,12 +20,15 @@ import os
 import sys
 import threading
 import time
-from typing import IO, Optional
+from typing import IO, Optional, Sequence
 
 import apache_beam as beam
 
-DEFAULT_INTERVAL_S = 2.0
-_RATE_WINDOW_S = 15.0  # rate over the recent past: reacts to slow-downs, ignores start-up
+DEFAULT_INTERVAL_S = 2.0  # on a terminal, where the line is overwritten in place
+DEFAULT_PIPE_INTERVAL_S = 30.0  # to a file or a pipe (CI logs), where every line stays
+_RATE_WINDOW_S = 30.0  # rate over the recent past: reacts to slow-downs, smooths bundle bursts
+_ETA_AFTER_S = 20.0  # no ETA until rows have been done for this long...
+_ETA_AFTER_SHARE = 0.05  # ...and this share of the total is done: earlier it only swings
 _FLUSH_EVERY = 64  # elements a DoFn counts locally before taking the reporter's lock...
 _FLUSH_AFTER_S = 0.5  # ...or seconds since its last flush, whichever comes first
 
@@ -41,32 +44,58 @@ def _duration(seconds: Optional[float]) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _trim(history: list, now: float) -> None:
+    """Drop counts older than the rate window, keeping one just before it as the rate's start."""
+    while len(history) > 2 and now - history[1][0] > _RATE_WINDOW_S:
+        history.pop(0)
+
+
+def _percent(done: int, total: int) -> int:
+    """Rounded down, and never 100 before every row is done."""
+    percent = 100 * done // total
+    return min(percent, 99) if done < total else 100
+
+
 class ProgressReporter:
-    """Counts per stage of one phase; a daemon thread prints them with rate and ETA."""
+    """Counts per stage of one phase; a daemon thread prints them with rate and ETA.
+
+    The line follows the stage furthest behind (the one that decides when the phase ends); stages
+    the phase builder declared (`watch`) count from 0 before their first row, so a phase never
+    shows 100% while its last stage has not started. The rate is that stage's own, measured over
+    the last `_RATE_WINDOW_S` seconds from its first row on (never the start-up, never another
+    stage's counts: it cannot go negative); the ETA waits until it means something.
+    """
 
     def __init__(self, phase: str, total_rows: Optional[int], stream: IO[str] = None,
-                 interval_s: float = DEFAULT_INTERVAL_S, clock=time.monotonic, silent: bool = False):
+                 interval_s: Optional[float] = None, clock=time.monotonic, stages: Sequence[tuple] = (),
+                 silent: bool = False):
         self.phase = phase
         self.silent = silent  # counts and records, prints nothing (--quiet)
         self.total_rows = total_rows
         self.stream = stream if stream is not None else sys.stderr
+        # Overwrite one line on a terminal; append lines to a file or a pipe (CI logs, tests).
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        if interval_s is None:
+            interval_s = DEFAULT_INTERVAL_S if self._tty else DEFAULT_PIPE_INTERVAL_S
         self.interval_s = interval_s
         self._clock = clock
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._totals: dict[str, Optional[int]] = {}
-        self._history: list[tuple[float, int]] = []  # (time, count of the ETA stage)
+        self._history: dict[str, list[tuple[float, int]]] = {}  # per stage: (time, count) over the rate window
+        self._first_done: dict[str, float] = {}  # per stage: when its first rows were counted
         self._started = clock()
         # passes of a phase that goes over its rows several times (declare_passes)
-        self._passes: dict[str, _PassStats] = {name: _PassStats(weight) for name, weight in _DECLARED.get(phase, [])}
+        self._passes: dict[str, _PassStats] = {name: _PassStats(weight) for name, weight in _DECLARED_PASSES.get(phase, [])}
         self._fraction_history: list[tuple[float, float]] = []
         # counts written by other local processes (multi_processing workers), by pid
         self._shared: dict[str, dict] = {}
         self._wall_offset = time.time() - clock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        # Overwrite one line on a terminal; append lines to a file or a pipe (CI logs, tests).
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        for stage, total in stages:  # declared by the phase builder: shown from 0
+            self._counts.setdefault(stage, 0)
+            self._totals.setdefault(stage, total if total is not None else total_rows)
 
     # -- counting (called from DoFns, any thread) ---------------------------------------------
     def add(self, stage: str, count: int, total_rows: Optional[int] = None) -> None:
@@ -75,6 +104,13 @@ class ProgressReporter:
                 self._counts[stage] = 0
                 self._totals[stage] = total_rows if total_rows is not None else self.total_rows
             self._counts[stage] += count
+            now = self._clock()
+            if stage not in self._first_done:
+                self._first_done[stage] = now
+                self._history[stage] = [(now, 0)]
+            history = self._history[stage]
+            history.append((now, self._counts[stage]))
+            _trim(history, now)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -195,7 +231,17 @@ class ProgressReporter:
         known = [(self._counts[s] / t, s) for s, t in self._totals.items() if t]
         return min(known)[1] if known else (next(reversed(self._counts)) if self._counts else None)
 
-    def line(self) -> str:
+    def _rate(self, stage: str, now: float) -> Optional[float]:
+        """Rows per second of `stage` over the recent window; None before it has done two counts."""
+        history = self._history.get(stage) or []
+        _trim(history, now)
+        if len(history) < 2:
+            return None
+        then, before = history[0]
+        span = now - then
+        return max(history[-1][1] - before, 0) / span if span > 0.5 else None
+
+    def line(self, final: bool = False) -> str:
         now = self._clock()
         if any(stats.started is not None for stats in self._passes.values()):
             return self._pass_line(now, now - self._started)
@@ -203,26 +249,32 @@ class ProgressReporter:
             stage = self._eta_stage()
             counts = dict(self._counts)
             totals = dict(self._totals)
+            rate = self._rate(stage, now) if stage is not None else None
+            first_done = self._first_done.get(stage)
         elapsed = now - self._started
         if stage is None:
             return f"[curate] {self.phase}: starting ({_duration(elapsed)} elapsed)"
-        done = counts[stage]
-        self._history.append((now, done))
-        while len(self._history) > 2 and now - self._history[0][0] > _RATE_WINDOW_S:
-            self._history.pop(0)
-        then, before = self._history[0]
-        rate = (done - before) / (now - then) if now - then > 0.5 else (done / elapsed if elapsed > 0 else 0.0)
-        total = totals.get(stage)
+        done, total = counts[stage], totals.get(stage)
+        others = ", ".join(f"{s} {c:,}" for s, c in counts.items() if s != stage)
+        tail = f" [{others}]" if others else ""
+        if final:
+            average = done / (now - first_done) if first_done is not None and now - first_done > 0 else 0.0
+            share = f" ({_percent(done, total)}%)" if total and done >= total else ""
+            return (f"[curate] {self.phase}: {stage} {done:,} rows{share} in {_duration(elapsed)}, "
+                    f"{average:,.1f} rows/s" + tail)
+        rate_text = f"{rate:,.1f} rows/s" if rate is not None else "rate measuring"
         if total:
-            remaining = max(total - done, 0)
-            eta = _duration(remaining / rate) if rate > 0 else ("0s" if remaining == 0 else "unknown")
-            progress = f"{done:,}/{total:,} rows ({100.0 * done / total:.0f}%)"
+            progress = f"{done:,}/{total:,} rows ({_percent(done, total)}%)"
+            meaningful = (first_done is not None and now - first_done >= _ETA_AFTER_S
+                          and done >= _ETA_AFTER_SHARE * total and rate)
+            eta = _duration(max(total - done, 0) / rate) if meaningful else "estimating"
+            if done >= total:
+                eta = "finishing"
         else:
             eta, progress = "unknown", f"{done:,} rows (total unknown)"
-        others = ", ".join(f"{s} {c:,}" for s, c in counts.items() if s != stage)
         return (
-            f"[curate] {self.phase}: {stage} {progress}, {rate:,.1f} rows/s, ETA {eta}, "
-            f"{_duration(elapsed)} elapsed" + (f" [{others}]" if others else "")
+            f"[curate] {self.phase}: {stage} {progress}, {rate_text}, ETA {eta}, "
+            f"{_duration(elapsed)} elapsed" + tail
         )
 
     def _emit(self, text: str, final: bool = False) -> None:
@@ -256,8 +308,8 @@ class ProgressReporter:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.read_shared(os.environ.get(SHARED_DIR_ENV))
-        if self.counts() or any(stats.rows for stats in self._passes.values()):
-            self._emit(self.line(), final=True)
+        if any(self.counts().values()) or any(stats.rows for stats in self._passes.values()):
+            self._emit(self.line(final=True), final=True)
 
 
 _PASS_ACTIVE_S = 1.0  # a pass that counted rows this recently is running
@@ -277,13 +329,13 @@ class _PassStats:
 
 
 # phase -> [(pass name, share of the phase's time)], declared by the phase builders
-_DECLARED: dict[str, list[tuple[str, float]]] = {}
+_DECLARED_PASSES: dict[str, list[tuple[str, float]]] = {}
 
 
 def declare_passes(phase: str, passes: list[tuple[str, float]]) -> None:
     """The passes a phase makes over its rows, in order, with the share of its time each takes
     (for one ETA over all of them); the builder declares them before the phase starts."""
-    _DECLARED[phase] = list(passes)
+    _DECLARED_PASSES[phase] = list(passes)
 
 
 def add_pass_rows(phase: str, name: str, rows: int, total: Optional[int] = None) -> None:
@@ -373,6 +425,7 @@ def tree_rss_bytes(pid: int) -> int:
 
 _REPORTER: Optional[ProgressReporter] = None
 _REPORTER_LOCK = threading.Lock()
+_DECLARED: dict[str, list[tuple[str, Optional[int]]]] = {}  # phase -> stages `watch` saw wired
 
 
 def current() -> Optional[ProgressReporter]:
@@ -381,14 +434,17 @@ def current() -> Optional[ProgressReporter]:
 
 def start_phase(phase: str, total_rows: Optional[int] = None, stream: IO[str] = None,
                 interval_s: Optional[float] = None, silent: bool = False) -> ProgressReporter:
-    """Start reporting a phase in this process (stops the previous phase's reporter)."""
+    """Start reporting a phase in this process (stops the previous phase's reporter). The period:
+    `interval_s`, else CURATE_PROGRESS_INTERVAL_S, else 2 s on a terminal and 30 s off one.
+    `silent`: count and record, print nothing (--quiet)."""
     global _REPORTER
-    if interval_s is None:
-        interval_s = float(os.environ.get("CURATE_PROGRESS_INTERVAL_S", DEFAULT_INTERVAL_S))
+    if interval_s is None and os.environ.get("CURATE_PROGRESS_INTERVAL_S"):
+        interval_s = float(os.environ["CURATE_PROGRESS_INTERVAL_S"])
     with _REPORTER_LOCK:
         if _REPORTER is not None:
             _REPORTER.stop()
-        _REPORTER = ProgressReporter(phase, total_rows, stream=stream, interval_s=interval_s, silent=silent).start()
+        _REPORTER = ProgressReporter(phase, total_rows, stream=stream, interval_s=interval_s,
+                                     stages=_DECLARED.pop(phase, ()), silent=silent).start()
         return _REPORTER
 
 
@@ -448,9 +504,12 @@ class ReportProgress(beam.PTransform):
         self._total = total_rows
 
     def expand(self, pcoll):
-        # Remembered on the pipeline so the CLI's fallback `watch` does not count the phase twice.
+        # Remembered on the pipeline so the CLI's fallback `watch` does not count the phase twice,
+        # and so the progress line knows the phase's stages before their first row (`watch`).
         wired = getattr(pcoll.pipeline, "_curate_progress_phases", set())
         pcoll.pipeline._curate_progress_phases = wired | {self._phase}
+        stages = getattr(pcoll.pipeline, "_curate_progress_stages", [])
+        pcoll.pipeline._curate_progress_stages = stages + [(self._phase, self._stage, self._total)]
         return pcoll | "Count" >> beam.ParDo(_CountDoFn(self._phase, self._stage, self._total))
 
 
@@ -495,9 +554,10 @@ def watch(rows, phase: str, stage: Optional[str] = None) -> None:
     the count move in steps."""
     if not isinstance(rows, beam.pvalue.PCollection):
         return
-    if phase in getattr(rows.pipeline, "_curate_progress_phases", set()):
-        return
-    rows | f"Progress{phase.capitalize()}" >> ReportProgress(phase, stage or PHASE_STAGES.get(phase, "rows"))
+    if phase not in getattr(rows.pipeline, "_curate_progress_phases", set()):
+        rows | f"Progress{phase.capitalize()}" >> ReportProgress(phase, stage or PHASE_STAGES.get(phase, "rows"))
+    # the next start_phase(phase) shows these stages from 0
+    _DECLARED[phase] = [(s, total) for p, s, total in rows.pipeline._curate_progress_stages if p == phase]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,4 +12,10 @@ from schemas.columns import (  # noqa: F401
     rows_to_table,
     to_table,
 )
-from schemas.reasons import REASON_DESCRIPTIONS, TRANSIENT_REASONS, DropReason  # noqa: F401
+from schemas.reasons import (  # noqa: F401
+    BEFORE_DOWNLOAD_REASONS,
+    DOWNLOAD_FAILURE_REASONS,
+    REASON_DESCRIPTIONS,
+    TRANSIENT_REASONS,
+    DropReason,
+)

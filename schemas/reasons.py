@@ -116,4 +116,36 @@ TRANSIENT_REASONS = frozenset(
     }
 )
 
+# Reasons that say a download was tried and did not give an image (refusals included): the error
+# ceiling's `max_download_failure_share` counts them over the rows that reached the download.
+DOWNLOAD_FAILURE_REASONS = frozenset(
+    {
+        DropReason.SSRF_BLOCKED,
+        DropReason.DNS_ERROR,
+        DropReason.CONNECTION_ERROR,
+        DropReason.TIMEOUT,
+        DropReason.TOO_MANY_REDIRECTS,
+        DropReason.HTTP_CLIENT_ERROR,
+        DropReason.HTTP_SERVER_ERROR,
+        DropReason.RATE_LIMITED,
+        DropReason.BODY_TOO_LARGE,
+        DropReason.ROBOTS_NOAI,
+        DropReason.NOT_AN_IMAGE,
+    }
+)
+
+# Rows dropped before anything is downloaded (input parsing and caption rules).
+BEFORE_DOWNLOAD_REASONS = frozenset(
+    {
+        DropReason.MALFORMED_ROW,
+        DropReason.MISSING_URL,
+        DropReason.INVALID_URL,
+        DropReason.UNSUPPORTED_SCHEME,
+        DropReason.DUPLICATE_ROW,
+        DropReason.CAPTION_TOO_SHORT,
+        DropReason.CAPTION_TOO_LONG,
+        DropReason.CAPTION_BOILERPLATE,
+    }
+)
+
 assert set(REASON_DESCRIPTIONS) == set(DropReason), "every DropReason needs a description"

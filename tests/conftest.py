@@ -70,6 +70,8 @@ def run_cli(*args: str) -> int:
     """`curate ...` in-process. Tests score with the tiny CLIP the project trains itself (no hub here)."""
     from pipeline.cli import main
 
+    if args[0] not in ("run", "fetch", "decide", "write"):  # report and config take no config keys
+        return main(list(args))
     clip_args = [] if any(a.startswith(("clip_enabled", "clip_checkpoint")) for a in args) else TINY_CLIP_ARGS
     return main(list(args) + clip_args + ["--quiet"])
 

@@ -7,7 +7,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.cli import PHASE_BUILDERS
+from pipeline.cli import phase_builder
 from pipeline.config import build_config
 from pipeline.layout import Layout
 from tests.conftest import REPO
@@ -33,7 +33,7 @@ def test_phase_translates_into_a_dataflow_job_offline(phase, tmp_path):
         input="gs://curate-test-bucket/rows-*.csv", output="gs://curate-test-bucket/out",
     )
     pipeline = beam.Pipeline(options=PipelineOptions(DRY_RUN))
-    PHASE_BUILDERS[phase](pipeline, config, Layout(config.output))
+    phase_builder(phase)(pipeline, config, Layout(config.output))
     job = pipeline.run().job  # dry run: translated (transforms, coders, pickled functions), not submitted
     names = {t.unique_name.split("/")[0] for t in job.proto_pipeline.components.transforms.values()}
     assert job.proto.name and EXPECTED_STEPS[phase] <= names, EXPECTED_STEPS[phase] - names

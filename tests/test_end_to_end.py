@@ -9,7 +9,6 @@ import json
 import os
 
 import pyarrow.parquet as pq
-import pytest
 import webdataset as wds
 
 from pipeline.report import account
@@ -141,7 +140,9 @@ def test_shards_are_webdataset_and_parquet_with_the_same_keys(demo_output):
             assert all(n[Col.NEGATIVE_UID] != sample["__key__"] for n in sample["json"][Col.HARD_NEGATIVES])
             assert row[Col.HARD_NEGATIVES] == sample["json"][Col.HARD_NEGATIVES]
             assert sample["jpg"].size == (row[Col.WIDTH], row[Col.HEIGHT])
-            assert sample["txt"] == row[Col.CAPTION]
+            assert sample["txt"] == row[Col.CAPTION_CLEAN]  # the clean caption; the raw one is in KEY.json
+            assert sample["json"][Col.CAPTION] == row[Col.CAPTION]
+            assert sample["json"][Col.EXTRA] == json.loads(row[Col.EXTRA])  # the input's own columns, apart
             assert sample["json"][Col.KEY] == sample["__key__"] and sample["json"][Col.URL] == row[Col.URL]
         seen += [s["__key__"] for s in samples]
     assert seen == sorted(seen)  # global uid order across shards
@@ -214,18 +215,26 @@ def test_decide_and_write_record_time_and_memory_per_pass(demo_output):
     assert not (demo_output / "work").exists()  # the columnar shuffles' files are gone
 
 
-def test_a_phase_that_fails_in_its_process_fails_the_run(demo_output, tmp_path, capfd):
+def test_a_phase_that_fails_in_its_process_fails_the_run(server, demo_output, tmp_path, capfd):
+    import shutil
+
     out = tmp_path / "broken"
-    code = run_cli("run", "--input", f"{demo_output}/shards/*.tar", "--output", str(out),
-                   "--set", f"clip_checkpoint={tmp_path / 'missing.pt'}")
+    shutil.copytree(demo_output, out)
+    for path in glob.glob(f"{out}/features/*.parquet"):  # what decide reads is damaged: a crash, not a user's mistake
+        with open(path, "wb") as handle:
+            handle.write(b"not parquet")
+    code = run_cli("run", "--input", str(server.root / "rows.csv"), "--output", str(out), "--allow-host", server.allow,
+                   "--set", "request_deadline_s=6", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
+                   "--set", "clip_threshold=0.5")  # fetch is up to date; decide must run
     assert code == 1
-    assert "curate: the fetch phase failed" in capfd.readouterr().err
-    assert Layout(str(out)).read_phase_info("fetch") is None  # no marker says it finished
+    assert "curate: the decide phase failed" in capfd.readouterr().err
+    assert Layout(str(out)).read_phase_info("decide") is None  # no marker says it finished
+    assert not glob.glob(f"{out}/*/beam-temp-*")
 
 
-def test_cli_rejects_unknown_config_keys(tmp_path):
-    with pytest.raises(ValueError, match="unknown config keys"):
-        run_cli("run", "--input", "x.csv", "--output", str(tmp_path), "--set", "no_such_key=1")
+def test_cli_rejects_unknown_config_keys(tmp_path, capfd):
+    assert run_cli("run", "--input", "x.csv", "--output", str(tmp_path), "--set", "no_such_key=1") == 2
+    assert "unknown config key 'no_such_key'" in capfd.readouterr().err
 
 
 def test_rerunning_decide_with_a_language_filter_downloads_nothing(demo_output, tmp_path):

@@ -304,9 +304,10 @@ def test_progress_prints_rate_and_eta_for_a_small_run():
     lines = [line for line in stream.getvalue().splitlines() if line.strip()]
     assert len(lines) >= 3, lines  # refreshed while running, plus the final line
     running = [line for line in lines[:-1] if re.search(
-        r"^\[curate\] fetch: fetched \d[\d,]*/1,500 rows \(\d+%\), [\d,.]+ rows/s, ETA (\d+m)?\d+s, ", line)]
+        r"^\[curate\] fetch: fetched \d[\d,]*/1,500 rows \(\d+%\), [\d,.]+ rows/s, ETA \w+", line)]
     assert running, lines  # at least one refresh while the work was in progress
-    assert lines[-1].startswith("[curate] fetch: fetched 1,500/1,500 rows (100%)") and "ETA 0s" in lines[-1]
+    assert re.match(r"^\[curate\] fetch: fetched 1,500 rows \(100%\) in \d+s, [\d,.]+ rows/s$", lines[-1]), lines[-1]
+    assert not any("100%" in line for line in lines[:-1] if "1,500/1,500" not in line)
     assert progress.current() is None
 
 
@@ -323,6 +324,60 @@ def test_progress_over_passes_gives_one_eta_for_the_phase():
         assert records["read"]["rows"] == 100 and records["search"]["rows"] == 50
     finally:
         progress.declare_passes("decide", [])
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_eta_waits_until_it_means_something_and_rates_are_smoothed():
+    clock = _Clock()
+    reporter = progress.ProgressReporter("fetch", 10_000, stream=io.StringIO(), clock=clock)
+    clock.now = 5.0
+    assert "ETA estimating" in reporter.line() or "starting" in reporter.line()
+    for second in range(6, 17):  # 100 rows/s for 10 s: too early (and too little) for an ETA
+        clock.now = float(second)
+        reporter.add("rows done", 100)
+    assert "ETA estimating" in reporter.line()
+    for second in range(17, 40):  # bursts of 500 every 5 s (bundles) are ~100 rows/s smoothed
+        clock.now = float(second)
+        if second % 5 == 0:
+            reporter.add("rows done", 500)
+    line = reporter.line()
+    rate = float(re.search(r"([\d.]+) rows/s", line).group(1))
+    assert 80 <= rate <= 125, line
+    eta = re.search(r"ETA (\d+)m(\d+)s", line)
+    assert eta and 60 <= int(eta.group(1)) * 60 + int(eta.group(2)) <= 120, line
+
+
+def test_progress_follows_the_last_stage_and_never_shows_100_before_it_is_done():
+    clock = _Clock()
+    reporter = progress.ProgressReporter("fetch", 300, stream=io.StringIO(), clock=clock,
+                                         stages=[("rows read", None), ("rows done", None)])
+    clock.now = 1.0
+    reporter.add("rows read", 300)  # every row read at once, none done yet
+    line = reporter.line()
+    assert "rows done 0/300 rows (0%)" in line and "100%" not in line and "-" not in line.split("ETA")[0], line
+    clock.now = 30.0
+    reporter.add("rows done", 299)
+    assert "(99%)" in reporter.line()
+    clock.now = 31.0
+    reporter.add("rows done", 1)
+    assert "(100%)" in reporter.line() and "ETA finishing" in reporter.line()
+
+
+def test_progress_prints_less_often_when_not_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress.ProgressReporter("fetch", 1, stream=io.StringIO()).interval_s == progress.DEFAULT_PIPE_INTERVAL_S
+    assert progress.ProgressReporter("fetch", 1, stream=Terminal()).interval_s == progress.DEFAULT_INTERVAL_S
+    assert progress.DEFAULT_PIPE_INTERVAL_S >= 10 * progress.DEFAULT_INTERVAL_S
 
 
 def test_progress_is_silent_without_a_reporter_and_says_unknown_without_a_total():

@@ -28,6 +28,24 @@ def model_id(config) -> str:
     return f"{config.clip_model}:{config.clip_pretrained or 'random-init'}"
 
 
+def check_checkpoint_file(config) -> None:
+    """A local `clip_checkpoint` must be a file that exists (UsageError, one line, otherwise).
+    Here, without torch, so the launcher can say it before any phase starts."""
+    import os
+
+    from pipeline.errors import UsageError
+
+    checkpoint = getattr(config, "clip_checkpoint", "")
+    if not checkpoint or "://" in checkpoint:
+        return
+    if not os.path.exists(checkpoint):
+        raise UsageError(f"the CLIP checkpoint {checkpoint!r} (clip_checkpoint) does not exist; "
+                         "pass --set clip_checkpoint=PATH of an existing file, or --set clip_enabled=false")
+    if not os.path.isfile(checkpoint):
+        raise UsageError(f"the CLIP checkpoint {checkpoint!r} (clip_checkpoint) is not a file; "
+                         "pass --set clip_checkpoint=PATH of a checkpoint file, or --set clip_enabled=false")
+
+
 def threshold_for(lang: Optional[str], default: float, per_lang: Optional[dict]) -> float:
     if per_lang and lang is not None and lang in per_lang:
         return float(per_lang[lang])

@@ -42,6 +42,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import zlib
 import threading
@@ -63,6 +64,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline.heap import keep_freed_memory
 from schemas import Col, DropReason
 from transforms.base import DROPPED, KEPT, caption_of, is_dropped, mark_dropped
+from transforms.clip_filter import check_checkpoint_file
 from transforms.write_output import RawImageReader, ReadsRawImages
 
 log = logging.getLogger(__name__)
@@ -857,9 +859,13 @@ class OpenClipModelHandler(ModelHandler):
         # this also shares one across the processes of a machine (for big models on small VMs).
         self._share_across_processes = share_across_processes
 
+    def _load_arguments(self) -> tuple:
+        return (self.model_name, self.pretrained, self.checkpoint_path, self.device, self.precision,
+                self.cpu_threads, self.batch_independent)
+
     def load_model(self) -> LoadedClip:
-        return load_open_clip(self.model_name, self.pretrained, self.checkpoint_path, self.device, self.precision,
-                              self.cpu_threads, self.batch_independent)
+        preloaded = _PRELOADED.pop(self._load_arguments(), None)  # resolve_model's, in this process
+        return preloaded if preloaded is not None else load_open_clip(*self._load_arguments())
 
     def run_inference(
         self, batch: Sequence, model: LoadedClip, inference_args: Optional[dict[str, Any]] = None
@@ -945,6 +951,100 @@ def handler_from_config(config) -> OpenClipModelHandler:
         cpu_threads=int(getattr(config, "clip_cpu_threads", 0) or 0),
         batch_independent=deterministic and not grouped,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolving the model before any work starts
+# ------------------------------------------------------------------------------------------------
+
+_PRELOADED: dict = {}  # load arguments -> the model resolve_model loaded, for this process's handler
+HUB_PROBE_TIMEOUT_S = 5.0
+_INSTEAD = "pass --set clip_checkpoint=PATH (a local checkpoint) or --set clip_enabled=false"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:240]
+
+
+def _hub_reachable(url: str) -> Optional[str]:
+    """None when a TCP connection to the host of `url` opens; else why not. A quick look before
+    the hub client's own retries, which take a minute to give up on a machine that is offline."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        return f"{parts.hostname}:{port} cannot be reached ({error.strerror or type(error).__name__})"
+    return None
+
+
+def fetch_hub_weights(model_name: str, tag: str) -> str:
+    """The local path of open_clip's `tag` weights for `model_name`, downloaded now if they are not
+    in the cache yet. Raises UsageError saying what to pass instead when they cannot be had."""
+    import open_clip
+    from open_clip import pretrained as hub
+
+    from pipeline.errors import UsageError, did_you_mean
+
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tag not in tags:
+        known = ", ".join(tags[:8]) or "none"
+        raise UsageError(f"open_clip has no weights {tag!r} for {model_name} (clip_pretrained)"
+                         + did_you_mean(tag, tags) + f"; its tags: {known}; or {_INSTEAD}")
+    cfg = hub.get_pretrained_cfg(model_name, tag)
+    source = cfg.get("hf_hub", "")
+    if source and hub.has_hf_hub():
+        import huggingface_hub
+
+        repo, filename = os.path.split(source)
+        cached = huggingface_hub.try_to_load_from_cache(repo, filename or "open_clip_pytorch_model.bin")
+        if isinstance(cached, str):
+            return cached
+        endpoint = huggingface_hub.constants.ENDPOINT
+    else:
+        endpoint = cfg.get("url", "")
+    unreachable = _hub_reachable(endpoint) if endpoint else None
+    if unreachable:
+        raise UsageError(f"the CLIP weights {model_name}:{tag} are not in the local cache and the hub is offline "
+                         f"({unreachable}); {_INSTEAD}")
+    try:
+        return hub.download_pretrained(cfg)
+    except Exception as error:  # noqa: BLE001 - whatever the hub client raises, the user's fix is the same
+        raise UsageError(f"cannot fetch the CLIP weights {model_name}:{tag} ({_first_line(error)}); {_INSTEAD}") from None
+
+
+def resolve_model(config, keep: bool) -> None:
+    """Before any work starts: the model named by the config exists, its weights can be had and
+    it loads. Raises UsageError (one line saying what to pass instead) when not. `keep`: the
+    loaded model is handed to this process's first handler load (the in-process runner scores
+    in this process) instead of being loaded twice."""
+    import open_clip
+
+    from pipeline.errors import UsageError, did_you_mean
+
+    checkpoint = config.clip_checkpoint
+    check_checkpoint_file(config)
+    name = resolve_model_name(config.clip_model, checkpoint)
+    known = open_clip.list_models()
+    if name not in known and not name.startswith(("hf-hub:", "local-dir:")):
+        raise UsageError(f"open_clip has no model {config.clip_model!r} (clip_model)" + did_you_mean(name, known)
+                         + "; open_clip.list_models() lists them (a checkpoint may ship its own as <stem>.json)")
+    if not checkpoint and config.clip_pretrained:
+        fetch_hub_weights(name, config.clip_pretrained)
+    handler = handler_from_config(config)
+    try:
+        loaded = handler.load_model()
+    except Exception as error:  # noqa: BLE001 - a user's checkpoint can fail to unpickle in any way
+        weights = f"the checkpoint {checkpoint!r}" if checkpoint else f"the weights {config.clip_pretrained!r}"
+        raise UsageError(f"{weights} does not load as CLIP model {config.clip_model} ({_first_line(error)}): is it an "
+                         "open_clip checkpoint of the architecture clip_model names? Or pass --set clip_enabled=false"
+                         ) from None
+    if keep:
+        _PRELOADED[handler._load_arguments()] = loaded
 
 
 BATCHES_PER_GROUP = 8  # groups of ~8 micro-batches: small enough to sort in memory, big enough to fill batches

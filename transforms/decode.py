@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -133,8 +134,13 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, config: CurateConfig) -> DecodedImage:
-    """Validate and normalise one image. Raises ImageRejected with a DropReason."""
+def decode_image(data: bytes, config: CurateConfig, source_size: Optional[tuple[int, int]] = None) -> DecodedImage:
+    """Validate and normalise one image. Raises ImageRejected with a DropReason.
+
+    `source_size`: the original image's (width, height) when the bytes are a resized copy whose
+    source says what it was resized from (img2dataset shards: `original_width/height` in KEY.json).
+    The size rules judge the original, not the copy (a 12x12 picture upscaled to 256x256 is
+    too_small), and the record keeps it as the original size."""
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
@@ -149,10 +155,11 @@ def decode_image(data: bytes, config: CurateConfig) -> DecodedImage:
         raise ImageRejected(DropReason.DECODE_ERROR, f"declared size {width}x{height}")
     if width * height > config.max_pixels:
         raise ImageRejected(DropReason.DECOMPRESSION_BOMB, f"declares {width}x{height} pixels")
-    if min(width, height) < config.min_image_size:
-        raise ImageRejected(DropReason.TOO_SMALL, f"{width}x{height}")
-    if max(width, height) / min(width, height) > config.max_aspect_ratio:
-        raise ImageRejected(DropReason.BAD_ASPECT_RATIO, f"{width}x{height}")
+    judged_width, judged_height = source_size or (width, height)
+    if min(judged_width, judged_height) < config.min_image_size:
+        raise ImageRejected(DropReason.TOO_SMALL, f"{judged_width}x{judged_height}")
+    if max(judged_width, judged_height) / min(judged_width, judged_height) > config.max_aspect_ratio:
+        raise ImageRejected(DropReason.BAD_ASPECT_RATIO, f"{judged_width}x{judged_height}")
 
     orientation = 1
     try:
@@ -196,6 +203,8 @@ def decode_image(data: bytes, config: CurateConfig) -> DecodedImage:
         and source_mode in _RGB_LIKE
         and resized.size == (original_width, original_height)
     )
+    if source_size is not None:
+        original_width, original_height = source_size
     if keep_original:
         jpeg_bytes = data
     else:

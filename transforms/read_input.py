@@ -1,6 +1,6 @@
 """Read stage: input files -> one record per input row, malformed rows included.
 
-Files are matched and opened with Beam's fileio (local, GCS, S3 alike) and streamed row by row:
+Files are matched and opened with Beam's FileSystems (local, GCS, S3 alike) and streamed row by row:
 no input file is ever held whole in memory, CSV captions may span lines, and every row gets a
 stable position (file, row index) for the ledger. A row that cannot be parsed still becomes a
 record, marked dropped with a reason, so that it reaches the ledger.
@@ -20,8 +20,8 @@ from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline.config import CurateConfig
 from schemas import Col, DropReason, Status
@@ -106,16 +106,37 @@ def validate_url(url: str) -> Optional[tuple[DropReason, str]]:
     return None
 
 
+def _extra_value(value: Any) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value if value is None else _clean_text(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (bool, int, float, list, dict, tuple)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return str(value)  # dates, decimals, ... from Parquet
+
+
+def extra_json(extra: dict) -> Optional[str]:
+    """The input row's other columns as one JSON object whose values are all strings (or null):
+    typed the same whatever the input format, so a csv's "3" and a jsonl's 3 are both "3", and a
+    loader that infers one schema over every sample (Hugging Face's webdataset) never meets a
+    column that changes type between input files. None when there are no other columns."""
+    if not extra:
+        return None
+    values = {str(key): _extra_value(value) for key, value in extra.items()}
+    return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
 def row_to_record(fields: dict, source_file: str, source_row: int, url_col: str, caption_col: str) -> dict:
     """One parsed input row (column -> value) to a record; extra columns are kept as JSON."""
     record = _base_record(source_file, source_row)
     raw_url = fields.get(url_col)
     url = _clean_text(raw_url).strip()
     caption = _clean_text(fields.get(caption_col))
-    extra = {str(k): v for k, v in fields.items() if k not in (url_col, caption_col)}
+    extra = {k: v for k, v in fields.items() if k not in (url_col, caption_col)}
     record[Col.URL] = url or None
     record[Col.CAPTION] = caption
-    record[Col.EXTRA] = json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False) if extra else None
+    record[Col.EXTRA] = extra_json(extra)
     record[Col.UID] = make_uid(url, caption)
     if url_col not in fields:
         return mark_dropped(record, DropReason.MISSING_URL, f"no column {url_col!r}")
@@ -149,14 +170,14 @@ def buffered(handle) -> io.BufferedReader:
     return io.BufferedReader(_RawReader(handle), buffer_size=1 << 20)
 
 
-def _text_stream(handle) -> io.TextIOWrapper:
+def text_stream(handle) -> io.TextIOWrapper:
     # surrogateescape keeps undecodable bytes visible so the row can be flagged, not crash.
     return io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
 
 
-def _csv_header(text, delimiter: str) -> list[str]:
-    header_line = text.readline()
-    header = next(csv.reader([header_line], delimiter=delimiter), [])
+def read_header(text: io.TextIOBase, delimiter: str) -> list[str]:
+    """The column names on the first line of a CSV/TSV text stream (a BOM and spaces stripped)."""
+    header = next(csv.reader([text.readline()], delimiter=delimiter), [])
     return [h.lstrip("\ufeff").strip() for h in header]
 
 
@@ -200,8 +221,8 @@ def _delimited_rows(text, delimiter: str, header: list[str], source_file: str, c
 
 
 def iter_delimited(handle, source_file: str, config: CurateConfig, delimiter: str) -> Iterator[dict]:
-    text = _text_stream(handle)
-    header = _csv_header(text, delimiter)
+    text = text_stream(handle)
+    header = read_header(text, delimiter)
     yield from _delimited_rows(text, delimiter, header, source_file, config, 0, None)
 
 
@@ -263,6 +284,39 @@ def iter_parquet(handle, source_file: str, config: CurateConfig, row_groups: Opt
             row_index += 1
 
 
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 < number < 1_000_000 and number == value else None
+
+
+def source_description(meta: dict) -> dict:
+    """What an input shard's KEY.json says about the image its (resized) copy was made from:
+    img2dataset and our own shards write `original_width`, `original_height` and `sha256` of the
+    downloaded original. Untrusted: a value of the wrong type or shape is ignored."""
+    found = {}
+    width, height = _positive_int(meta.get("original_width")), _positive_int(meta.get("original_height"))
+    if width and height:
+        found[Col.ORIGINAL_WIDTH], found[Col.ORIGINAL_HEIGHT] = width, height
+    digest = meta.get("sha256")
+    if isinstance(digest, str) and len(digest) == 64 and set(digest.lower()) <= _SHA256_HEX:
+        found[Col.SHA256] = digest.lower()
+    return found
+
+
+def source_size(record: dict) -> Optional[tuple[int, int]]:
+    """The original (width, height) an input shard gave for its image, if it gave one."""
+    width, height = record.get(Col.ORIGINAL_WIDTH), record.get(Col.ORIGINAL_HEIGHT)
+    return (width, height) if width and height else None
+
+
 def _webdataset_record(key: str, members: dict, source_file: str, row_index: int) -> dict:
     meta: dict = {}
     if "json" in members:
@@ -272,13 +326,19 @@ def _webdataset_record(key: str, members: dict, source_file: str, row_index: int
         except ValueError:
             meta = {}
     caption = members["txt"].decode("utf-8", "replace") if "txt" in members else _clean_text(meta.get("caption"))
+    # Our own shards' KEY.json carry the raw caption in `caption` (KEY.txt is the clean one): the
+    # raw one keeps the uid of the row it came from.
+    if isinstance(meta.get(Col.CAPTION_CLEAN), str) and isinstance(meta.get("caption"), str):
+        caption = _clean_text(meta["caption"])
     url = _clean_text(meta.get("url")).strip()
     record = _base_record(source_file, row_index)
     record[Col.URL] = url or None
     record[Col.CAPTION] = caption
-    extra = {k: v for k, v in meta.items() if k not in ("url", "caption")}
-    extra["source_key"] = key
-    record[Col.EXTRA] = json.dumps(extra, sort_keys=True, default=str, ensure_ascii=False)
+    # img2dataset flattens the input's extra columns into KEY.json; ours keeps them in `extra`
+    extra = meta[Col.EXTRA] if isinstance(meta.get(Col.EXTRA), dict) else {
+        k: v for k, v in meta.items() if k not in ("url", "caption")}
+    record[Col.EXTRA] = extra_json(dict(extra, source_key=key))
+    record.update(source_description(meta))
     # Without a url the uid falls back to the sample's place in its shard.
     record[Col.UID] = make_uid(url or f"{posixpath.basename(source_file)}#{key}", caption)
     image = next((members[ext] for ext in _IMAGE_EXTENSIONS if ext in members), None)
@@ -313,6 +373,34 @@ def iter_file_records(handle, source_file: str, fmt: str, config: CurateConfig) 
     return _READERS[fmt](handle, source_file, config)
 
 
+def input_patterns(input_spec: str) -> list[str]:
+    """The paths and globs of `--input` (a comma-separated list)."""
+    return [p.strip() for p in (input_spec or "").split(",") if p.strip()]
+
+
+def is_local(pattern: str) -> bool:
+    return "://" not in pattern
+
+
+def has_wildcard(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def match_input_pattern(pattern: str, cwd: str = "") -> list[tuple[str, str]]:
+    """(the file's path as the user gave it, its path to open) for every file `pattern` matches,
+    sorted. The first is what the ledger's source_file holds: `a/rows.csv` and `b/rows.csv` stay
+    apart. Beam's local matcher finds nothing for a relative glob whose first part is a wildcard
+    (`*/rows.csv`), so local relative globs are matched as absolute paths and named relative again."""
+    if not (is_local(pattern) and has_wildcard(pattern)):
+        found = FileSystems.match([pattern])[0].metadata_list
+        return sorted((pattern if len(found) == 1 and m.path == pattern else m.path, m.path) for m in found)
+    cwd = cwd or os.getcwd()
+    relative = not os.path.isabs(pattern)
+    absolute = os.path.join(cwd, pattern) if relative else pattern
+    paths = sorted(m.path for m in FileSystems.match([absolute])[0].metadata_list)
+    return [(os.path.relpath(path, cwd) if relative else path, path) for path in paths]
+
+
 CHUNK_ROWS = 50_000  # rows per chunk of an input file: the unit of reading spread over workers
 _SEEKABLE_FORMATS = ("csv", "tsv", "jsonl")
 
@@ -322,8 +410,9 @@ class FileChunk:
     """Rows [first_row, first_row + rows) of one input file (rows None: to its end), starting at
     byte `offset` (text formats) or in `row_groups` (Parquet); `header` for csv/tsv."""
 
-    path: str
+    path: str  # to open
     fmt: str
+    source_file: str = ""  # the file as the user named it (the ledger's source_file)
     first_row: int = 0
     rows: Optional[int] = None
     offset: int = 0
@@ -339,13 +428,14 @@ def _is_compressed(path: str) -> bool:
     return CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
 
 
-def plan_chunks(path: str, config: CurateConfig, chunk_rows: Optional[int] = None) -> list[FileChunk]:
+def plan_chunks(named_path: tuple[str, str], config: CurateConfig, chunk_rows: Optional[int] = None) -> list[FileChunk]:
     """Split one input file into chunks of about `chunk_rows` rows, found by one pass over it that
     records where rows start (csv/tsv: the csv reader's own row boundaries, so quoted newlines
     stay inside their row). Compressed files and WebDataset tars are one chunk: they can only be
     read from their start."""
     from apache_beam.io.filesystems import FileSystems
 
+    source_file, path = named_path
     chunk_rows = chunk_rows or CHUNK_ROWS
     fmt = _format_of(path, config)
     if fmt == "parquet":
@@ -358,11 +448,11 @@ def plan_chunks(path: str, config: CurateConfig, chunk_rows: Optional[int] = Non
             groups.append(index)
             rows += metadata.row_group(index).num_rows
             if rows >= chunk_rows or index == metadata.num_row_groups - 1:
-                chunks.append(FileChunk(path, fmt, first, rows, row_groups=tuple(groups)))
+                chunks.append(FileChunk(path, fmt, source_file, first, rows, row_groups=tuple(groups)))
                 first, groups, rows = first + rows, [], 0
-        return chunks or [FileChunk(path, fmt, 0, 0, row_groups=())]
+        return chunks or [FileChunk(path, fmt, source_file, 0, 0, row_groups=())]
     if fmt not in _SEEKABLE_FORMATS or _is_compressed(path):
-        return [FileChunk(path, fmt)]
+        return [FileChunk(path, fmt, source_file)]
     positions: list = []
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         if fmt == "jsonl":
@@ -370,17 +460,17 @@ def plan_chunks(path: str, config: CurateConfig, chunk_rows: Optional[int] = Non
                 pass
             header: tuple = ()
         else:
-            text = _text_stream(handle)
-            header = tuple(_csv_header(text, "," if fmt == "csv" else "\t"))
+            text = text_stream(handle)
+            header = tuple(read_header(text, "," if fmt == "csv" else "\t"))
             for _ in _delimited_rows(text, "," if fmt == "csv" else "\t", list(header), path, config, 0, None,
                                      positions=positions, every=chunk_rows):
                 pass
     if not positions:
-        return [FileChunk(path, fmt, 0, 0, header=header)]
+        return [FileChunk(path, fmt, source_file, 0, 0, header=header)]
     chunks = []
     for (row, offset), following in zip(positions, positions[1:] + [None]):
         rows = None if following is None else following[0] - row
-        chunks.append(FileChunk(path, fmt, row, rows, offset, header))
+        chunks.append(FileChunk(path, fmt, source_file, row, rows, offset, header))
     return chunks
 
 
@@ -388,7 +478,7 @@ def read_chunk(chunk: FileChunk, config: CurateConfig) -> Iterator[dict]:
     """The records of one chunk."""
     from apache_beam.io.filesystems import FileSystems
 
-    source_file = os.path.basename(chunk.path)
+    source_file = chunk.source_file or chunk.path
     if chunk.fmt == "parquet":
         if chunk.rows == 0:
             return
@@ -404,7 +494,7 @@ def read_chunk(chunk: FileChunk, config: CurateConfig) -> Iterator[dict]:
                 yield from iter_jsonl(buffered(handle), source_file, config, chunk.first_row, chunk.rows)
             else:
                 delimiter = "," if chunk.fmt == "csv" else "\t"
-                yield from _delimited_rows(_text_stream(buffered(handle)), delimiter, list(chunk.header), source_file,
+                yield from _delimited_rows(text_stream(buffered(handle)), delimiter, list(chunk.header), source_file,
                                            config, chunk.first_row, chunk.rows)
         return
     with FileSystems.open(chunk.path, compression_type=CompressionTypes.AUTO) as handle:
@@ -415,8 +505,8 @@ class _PlanChunks(beam.DoFn):
     def __init__(self, config: CurateConfig):
         self._config = config
 
-    def process(self, readable: fileio.ReadableFile):
-        yield from plan_chunks(readable.metadata.path, self._config)
+    def process(self, named_path: tuple[str, str]):
+        yield from plan_chunks(named_path, self._config)
 
 
 class _ReadChunk(beam.DoFn):
@@ -440,12 +530,11 @@ class ReadRows(beam.PTransform):
         self._spread = spread
 
     def expand(self, pbegin):
-        patterns = [p for p in self._config.input.split(",") if p.strip()]
+        cwd = os.getcwd()  # where relative inputs were given: the ledger names files relative to it
         chunks = (
             pbegin
-            | "Patterns" >> beam.Create(patterns)
-            | "Match" >> fileio.MatchAll()
-            | "Open" >> fileio.ReadMatches()
+            | "Patterns" >> beam.Create(input_patterns(self._config.input))
+            | "Match" >> beam.FlatMap(match_input_pattern, cwd=cwd)  # (name as given, path)
             | "Plan" >> beam.ParDo(_PlanChunks(self._config))  # FileChunk
         )
         if self._spread:

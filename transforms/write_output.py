@@ -212,17 +212,31 @@ class WriteTablePerBundle(beam.PTransform):
 
 
 def sample_json(record: dict) -> dict:
-    """What KEY.json holds: the shard columns (extra input columns flattened in, like img2dataset)."""
+    """What KEY.json holds: the shard columns, the input row's other columns under `extra` as a
+    JSON object of their own (so they can never shadow ours: an input column named `sha256` or
+    `width` stays in `extra`), and `key`."""
     meta = {name: record.get(name) for name in SAMPLE_JSON_COLUMNS}
-    extra = record.get(Col.EXTRA)
-    if extra:
-        try:
-            for key, value in json.loads(extra).items():
-                meta.setdefault(key, value)
-        except ValueError:
-            pass
+    meta[Col.EXTRA] = _extra_object(record.get(Col.EXTRA))
     meta[Col.KEY] = record[Col.UID]
     return meta
+
+
+def _extra_object(extra: Optional[str]) -> dict:
+    """The ledger's `extra` JSON text as an object ({} when the input had no other columns)."""
+    if not extra:
+        return {}
+    try:
+        loaded = json.loads(extra)
+    except ValueError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def sample_text(record: dict) -> str:
+    """What KEY.txt holds: the clean caption a model trains on (the raw one stays in KEY.json and
+    the ledger); the raw caption where no clean one was made."""
+    clean = record.get(Col.CAPTION_CLEAN)
+    return clean if clean is not None else (record.get(Col.CAPTION) or "")
 
 
 def _tarinfo_header(name: str, size: int) -> bytes:
@@ -292,7 +306,7 @@ def add_sample(writer: TarWriter, record: dict, image: bytes) -> None:
     """KEY.jpg, KEY.txt, KEY.json of one sample."""
     key = record[Col.UID]
     writer.add(f"{key}.jpg", image)
-    writer.add(f"{key}.txt", (record.get(Col.CAPTION) or "").encode("utf-8"))
+    writer.add(f"{key}.txt", sample_text(record).encode("utf-8"))
     meta = json.dumps(sample_json(record), sort_keys=True, ensure_ascii=False, default=str)
     writer.add(f"{key}.json", meta.encode("utf-8"))
 
