@@ -32,6 +32,8 @@ setup(
         "threadpoolctl>=3.1",
         "matplotlib>=3.7",
         "pyyaml>=6",
+        "orjson>=3.9",  # KEY.json of every sample: ~15x json.dumps, the write phase's largest per-row cost
+        "scipy>=1.10",  # connected components of the near-duplicate pairs
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["curate=pipeline.cli:main"]},

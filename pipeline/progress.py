@@ -557,7 +557,8 @@ def watch(rows, phase: str, stage: Optional[str] = None) -> None:
     if phase not in getattr(rows.pipeline, "_curate_progress_phases", set()):
         rows | f"Progress{phase.capitalize()}" >> ReportProgress(phase, stage or PHASE_STAGES.get(phase, "rows"))
     # the next start_phase(phase) shows these stages from 0
-    _DECLARED[phase] = [(s, total) for p, s, total in rows.pipeline._curate_progress_stages if p == phase]
+    stages = getattr(rows.pipeline, "_curate_progress_stages", [])  # none when the phase counts passes
+    _DECLARED[phase] = [(s, total) for p, s, total in stages if p == phase]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.layout import PHASES, Layout
-from schemas import REASON_DESCRIPTIONS, Col, DropReason, Status
+from schemas import LEDGER_SCHEMA, REASON_DESCRIPTIONS, Col, DropReason, Status
 from transforms.write_output import RawImageReader, join_path, read_tar_samples, write_atomically
 
 
@@ -68,21 +68,50 @@ def _value_counts(values: pa.Array) -> dict:
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
+def _read_columns(path: str, columns: list[str]) -> pa.Table:
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        parquet = pq.ParquetFile(handle)
+        return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
+
+
+def _uid_fingerprint(uids: pa.Array) -> np.ndarray:
+    """(count, and two sums of the uids' hex halves mod 2^64): equal for equal multisets of uids
+    whatever their order or files; two different sets match with probability ~2^-128."""
+    from transforms.batch import hex_prefix_uint64
+
+    uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+    high, _ = hex_prefix_uint64(uids, 16)
+    low, _ = hex_prefix_uint64(pc.utf8_slice_codeunits(uids, 16, 32), 16)
+    with np.errstate(over="ignore"):
+        return np.array([len(uids), int(high.sum(dtype=np.uint64)), int(low.sum(dtype=np.uint64))], dtype=object)
+
+
+def _add(total: np.ndarray, part: np.ndarray) -> np.ndarray:
+    return np.array([total[0] + part[0], (total[1] + part[1]) % 2**64, (total[2] + part[2]) % 2**64], dtype=object)
+
+
 def account(layout: Layout) -> dict:
-    """Count and check. Raises AccountingError when the ledger does not add up. Columnar: a ledger
-    of tens of millions of rows is checked in Arrow, never row by row in Python."""
-    features = read_table(layout.features_glob(), [Col.UID])
-    ledger = read_table(layout.ledger_glob(), [Col.UID, Col.STATUS, Col.REASON, Col.SHARD])
-    shards = read_table(join_path(layout.shards, "*.parquet"), [Col.KEY])
-    rows_in = features.num_rows if features is not None else 0
-    ledger_rows = ledger.num_rows if ledger is not None else 0
-    status = collections.Counter(_value_counts(ledger.column(Col.STATUS)) if ledger_rows else {})
-    if ledger_rows:
-        dropped = ledger.filter(pc.equal(ledger.column(Col.STATUS), Status.DROPPED))
-        reasons = collections.Counter(_value_counts(dropped.column(Col.REASON)))
-    else:
-        reasons = collections.Counter()
-    shard_samples = shards.num_rows if shards is not None else 0
+    """Count and check. Raises AccountingError when the ledger does not add up. One file at a
+    time: a ledger of tens of millions of rows is never held whole, nor checked row by row in
+    Python (the kept uids and the shards' keys are compared as multisets by fingerprint)."""
+    from pipeline.progress import count_table_rows
+
+    rows_in = count_table_rows(layout.features_glob()) or 0
+    status: collections.Counter = collections.Counter()
+    reasons: collections.Counter = collections.Counter()
+    kept = np.array([0, 0, 0], dtype=object)
+    for path in _glob(layout.ledger_glob()):
+        table = _read_columns(path, [Col.UID, Col.STATUS, Col.REASON])
+        status.update(_value_counts(table.column(Col.STATUS)))
+        dropped = table.filter(pc.equal(table.column(Col.STATUS), Status.DROPPED))
+        reasons.update(_value_counts(dropped.column(Col.REASON)))
+        kept = _add(kept, _uid_fingerprint(table.filter(pc.equal(table.column(Col.STATUS), Status.KEPT)).column(Col.UID)))
+    ledger_rows = sum(status.values())
+    keys = np.array([0, 0, 0], dtype=object)
+    shard_files = _glob(join_path(layout.shards, "*.parquet"))
+    for path in shard_files:
+        keys = _add(keys, _uid_fingerprint(_read_columns(path, [Col.KEY]).column(Col.KEY)))
+    shard_samples = int(keys[0])
     problems = []
     if ledger_rows != rows_in:
         problems.append(f"ledger has {ledger_rows} rows for {rows_in} input rows")
@@ -93,11 +122,8 @@ def account(layout: Layout) -> dict:
         problems.append(f"drop reasons outside the enum: {unknown or [None]}")
     if status[Status.KEPT] != shard_samples:
         problems.append(f"{status[Status.KEPT]} kept ledger rows but {shard_samples} samples in shards")
-    if shards is not None and ledger_rows:
-        kept_uids = pc.unique(ledger.filter(pc.equal(ledger.column(Col.STATUS), Status.KEPT)).column(Col.UID))
-        keys = shards.column(Col.KEY)
-        if len(pc.unique(keys)) != len(kept_uids) or not pc.all(pc.is_in(keys, value_set=kept_uids)).as_py():
-            problems.append("the uids in the shards differ from the kept uids of the ledger")
+    elif shard_files and list(kept) != list(keys):
+        problems.append("the uids in the shards differ from the kept uids of the ledger")
     summary = {
         "rows_in": rows_in,
         "kept": status[Status.KEPT],
@@ -185,6 +211,7 @@ def _share(part: int, whole: int) -> float:
 def _stats(values: np.ndarray) -> dict:
     if values.size == 0:
         return {"count": 0}
+    values = values.astype(np.float64)  # the ledger's numbers are held as float32
     q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
     return {"count": int(values.size), "min": _r(values.min()), "p05": _r(q[0]), "p25": _r(q[1]),
             "median": _r(q[2]), "p75": _r(q[3]), "p95": _r(q[4]), "max": _r(values.max()),
@@ -260,17 +287,16 @@ def clip_figures(rows: dict, config: dict) -> dict:
 
 
 def language_figures(rows: dict) -> dict:
-    langs = pc.if_else(pc.fill_null(pc.not_equal(rows[Col.LANG], ""), False), rows[Col.LANG], "unknown")
-    grouped = pa.table({"lang": langs, "kept": rows["_kept"]}).group_by(["lang", "kept"]).aggregate([([], "count_all")])
-    by_lang: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for lang, kept, count in zip(grouped["lang"].to_pylist(), grouped["kept"].to_pylist(), grouped["count_all"].to_pylist()):
-        by_lang[lang]["kept" if kept else "dropped"] += count
-    ordered = sorted(by_lang.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
-    table = {lang: {"kept": c["kept"], "dropped": c["dropped"]} for lang, c in ordered[:TOP_LANGUAGES]}
+    names = rows["_lang_values"]
+    kept = np.bincount(rows["_lang"][rows["_kept"]], minlength=len(names))
+    dropped = np.bincount(rows["_lang"][~rows["_kept"]], minlength=len(names))
+    by_lang = {name: {"kept": int(k), "dropped": int(d)} for name, k, d in zip(names, kept, dropped) if k or d}
+    ordered = sorted(by_lang.items(), key=lambda kv: (-(kv[1]["kept"] + kv[1]["dropped"]), kv[0]))
+    table = dict(ordered[:TOP_LANGUAGES])
     rest = ordered[TOP_LANGUAGES:]
     if rest:
         table["(other)"] = {"kept": sum(c["kept"] for _, c in rest), "dropped": sum(c["dropped"] for _, c in rest)}
-    scores = rows[Col.LANG_SCORE]
+    scores = rows[Col.LANG_SCORE].astype(np.float64)
     kept_languages = collections.Counter({lang: c["kept"] for lang, c in by_lang.items() if c["kept"]})
     return {"languages": table, "distinct": len(by_lang),
             "kept_languages": _counts(kept_languages),
@@ -300,14 +326,14 @@ def _bucket_counts(values: np.ndarray, kept: np.ndarray, edges: list[int]) -> di
 
 
 def image_size_figures(rows: dict) -> dict:
-    w, h = rows[Col.ORIGINAL_WIDTH], rows[Col.ORIGINAL_HEIGHT]
+    w, h = rows[Col.ORIGINAL_WIDTH].astype(np.float64), rows[Col.ORIGINAL_HEIGHT].astype(np.float64)
     known = ~np.isnan(w) & ~np.isnan(h)
     shorter = np.minimum(w[known], h[known])
     longer = np.maximum(w[known], h[known])
     kept = rows["_kept"][known]
     with np.errstate(divide="ignore", invalid="ignore"):
         aspect = np.where(shorter > 0, longer / np.maximum(shorter, 1), np.nan)
-    out_w, out_h = rows[Col.WIDTH], rows[Col.HEIGHT]
+    out_w, out_h = rows[Col.WIDTH].astype(np.float64), rows[Col.HEIGHT].astype(np.float64)
     sized = ~np.isnan(out_w) & ~np.isnan(out_h)
     pairs, counts = np.unique(np.stack([out_w[sized], out_h[sized]], axis=1).astype(np.int64), axis=0, return_counts=True)
     final = collections.Counter({f"{a}x{b}": int(c) for (a, b), c in zip(pairs.tolist(), counts.tolist())})
@@ -341,17 +367,14 @@ def caption_figures(rows: dict) -> dict:
 
 
 def duplicate_figures(rows: dict) -> dict:
-    survivors = rows[Col.DUPLICATE_OF]
-    reasons = rows["_reason"]
-    has_survivor = pc.fill_null(pc.not_equal(survivors, ""), False)
-    clustered = pc.and_(has_survivor, pc.is_in(reasons, value_set=pa.array(list(DUPLICATE_REASONS))))
-    grouped = pa.table({"survivor": survivors, "reason": reasons}).filter(clustered).group_by(
-        ["survivor", "reason"]).aggregate([([], "count_all")])
+    duplicates = rows["_duplicates"]
+    clustered = duplicates.filter(pc.is_in(duplicates["reason"], value_set=pa.array(list(DUPLICATE_REASONS))))
+    grouped = clustered.group_by(["survivor", "reason"]).aggregate([([], "count_all")])
     clusters: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for survivor, reason, count in zip(grouped["survivor"].to_pylist(), grouped["reason"].to_pylist(),
                                        grouped["count_all"].to_pylist()):
         clusters[survivor][reason] += count
-    repeated = pa.table({"survivor": survivors}).filter(pc.and_(has_survivor, pc.equal(reasons, R.DUPLICATE_ROW.value)))
+    repeated = duplicates.filter(pc.equal(duplicates["reason"], R.DUPLICATE_ROW.value))
     row_dups = collections.Counter(_value_counts(repeated["survivor"]) if repeated.num_rows else {})
     sizes = collections.Counter(1 + sum(c.values()) for c in clusters.values())
     largest = sorted(clusters.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:5]
@@ -394,11 +417,8 @@ def domains(urls: pa.Array) -> pa.Array:
 
 def _stages(rows: dict) -> np.ndarray:
     """Each row's funnel stage (None for a kept row), from its reason."""
-    reasons = rows["_reason"]
-    encoded = pc.dictionary_encode(reasons).combine_chunks() if isinstance(reasons, pa.ChunkedArray) else pc.dictionary_encode(reasons)
-    stage_of = np.array([reason_stage(r) if r else None for r in encoded.dictionary.to_pylist()], dtype=object)
-    codes = encoded.indices.to_numpy(zero_copy_only=False)
-    return stage_of[codes] if len(stage_of) else np.full(len(codes), None, dtype=object)
+    stage_of = np.array([reason_stage(r) if r else None for r in rows["_reason_values"]], dtype=object)
+    return stage_of[rows["_reason"]] if len(stage_of) else np.full(len(rows["_reason"]), None, dtype=object)
 
 
 def download_figures(rows: dict) -> dict:
@@ -406,26 +426,26 @@ def download_figures(rows: dict) -> dict:
     failed = np.isin(stages, FETCH_ERROR_STAGES)
     # Domains are counted over rows that reached the download (input-stage drops never did).
     attempted = ~np.isin(stages, ("input", "captions"))
-    reasons = rows["_reason"]
-    counted = pa.table({"domain": domains(rows[Col.URL]), "reason": reasons, "failed": failed, "attempted": attempted})
+    reasons, domain_names = rows["_reason_values"], rows["_domain_values"]
     per_domain: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    tried = counted.filter(pa.array(attempted)).group_by(["domain"]).aggregate([([], "count_all")])
-    for domain, count in zip(tried["domain"].to_pylist(), tried["count_all"].to_pylist()):
-        per_domain[domain]["rows"] += count
-    failures = counted.filter(pa.array(failed)).group_by(["domain", "reason"]).aggregate([([], "count_all")])
-    for domain, reason, count in zip(failures["domain"].to_pylist(), failures["reason"].to_pylist(),
-                                     failures["count_all"].to_pylist()):
-        per_domain[domain]["failures"] += count
-        per_domain[domain]["reason:" + reason] += count
+    tried = np.bincount(rows["_domain"][attempted], minlength=len(domain_names))
+    for code in np.flatnonzero(tried).tolist():
+        per_domain[domain_names[code]]["rows"] += int(tried[code])
+    pairs, counts = np.unique(np.stack([rows["_domain"][failed], rows["_reason"][failed]], axis=1), axis=0,
+                              return_counts=True) if failed.any() else (np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
+    error_classes: collections.Counter = collections.Counter()
+    for (domain, reason), count in zip(pairs.tolist(), counts.tolist()):
+        per_domain[domain_names[domain]]["failures"] += count
+        per_domain[domain_names[domain]]["reason:" + reasons[reason]] += count
+        error_classes[reasons[reason]] += count
     top = sorted(((d, c) for d, c in per_domain.items() if c["failures"]), key=lambda kv: (-kv[1]["failures"], kv[0]))
     statuses = rows[Col.HTTP_STATUS]
-    values, counts = np.unique(statuses[~np.isnan(statuses)].astype(np.int64), return_counts=True)
-    error_classes = collections.Counter(_value_counts(counted.filter(pa.array(failed))["reason"]) if failed.any() else {})
+    values, status_counts = np.unique(statuses[~np.isnan(statuses)].astype(np.int64), return_counts=True)
     return {
         "attempted": int(attempted.sum()),
         "failed": int(failed.sum()),
         "error_classes": _counts(error_classes),
-        "http_status": _counts(collections.Counter(dict(zip(values.tolist(), counts.tolist())))),
+        "http_status": _counts(collections.Counter(dict(zip(values.tolist(), status_counts.tolist())))),
         "top_failing_domains": [
             {"domain": d, "failures": c["failures"], "rows": c["rows"], "failure_share": _share(c["failures"], c["rows"]),
              "reasons": {k[7:]: v for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])) if k.startswith("reason:")}}
@@ -434,8 +454,6 @@ def download_figures(rows: dict) -> dict:
     }
 
 
-# Site policies: which owner signal refused how many rows, and where (columnar: the ledger may
-# have millions of rows, so nothing here goes row by row in Python).
 POLICY_SIGNALS = (  # (signal, the reason it gives, the config key that turns it off)
     ("robots.txt (RFC 9309)", R.ROBOTS_DISALLOWED, "respect_robots_txt"),
     ("TDMRep (W3C)", R.TDM_RESERVED, "respect_tdmrep"),
@@ -501,35 +519,84 @@ def _column(table: pa.Table, name: str, kind=pa.string()) -> pa.Array:
 
 
 def _is_reason(rows: dict, reason: str) -> np.ndarray:
-    return pc.equal(rows["_reason"], reason).to_numpy(zero_copy_only=False)
+    values = rows["_reason_values"]
+    return rows["_reason"] == values.index(reason) if reason in values else np.zeros(len(rows["_reason"]), dtype=bool)
 
 
-# a run of characters that are not whitespace by str.isspace(): what str.split() counts as words
 _WORD = "[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+"
 
 
-def ledger_columns(layout: Layout) -> tuple[pa.Table, dict]:
-    """The ledger (uid order) and its columns as the figures take them: Arrow arrays for text,
-    numpy arrays for numbers and flags (columnar: a ledger may have tens of millions of rows)."""
-    table = read_table(layout.ledger_glob(), LEDGER_REPORT_COLUMNS)
-    if table is None:
-        table = pa.table({Col.UID: pa.array([], pa.string())})
-    table = table.sort_by([(Col.UID, "ascending")]).combine_chunks() if table.num_rows else table
-    captions = pc.fill_null(_column(table, Col.CAPTION), "")
-    rows = {
-        Col.UID: _column(table, Col.UID),
-        Col.URL: _column(table, Col.URL),
-        Col.LANG: _column(table, Col.LANG),
-        Col.DUPLICATE_OF: _column(table, Col.DUPLICATE_OF),
-        "_reason": pc.fill_null(_column(table, Col.REASON), ""),
-        "_kept": pc.fill_null(pc.equal(_column(table, Col.STATUS), Status.KEPT), False).to_numpy(zero_copy_only=False),
-        "_caption_chars": pc.utf8_length(captions).to_numpy(zero_copy_only=False).astype(float),
-        "_caption_words": pc.count_substring_regex(captions, _WORD).to_numpy(zero_copy_only=False).astype(float),
-    }
-    for name in (Col.CLIP_SCORE, Col.LANG_SCORE, Col.WIDTH, Col.HEIGHT, Col.ORIGINAL_WIDTH, Col.ORIGINAL_HEIGHT,
-                 Col.HTTP_STATUS):
-        rows[name] = _float_array(table, name)
-    return table, rows
+def _codes(values: pa.Array, vocabulary: dict) -> np.ndarray:
+    """Codes of a string column in a vocabulary that grows as new values come (file by file)."""
+    encoded = pc.dictionary_encode(values)
+    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+    mapping = np.array([vocabulary.setdefault(v, len(vocabulary)) for v in encoded.dictionary.to_pylist()],
+                       dtype=np.int32)
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    return mapping[indices] if len(mapping) else np.zeros(len(values), dtype=np.int32)
+
+
+_EXAMPLE_COLUMNS = [Col.UID, Col.URL, Col.CAPTION, Col.ERROR_DETAIL, Col.WIDTH, Col.HTTP_STATUS, Col.CLIP_SCORE,
+                    Col.LANG, Col.DUPLICATE_OF, Col.REASON]
+
+
+def ledger_columns(layout: Layout) -> dict:
+    """What the figures need from the ledger, read one file at a time (a ledger may have tens of
+    millions of rows: text columns are never all in memory): numbers and flags as numpy arrays
+    (float32), reason / language / url host as codes into small vocabularies, and small tables of
+    the rows a figure lists (each reason's lowest uids, duplicates, site-policy refusals)."""
+    numbers = (Col.CLIP_SCORE, Col.LANG_SCORE, Col.WIDTH, Col.HEIGHT, Col.ORIGINAL_WIDTH, Col.ORIGINAL_HEIGHT,
+               Col.HTTP_STATUS)
+    parts: dict[str, list] = collections.defaultdict(list)
+    vocabulary = {name: {} for name in ("_reason", "_lang", "_domain")}
+    policy_reasons = pa.array([reason.value for _, reason, _ in POLICY_SIGNALS])
+    duplicate_reasons = pa.array(list(DUPLICATE_REASONS) + [R.DUPLICATE_ROW.value])
+    for path in _glob(layout.ledger_glob()):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            parquet = pq.ParquetFile(handle)
+            table = parquet.read(columns=[c for c in LEDGER_REPORT_COLUMNS if c in parquet.schema_arrow.names])
+        if not table.num_rows:
+            continue
+        table = table.sort_by([(Col.UID, "ascending")]).combine_chunks()
+        reasons = pc.fill_null(_column(table, Col.REASON), "")
+        parts["_reason"].append(_codes(reasons, vocabulary["_reason"]))
+        langs = pc.if_else(pc.fill_null(pc.not_equal(_column(table, Col.LANG), ""), False), _column(table, Col.LANG),
+                           "unknown")
+        parts["_lang"].append(_codes(langs, vocabulary["_lang"]))
+        parts["_domain"].append(_codes(domains(_column(table, Col.URL)), vocabulary["_domain"]))
+        parts["_kept"].append(pc.fill_null(pc.equal(_column(table, Col.STATUS), Status.KEPT), False).to_numpy(
+            zero_copy_only=False))
+        captions = pc.fill_null(_column(table, Col.CAPTION), "")
+        parts["_caption_chars"].append(pc.utf8_length(captions).to_numpy(zero_copy_only=False).astype(np.float32))
+        parts["_caption_words"].append(
+            pc.count_substring_regex(captions, _WORD).to_numpy(zero_copy_only=False).astype(np.float32))
+        for name in numbers:
+            parts[name].append(_float_array(table, name).astype(np.float32))
+        dropped = table.filter(pc.not_equal(_column(table, Col.STATUS), Status.KEPT))
+        for reason in pc.unique(pc.fill_null(_column(dropped, Col.REASON), "")).to_pylist():
+            of_reason = dropped.filter(pc.equal(pc.fill_null(_column(dropped, Col.REASON), ""), reason))
+            parts["_examples"].append(of_reason.slice(0, EXAMPLES_PER_REASON).select(
+                [c for c in _EXAMPLE_COLUMNS if c in of_reason.column_names]))
+        parts["_duplicates"].append(pa.table({"survivor": _column(table, Col.DUPLICATE_OF), "reason": reasons}).filter(
+            pc.and_(pc.fill_null(pc.not_equal(_column(table, Col.DUPLICATE_OF), ""), False),
+                    pc.is_in(reasons, value_set=duplicate_reasons))))
+        parts["_refused"].append(pa.table({Col.URL: _column(table, Col.URL), Col.REASON: reasons}).filter(
+            pc.is_in(reasons, value_set=policy_reasons)))
+    rows = {"_rows": sum(len(part) for part in parts["_kept"])}
+    for name in ("_reason", "_lang", "_domain"):
+        rows[name] = np.concatenate(parts[name]) if parts[name] else np.zeros(0, dtype=np.int32)
+        rows[name + "_values"] = [value for value, _ in sorted(vocabulary[name].items(), key=lambda kv: kv[1])]
+    rows["_kept"] = np.concatenate(parts["_kept"]) if parts["_kept"] else np.zeros(0, dtype=bool)
+    for name in numbers + ("_caption_chars", "_caption_words"):
+        rows[name] = np.concatenate(parts[name]) if parts[name] else np.zeros(0, dtype=np.float32)
+    example_schema = pa.schema([pa.field(c, LEDGER_SCHEMA.field(c).type) for c in _EXAMPLE_COLUMNS])
+    rows["_examples"] = pa.concat_tables(parts["_examples"], promote_options="default") if parts["_examples"] \
+        else example_schema.empty_table()
+    rows["_duplicates"] = pa.concat_tables(parts["_duplicates"]) if parts["_duplicates"] \
+        else pa.table({"survivor": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+    rows["_refused"] = pa.concat_tables(parts["_refused"]) if parts["_refused"] \
+        else pa.table({Col.URL: pa.array([], pa.string()), Col.REASON: pa.array([], pa.string())})
+    return rows
 
 
 def phase_infos(layout: Layout) -> dict:
@@ -639,11 +706,20 @@ def _read_from_raw(layout: Layout, uids: set) -> dict[str, str]:
     return found
 
 
-def load_thumbnails(layout: Layout, table: pa.Table, uids: set) -> dict[str, str]:
-    """Kept samples come from their final shard (bounded size); the others from raw/."""
-    if not uids or not table.num_rows:
+def load_thumbnails(layout: Layout, uids: set) -> dict[str, str]:
+    """Kept samples come from their final shard (bounded size); the others from raw/. The rows of
+    the wanted uids are read from the ledger file by file."""
+    if not uids:
         return {}
-    wanted = table.filter(pc.is_in(table.column(Col.UID), value_set=pa.array(sorted(uids), pa.string())))
+    wanted_uids = pa.array(sorted(uids), pa.string())
+    found_rows = []
+    for path in _glob(layout.ledger_glob()):
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            table = pq.ParquetFile(handle).read(columns=[Col.UID, Col.SHARD, Col.WIDTH])
+        found_rows.append(table.filter(pc.is_in(table.column(Col.UID), value_set=wanted_uids)))
+    if not found_rows:
+        return {}
+    wanted = pa.concat_tables(found_rows)
     shard_col = _str_list(wanted, Col.SHARD)
     width_col = _str_list(wanted, Col.WIDTH)
     index: dict[str, int] = {}
@@ -674,26 +750,22 @@ def _clip_text(text: Optional[str], limit: int = 160) -> Optional[str]:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def pick_examples(table: pa.Table, rows: dict, summary: dict) -> dict[str, list[dict]]:
+def pick_examples(rows: dict, summary: dict) -> dict[str, list[dict]]:
     """The lowest uids of each reason: deterministic, and early in every uid-sorted tar."""
     examples: dict[str, list[dict]] = {r: [] for r in summary["drop_reasons"]}
-    dropped = ~rows["_kept"]
-    for reason in examples:
-        chosen = np.flatnonzero(_is_reason(rows, reason) & dropped)[:EXAMPLES_PER_REASON]
-        if not len(chosen):
+    candidates = rows["_examples"].sort_by([(Col.UID, "ascending")])
+    reasons = pc.fill_null(candidates[Col.REASON], "").to_pylist() if candidates.num_rows else []
+    for row, reason in zip(candidates.to_pylist(), reasons):
+        bucket = examples.get(reason)
+        if bucket is None or len(bucket) >= EXAMPLES_PER_REASON:
             continue
-        picked = table.take(pa.array(chosen))
-        columns = {name: _str_list(picked, name) for name in (Col.UID, Col.URL, Col.CAPTION, Col.ERROR_DETAIL, Col.WIDTH,
-                                                               Col.HTTP_STATUS, Col.CLIP_SCORE, Col.LANG, Col.DUPLICATE_OF)}
-        for i in range(len(chosen)):
-            clip = columns[Col.CLIP_SCORE][i]
-            examples[reason].append({
-                "uid": columns[Col.UID][i], "url": _clip_text(columns[Col.URL][i]),
-                "caption": _clip_text(columns[Col.CAPTION][i]), "detail": _clip_text(columns[Col.ERROR_DETAIL][i]),
-                "http_status": columns[Col.HTTP_STATUS][i], "lang": columns[Col.LANG][i],
-                "clip_score": _r(clip) if clip is not None else None,
-                "duplicate_of": columns[Col.DUPLICATE_OF][i], "image_stored": columns[Col.WIDTH][i] is not None,
-            })
+        clip = row.get(Col.CLIP_SCORE)
+        bucket.append({
+            "uid": row[Col.UID], "url": _clip_text(row.get(Col.URL)), "caption": _clip_text(row.get(Col.CAPTION)),
+            "detail": _clip_text(row.get(Col.ERROR_DETAIL)), "http_status": row.get(Col.HTTP_STATUS),
+            "lang": row.get(Col.LANG), "clip_score": _r(clip) if clip is not None else None,
+            "duplicate_of": row.get(Col.DUPLICATE_OF), "image_stored": row.get(Col.WIDTH) is not None,
+        })
     return examples
 
 
@@ -737,11 +809,11 @@ def pick_hard_negatives(layout: Layout) -> tuple[dict, list[dict]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_summary(layout: Layout, accounting: dict, infos: dict) -> tuple[dict, pa.Table, dict, dict]:
-    """(summary, ledger table, ledger columns, config): everything the page shows is in summary."""
-    table, rows = ledger_columns(layout)
+def build_summary(layout: Layout, accounting: dict, infos: dict) -> tuple[dict, dict, dict]:
+    """(summary, ledger columns, config): everything the page shows is in summary."""
+    rows = ledger_columns(layout)
     config, differing = run_config(infos)
-    alive = int(np.sum(rows["_kept"] | np.isin(_stages(rows), ("filters", "dedup")))) if table.num_rows else 0
+    alive = int(np.sum(rows["_kept"] | np.isin(_stages(rows), ("filters", "dedup")))) if rows["_rows"] else 0
     phases, timings = phase_figures(infos, accounting, alive)
     negatives_stats, triples = pick_hard_negatives(layout)
     summary = dict(accounting)
@@ -755,16 +827,16 @@ def build_summary(layout: Layout, accounting: dict, infos: dict) -> tuple[dict, 
         caption_lengths=caption_figures(rows),
         duplicates=duplicate_figures(rows),
         downloads=download_figures(rows),
-        site_policies=site_policy_figures(table, phases["fetch"]["counters"], config),
+        site_policies=site_policy_figures(rows["_refused"], phases["fetch"]["counters"], config),
         phases=phases,
         timings=timings,
         config=config,
         config_keys_differing_between_phases=differing,
         models=model_ids(config),
-        examples=pick_examples(table, rows, accounting),
+        examples=pick_examples(rows, accounting),
         hard_negatives=dict(negatives_stats, triples=triples),
     )
-    return summary, table, rows, config
+    return summary, rows, config
 
 
 def summary_json(summary: dict) -> bytes:
@@ -1278,8 +1350,8 @@ def write_report(layout: Layout, summary: dict, phases: Optional[dict] = None) -
     from the layout when None or when given as bare seconds).
     """
     infos = phases if phases and all(isinstance(v, dict) or v is None for v in phases.values()) else phase_infos(layout)
-    full, table, rows, config = build_summary(layout, summary, infos)
-    thumbs = load_thumbnails(layout, table, _thumbnail_uids(full))
+    full, rows, config = build_summary(layout, summary, infos)
+    thumbs = load_thumbnails(layout, _thumbnail_uids(full))
     write_atomically(join_path(layout.report, "summary.json"), summary_json(full))
     page = render_html(full, rows, thumbs)
     path = join_path(layout.report, "index.html")

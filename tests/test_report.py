@@ -407,7 +407,7 @@ def test_clip_section_handles_percentile_and_per_language_thresholds():
 
     rows = {Col.CLIP_SCORE: np.array([0.1, 0.2, np.nan, 0.3, 0.4]),
             "_kept": np.array([False, False, False, True, True]),
-            "_reason": ["low_clip_score", "low_clip_score", "timeout", "", ""]}
+            "_reason": np.array([0, 0, 1, 2, 2]), "_reason_values": ["low_clip_score", "timeout", ""]}
     config = {"clip_threshold": 0.28, "clip_keep_top_percent": 40.0, "clip_thresholds_per_lang": {"de": 0.25}}
     clip = clip_figures(rows, config)
     assert clip["scored_rows"] == 4 and clip["effective_threshold"] == 0.3
