@@ -358,7 +358,11 @@ def negatives_recall(out: Path, queries: int, k: int = 3, ceiling: float = 0.95,
     present = np.stack([features[Col.PHASH].is_valid().to_numpy(zero_copy_only=False),
                         features[Col.PHASH_MIRROR].is_valid().to_numpy(zero_copy_only=False)], axis=1)
     order = np.argsort([int(hashlib.sha256(u.encode()).hexdigest()[:15], 16) for u in uids])[:queries]
-    mined = {row[Col.UID]: row[Col.HARD_NEGATIVES] or [] for row in kept.to_pylist()}
+    # the mined lists of the queries only: a million rows of nested lists as Python objects
+    # would cost tens of GB
+    asked = kept.filter(pa.compute.is_in(kept[Col.UID], value_set=pa.array([uids[q] for q in order.tolist()])))
+    mined = {row[Col.UID]: row[Col.HARD_NEGATIVES] or [] for row in asked.to_pylist()}
+    del kept, decisions
     result = {}
     for space, column in (("image", Col.IMAGE_EMBEDDING), ("text", Col.TEXT_EMBEDDING)):
         flat = features[column].combine_chunks()
@@ -419,8 +423,13 @@ def run_fetch(work: Path, rows: int, checkout: Path) -> dict:
         measured = run_measured(command, env=env_for(checkout), cwd=checkout, timeout=3 * 3600)
     finally:
         server.close()
+    # a run whose downloads failed is fast and says nothing: count what came back
+    reasons = pq.read_table(out / "features", columns=[Col.REASON])[Col.REASON].value_counts().to_pylist()
+    outcome = {str(entry["values"]): entry["counts"] for entry in reasons}
+    if sum(outcome.values()) != rows or outcome.get("None", 0) < 0.95 * rows:
+        raise RuntimeError(f"fetch of {rows} rows by {checkout}: unexpected outcome {outcome}")
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"]}
+    return {"seconds": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"], "outcome": outcome}
 
 
 # ---------------------------------------------------------------------------------------------
