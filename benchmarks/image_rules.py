@@ -12,9 +12,10 @@ AFTER, today's `decode_image`. Symlinked copies count once. Prints drops per rul
 files whose verdict changed, the decode time per image, the low-ink drawings (share of pixels off
 the background colour under 1%) and what became of them, and writes a contact sheet per set and
 rule to --out (each dropped image as stored and contrast-stretched, so faint strokes show).
---timing-repeats times both rules on a fixed mix (300 clip arts, 30 wallpapers) N times.
+--timing-repeats times both rules on a fixed mix (300 clip arts, 30 wallpapers) N times
+(CPU seconds of this process: steadier than wall time on a shared machine).
 
-    python benchmarks/image_rules.py --out /tmp/image_rules [--timing-repeats 5]
+    python benchmarks/image_rules.py --out /tmp/image_rules [--timing-repeats 5] [--timing-only]
 """
 
 from __future__ import annotations
@@ -206,13 +207,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/image_rules")
     parser.add_argument("--timing-repeats", type=int, default=5, help="0: skip the timing on the fixed mix")
+    parser.add_argument("--timing-only", action="store_true", help="only the timing on the fixed mix")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     config = build_config()
     sets = {name: files_of(patterns) for name, patterns in SETS.items()}
     if not all(sets.values()):
         sys.exit("no images found: apt-get install openclipart-png plasma-workspace-wallpapers gnome-backgrounds")
-    results = {name: run_set(name, files, config, args.out) for name, files in sets.items()}
+    results = {} if args.timing_only else {name: run_set(name, files, config, args.out) for name, files in sets.items()}
     print(f"{'set':<12} {'files':>6} {'rule':<17} {'before':>7} {'after':>6}")
     for name, result in results.items():
         for rule in RULES:
