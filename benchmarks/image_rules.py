@@ -100,18 +100,18 @@ def contact_sheet(entries: list[tuple[str, str]], title: str, path: str, columns
     """Each entry: (file, label). Two tiles per file: as stored, and autocontrast (faint ink shows)."""
     label_height = 28
     rows = max(1, -(-len(entries) // columns))
-    sheet = Image.new("RGB", (columns * (2 * CELL + 8), 30 + rows * (CELL + label_height + 6)), (90, 90, 90))
+    sheet = Image.new("RGB", (columns * (2 * CELL + 20), 30 + rows * (CELL + label_height + 6)), (90, 90, 90))
     draw = ImageDraw.Draw(sheet)
     draw.text((6, 8), title, fill=(255, 255, 255))
     for index, (file, label) in enumerate(entries):
-        x = (index % columns) * (2 * CELL + 8) + 4
+        x = (index % columns) * (2 * CELL + 20) + 4
         y = 30 + (index // columns) * (CELL + label_height + 6)
         try:
             tile = plain_rgb(file)
         except Exception:  # noqa: BLE001 - undecodable files get an empty tile
             tile = Image.new("RGB", (CELL, CELL), (255, 0, 255))
         tile.thumbnail((CELL, CELL), Image.Resampling.LANCZOS)
-        for offset, shown in ((0, tile), (CELL + 2, ImageOps.autocontrast(tile, cutoff=0))):
+        for offset, shown in ((0, tile), (CELL + 6, ImageOps.autocontrast(tile, cutoff=0))):
             sheet.paste(shown, (x + offset + (CELL - shown.width) // 2, y + (CELL - shown.height) // 2))
         name = os.path.basename(file)
         draw.text((x, y + CELL + 2), name[:44], fill=(255, 255, 255))
