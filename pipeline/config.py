@@ -77,7 +77,9 @@ class CurateConfig:
     encode_quality: int = 95
     min_image_size: int = 32  # shorter side, in original pixels
     max_aspect_ratio: float = 6.0
-    blank_std_threshold: float = 3.0  # grey-level std dev of a thumbnail below this is blank
+    blank_std_threshold: float = 3.0  # per-channel std dev of a 32x32 thumbnail below this: look for ink
+    blank_ink_contrast: float = 16.0  # levels from the background colour that make a pixel ink
+    blank_min_ink_pixels: int = 16  # connected ink pixels that make a near-uniform image not blank
 
     # ---- captions ------------------------------------------------------------------------
     min_caption_words: int = 3  # DataComp basic filter: more than 2 words...
@@ -223,6 +225,7 @@ _POSITIVE = ("max_in_flight", "per_host_concurrency", "samples_per_shard", "raw_
 _NOT_NEGATIVE = ("retries", "max_redirects", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
                  "min_image_size", "min_caption_words", "min_caption_chars", "dedup_radius", "negatives_k",
                  "negatives_centroids", "clip_cpu_threads", "blank_std_threshold",
+                 "blank_ink_contrast", "blank_min_ink_pixels",
                  "negatives_exact_max")  # 0: always the partitioned search
 _RANGES = {
     "encode_quality": (1, 100),
@@ -461,7 +464,10 @@ KEY_HELP = {
     "encode_quality": "JPEG quality of re-encoded images",
     "min_image_size": "shortest original side kept; shorter is too_small",
     "max_aspect_ratio": "longest over shortest side kept; more is bad_aspect_ratio",
-    "blank_std_threshold": "per-channel std dev of a 32x32 thumbnail below which an image is blank_image",
+    "blank_std_threshold": "per-channel std dev of a 32x32 thumbnail below which an image is blank_image "
+                           "unless it has ink (blank_ink_contrast, blank_min_ink_pixels)",
+    "blank_ink_contrast": "levels a pixel must differ from the background colour (in some channel) to be ink",
+    "blank_min_ink_pixels": "ink pixels touching other ink that keep a near-uniform image (strokes, text)",
     "min_caption_words": "fewest caption words kept; fewer is caption_too_short",
     "min_caption_chars": "fewest caption characters kept; fewer is caption_too_short",
     "max_caption_chars": "most caption characters kept; more is caption_too_long",

@@ -120,14 +120,68 @@ def blank_thumbnail(image: Image.Image) -> Image.Image:
 
 
 def is_blank(thumbnail: Image.Image, std_threshold: float) -> bool:
-    """Near-uniform images (blank, single colour, faint noise) carry nothing to learn from.
-    Looks at the image's `blank_thumbnail`.
+    """True when the image's `blank_thumbnail` is near-uniform: the cheap first look of the blank
+    rule. An image that passes it has visible structure at 32x32 and is kept without further work;
+    one that fails it is blank only if `has_ink` also finds no strokes at the decoded size.
 
     Per colour channel, not grey level: a red shape on a teal background has almost no
     luminance contrast but is plainly not blank.
     """
     spread = np.asarray(thumbnail, dtype=np.float32).reshape(-1, 3).std(axis=0)
     return float(spread.max()) < std_threshold
+
+
+# Strokes are looked for on a box-reduced copy whose shorter side is at most this: it bounds the
+# work on very large images, while a one-pixel black line of an image up to 4k on a side keeps a
+# quarter of its contrast, far above any ink threshold. The box average also damps pixel noise.
+_INK_SIDE = 1024
+# The background colour and the noise level are estimated on about this many pixels per side (a
+# strided sample): enough for a stable median, and cheap next to the decode itself.
+_BACKGROUND_SAMPLE_SIDE = 128
+# A pixel is ink only if it stands out by this many noise standard deviations too, so uniform
+# images with heavy sensor noise stay blank. Gaussian noise has no meaningful mass that far out.
+_NOISE_SIGMAS = 6.0
+# Median over pixels of the largest of three channels' |gaussian| deviations, in sigmas
+# (solves (2*Phi(t) - 1) ** 3 = 1/2): turns the sample's median deviation into a noise sigma.
+_MEDIAN_MAX3_ABS_GAUSSIAN = 1.26
+
+
+def has_ink(rgb: Image.Image, contrast: float, min_pixels: int) -> bool:
+    """Does an image whose 32x32 thumbnail looks uniform carry strokes at its decoded size?
+
+    A box thumbnail averages thin strokes away: a one-pixel outline map on white, a few words of
+    text, a pencil sketch all reduce to near-white. So the decoded pixels are looked at (large
+    images box-reduced to `_INK_SIDE` first). A pixel is ink when some channel differs from the
+    background colour (the sample median) by more than `contrast` levels, and by more than the
+    image's own noise allows. Ink counts only where it touches other ink (4-neighbourhood):
+    strokes are connected, while isolated dust pixels, salt noise and JPEG speckle are not. At
+    least `min_pixels` such pixels make the image not blank.
+    """
+    factor = -(-min(rgb.size) // _INK_SIDE)
+    pixels = np.asarray(rgb.reduce(factor) if factor > 1 else rgb)
+    height, width = pixels.shape[:2]
+    step = max(1, min(height, width) // _BACKGROUND_SAMPLE_SIDE)
+    sample = pixels[::step, ::step].reshape(-1, 3)
+    background = np.median(sample, axis=0)
+    sample_deviation = np.abs(sample.astype(np.int16) - background.astype(np.int16)).max(axis=1)
+    noise_sigma = float(np.median(sample_deviation)) / _MEDIAN_MAX3_ABS_GAUSSIAN
+    threshold = max(float(contrast), _NOISE_SIGMAS * noise_sigma)
+    # Bounds per channel on the uint8 pixels directly: no widened copy of the image.
+    ink = np.zeros((height, width), dtype=bool)
+    for channel in range(3):
+        plane = pixels[..., channel]
+        if background[channel] - threshold > 0:
+            ink |= plane < background[channel] - threshold
+        if background[channel] + threshold < 255:
+            ink |= plane > background[channel] + threshold
+    if int(np.count_nonzero(ink)) < min_pixels:
+        return False
+    touching = np.zeros_like(ink)
+    touching[1:] |= ink[:-1]
+    touching[:-1] |= ink[1:]
+    touching[:, 1:] |= ink[:, :-1]
+    touching[:, :-1] |= ink[:, 1:]
+    return int(np.count_nonzero(ink & touching)) >= min_pixels
 
 
 def sha256_hex(data: bytes) -> str:
@@ -191,7 +245,9 @@ def decode_image(data: bytes, config: CurateConfig, source_size: Optional[tuple[
         raise ImageRejected(DropReason.DECODE_ERROR, f"{type(error).__name__}: {error}") from error
 
     thumbnail = blank_thumbnail(rgb)
-    if is_blank(thumbnail, config.blank_std_threshold):
+    if is_blank(thumbnail, config.blank_std_threshold) and not has_ink(
+        rgb, config.blank_ink_contrast, config.blank_min_ink_pixels
+    ):
         raise ImageRejected(DropReason.BLANK_IMAGE, "near-uniform pixels")
 
     # Original size is reported in upright orientation, like what a viewer shows.
