@@ -11,10 +11,11 @@ Both download, resize to 256 (border) and write WebDataset shards. img2dataset r
   stripped  what img2dataset does and no more (STAGES_OFF: language ID and the near-dedup
             descriptor off, per-host cap 128)
 and each in two local runner modes (MODES):
-  multi       no runner flags: at >= FETCH_MULTI_PROCESS_MIN_ROWS rows on a machine with more than
-              one core this is multi_processing with a worker per core (the mode run/fetch.json
-              recorded is printed)
-  in_process  `--direct_running_mode in_memory`, the default before issue 23
+  multi       multi_processing with a worker per core: what no runner flags give from
+              FETCH_MULTI_PROCESS_MIN_ROWS (10,000) rows on a machine with more than one core
+  in_process  `--direct_running_mode in_memory`: what no runner flags give below it
+  auto        no runner flags (not in the default --modes)
+(the mode run/fetch.json recorded is printed with each case)
 Every round runs img2dataset and each curate case once, in an order that rotates from round to
 round; each curate case's ratio is over img2dataset's rate of the same round, and the median over
 rounds is reported (this machine is shared: single rounds vary by +-20%).
@@ -64,7 +65,8 @@ STAGES_OFF = ["--set", "clip_enabled=false", "--set", "langid_backend=none", "--
 
 
 CONFIGS = {"default": ["--set", "clip_enabled=false"], "stripped": STAGES_OFF}
-MODES = {"multi": [], "in_process": ["--direct_running_mode=in_memory"]}
+MODES = {"multi": ["--direct_running_mode=multi_processing", f"--direct_num_workers={len(os.sched_getaffinity(0))}"],
+         "in_process": ["--direct_running_mode=in_memory"], "auto": []}
 
 CLIP_ART_SIDES = [256, 400, 640, 1024]
 PHOTO_SIDES = [640, 1024, 1600, 2048]
