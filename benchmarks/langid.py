@@ -8,6 +8,9 @@ Data: a TSV of `iso639-1<TAB>text` lines ('#' lines are comments), by default
 Accuracy counts "und" (no answer) as wrong. `wrong|ans` is the share of non-und answers that are
 wrong (confident mistakes), `und` the share of texts left undetermined. texts/s is measured on one
 core (the process is pinned to one CPU), with every model loaded and warmed up beforehand.
+`alt/s` is the same on web-like alt text (the synthetic corpus's English captions, "a red circle on
+a grey background", each twice, after one warm-up pass), and `vote%` the share of texts ours sent
+past fastText to the slower vote (dev set / alt text).
 
 Peers answer as their libraries do out of the box over all their languages: langdetect (seeded)
 top guess, lingua `detect_language_of` (None -> und) in high and low accuracy modes. Ours answers
@@ -98,6 +101,36 @@ def evaluate(fn, rows):
     return preds, len(rows) / seconds
 
 
+def alt_texts() -> list[str]:
+    from pipeline.synthetic import all_attributes
+
+    return [attrs.caption() for attrs in all_attributes()] * 2
+
+
+def alt_rate(fn, texts) -> float:
+    for text in texts:  # warm-up pass
+        fn(text)
+    start = time.perf_counter()
+    for text in texts:
+        fn(text)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def vote_share(texts) -> float:
+    """Share of `texts` the "auto" backend sends past fastText to the vote."""
+    import transforms.caption as caption
+
+    calls = []
+    real = caption._py3langid_probs
+    caption._py3langid_probs = lambda text, allowed: calls.append(1) or real(text, allowed)
+    try:
+        for text in texts:
+            caption.detect_language(text)
+    finally:
+        caption._py3langid_probs = real
+    return len(calls) / len(texts)
+
+
 def summarize(preds, gold):
     n = len(gold)
     right = sum(p == g for p, g in zip(preds, gold))
@@ -132,22 +165,26 @@ def main(argv=None) -> int:
           f"{sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}")
 
     results = {}
+    alt = alt_texts()
     for name, fn in make_systems(args.min_score):
         preds, rate = evaluate(fn, rows)
         summary = summarize(preds, gold)
         summary["rate"] = rate
+        summary["alt_rate"] = alt_rate(fn, alt)
         for part, label in ((0, "tune"), (1, "held-out")):
             idx = [i for i, h in enumerate(half) if h == part]
             summary[label] = summarize([preds[i] for i in idx], [gold[i] for i in idx])["acc"]
         results[name] = summary
 
     langs = sorted(set(gold))
-    header = f"{'system':<16} {'acc':>6} {'tune':>6} {'held':>6} {'wrong|ans':>9} {'und':>6} {'texts/s':>8}"
+    header = (f"{'system':<16} {'acc':>6} {'tune':>6} {'held':>6} {'wrong|ans':>9} {'und':>6} {'texts/s':>8} "
+              f"{'alt/s':>8}")
     print(header)
     print("-" * len(header))
     for name, s in results.items():
         print(f"{name:<16} {s['acc']:6.3f} {s['tune']:6.3f} {s['held-out']:6.3f} {s['wrong_ans']:9.3f} "
-              f"{s['und']:6.3f} {s['rate']:8.0f}")
+              f"{s['und']:6.3f} {s['rate']:8.0f} {s['alt_rate']:8.0f}")
+    print(f"vote%: dev set {100 * vote_share([t for _, t in rows]):.1f}%, alt text {100 * vote_share(alt):.1f}%")
     print()
     print("per-language accuracy")
     print(f"{'lang':<6}" + "".join(f"{name[:14]:>15}" for name in results))

@@ -271,6 +271,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 # decide and write on at least this many rows use every core (multi_processing, one worker per
 # core) unless the user chose a runner mode: below it, starting the workers costs more than it saves
 MULTI_PROCESS_MIN_ROWS = 200_000
+# fetch on at least this many input rows does the same. Its per-row work (decode, resize, hashes,
+# language ID: ~8-12 ms of CPU a row) is what the in-process runner leaves on one core; the
+# workers cost ~10 s of CPU to start (imports, models, once per worker). Measured on 2 cores shared
+# with other jobs (README "Download throughput"): in process won at 4,000 rows (1.41-1.50x
+# img2dataset against 1.01-1.29x), the two were even at 10,000 (86.5 vs 81.9 samples/s), and on a
+# quieter machine two workers were ahead at 10,000 (1.59x against ~1.27x)
+FETCH_MULTI_PROCESS_MIN_ROWS = 10_000
+FETCH_MIN_ROWS_ENV = "CURATE_FETCH_MULTI_PROCESS_MIN_ROWS"  # overrides it (tests use a small corpus)
 
 
 def _cores() -> int:
@@ -279,10 +287,11 @@ def _cores() -> int:
 
 def beam_options(beam_args: list[str], phase: Optional[str] = None, rows: Optional[int] = None) -> PipelineOptions:
     """Pass Beam flags through. Locally the DirectRunner, and unless a mode is named its
-    in-process mode (Beam's own default would download the Prism runner), or for a decide/write
-    of at least MULTI_PROCESS_MIN_ROWS rows its multi_processing mode with a worker per core (the
-    columnar phases carry file paths between stages, so their work spreads over processes at
-    little cost)."""
+    in-process mode (Beam's own default would download the Prism runner), or, on a machine with
+    more than one core, its multi_processing mode with a worker per core for a decide/write of at
+    least MULTI_PROCESS_MIN_ROWS rows (the columnar phases carry file paths between stages, so
+    their work spreads over processes at little cost) and for a fetch of at least
+    FETCH_MULTI_PROCESS_MIN_ROWS input rows (its per-row CPU work would keep one core busy)."""
     from apache_beam.options.pipeline_options import StandardOptions
 
     args = list(beam_args)
@@ -292,11 +301,22 @@ def beam_options(beam_args: list[str], phase: Optional[str] = None, rows: Option
     if str(runner or "DirectRunner").endswith("DirectRunner") and not any(
             a.startswith(("--direct_running_mode", "--direct_num_workers")) for a in args):
         cores = _cores()
-        if phase in ("decide", "write") and cores > 1 and rows is not None and rows >= MULTI_PROCESS_MIN_ROWS:
+        threshold = {"decide": MULTI_PROCESS_MIN_ROWS, "write": MULTI_PROCESS_MIN_ROWS,
+                     "fetch": int(os.environ.get(FETCH_MIN_ROWS_ENV) or FETCH_MULTI_PROCESS_MIN_ROWS)}.get(phase)
+        if threshold is not None and cores > 1 and rows is not None and rows >= threshold:
             args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={cores}"]
         else:
             args.append("--direct_running_mode=in_memory")
     return PipelineOptions(args)
+
+
+def _runner_record(options: PipelineOptions) -> dict:
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    direct = options.view_as(DirectOptions)
+    runner = options.view_as(StandardOptions).runner
+    return {"runner": runner if isinstance(runner, str) else type(runner).__name__,
+            "direct_running_mode": direct.direct_running_mode, "direct_num_workers": direct.direct_num_workers}
 
 
 def _threads_for(options: PipelineOptions) -> None:
@@ -457,6 +477,8 @@ def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: b
             "cpu_seconds": round(cpu_seconds() - cpu_started, 1),
             # per pass over the rows (decide, write): rows, seconds, peak RSS of the process tree
             "passes": passes,
+            # how the local runner ran the phase (beam_options' choice unless the user named one)
+            "runner": _runner_record(options),
             "pid": os.getpid()}
     layout.write_phase_info(phase, info)
     _say(quiet, f"[curate] {phase} finished in {info['seconds']:.1f}s")

@@ -138,6 +138,33 @@ def test_detect_language(text, lang):
     assert got == lang and 0.5 <= score <= 1.0
 
 
+@pytest.mark.parametrize(
+    "text, lang, voted",
+    [
+        # short lower-case English alt text: fastText's raw top probability is below 0.7 (it gives
+        # the rest to languages of other scripts), its share among Latin-script languages is not
+        ("a red circle on a grey background", "en", False),
+        ("Stock Photo - Young woman drinking coffee at home", "en", False),
+        ("Ein brauner Hund läuft über die grüne Wiese", "de", False),
+        # fastText unsure (French "beige" in English text): the vote decides
+        ("a blue circle on a beige background", "en", True),
+        # a language with confusable siblings (pt: es, gl, ca) below a 0.9 share: the vote decides
+        ("o cão castanho do vizinho", "pt", True),
+    ],
+)
+def test_fasttext_decides_clear_captions_and_the_vote_the_ambiguous_ones(monkeypatch, text, lang, voted):
+    import transforms.caption as caption
+
+    calls = []
+    real = caption._py3langid_probs
+    monkeypatch.setattr(caption, "_py3langid_probs", lambda t, allowed: calls.append(t) or real(t, allowed))
+    ft = caption._fasttext_probs(text, caption._latin_languages())
+    top, prob = caption._best(ft)
+    assert caption.fasttext_is_sure(top, prob, ft) is not voted
+    assert detect_language(text)[0] == lang
+    assert bool(calls) is voted
+
+
 @pytest.mark.parametrize("text", ["", "   ", "😀😂🎉👍", "1234567890", "3.14 + 2 = 5.14 !!!", "\x00\x01"])
 def test_no_language_is_und(text):
     assert detect_language(text) == ("und", 0.0)

@@ -306,13 +306,29 @@ def test_retry_failed_refetches_only_transient_failures(server, tmp_path):
 
 
 def test_multi_process_direct_runner_gives_the_same_bytes(server, demo_output, tmp_path):
+    """With no runner flags a fetch of at least FETCH_MULTI_PROCESS_MIN_ROWS rows runs on
+    multi_processing with a worker per core (lowered here to the demo corpus's size), a smaller one
+    in process (the demo run): the same bytes either way, as recorded in run/fetch.json."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, TINY_CLIP_ARGS
+
+    assert Layout(str(demo_output)).read_phase_info("fetch")["runner"]["direct_running_mode"] == "in_memory"
     out = tmp_path / "multi"
-    code = run_cli(
-        "run", "--input", str(server.root / "rows.csv"), "--output", str(out), "--allow-host", server.allow,
-        "--set", "request_deadline_s=6", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
-        "--direct_num_workers", "2", "--direct_running_mode", "multi_processing",
-    )
-    assert code == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO), CURATE_FETCH_MULTI_PROCESS_MIN_ROWS="10")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--input", str(server.root / "rows.csv"), "--output", str(out),
+         "--allow-host", server.allow, "--set", "request_deadline_s=6", "--set", "samples_per_shard=16",
+         "--set", "backoff_base_s=0.05", "--quiet"] + TINY_CLIP_ARGS,
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    runner = Layout(str(out)).read_phase_info("fetch")["runner"]
+    assert runner["direct_running_mode"] == ("multi_processing" if cores > 1 else "in_memory")
+    if cores > 1:
+        assert runner["direct_num_workers"] == cores
+    assert not result.stderr.strip() or all(line.startswith("[curate] ") for line in result.stderr.splitlines())
     assert _digests(out) == _digests(demo_output)
 
 
@@ -338,7 +354,7 @@ def test_shards_do_not_depend_on_how_the_ledger_is_split(demo_output, tmp_path):
     assert ours.equals(theirs)
 
 
-def test_large_decide_and_write_use_every_core_unless_a_mode_is_named():
+def test_large_phases_use_every_core_unless_a_mode_is_named():
     from apache_beam.options.pipeline_options import DirectOptions
 
     from pipeline.cli import MULTI_PROCESS_MIN_ROWS, beam_options
@@ -353,6 +369,13 @@ def test_large_decide_and_write_use_every_core_unless_a_mode_is_named():
         assert mode([], "decide", big) == ("multi_processing", cores)
         assert mode([], "write", big) == ("multi_processing", cores)
     assert mode([], "decide", big - 1)[0] == "in_memory"
-    assert mode([], "fetch", 10 * big)[0] == "in_memory"
+    from pipeline.cli import FETCH_MULTI_PROCESS_MIN_ROWS
+
+    if cores > 1:
+        assert mode([], "fetch", FETCH_MULTI_PROCESS_MIN_ROWS) == ("multi_processing", cores)
+        assert mode(["--runner=DirectRunner"], "fetch", FETCH_MULTI_PROCESS_MIN_ROWS)[0] == "multi_processing"
+    assert mode([], "fetch", FETCH_MULTI_PROCESS_MIN_ROWS - 1)[0] == "in_memory"
+    assert mode([], "fetch", None)[0] == "in_memory"  # rows unknown
+    assert mode(["--direct_running_mode=in_memory"], "fetch", 10 * big)[0] == "in_memory"
     assert mode(["--direct_running_mode=in_memory"], "decide", 10 * big)[0] == "in_memory"
     assert mode(["--direct_num_workers=3", "--direct_running_mode=multi_processing"], "write", 1) == ("multi_processing", 3)
