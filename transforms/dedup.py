@@ -228,7 +228,8 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         else:
             break  # a third border (a frame inside the object): levels are matched, not the innermost
         border = colour
-    thumb, brightened = _grey_thumbs(_hash_view(small))
+    hash_views = {0: _hash_view(small)}
+    thumb, brightened = _grey_thumbs(hash_views[0])
     # imagehash's pHash of the 32x32 thumbnail (it skips its resize at that size)
     grey, grey_mirror = imagehash.phash(thumb), imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     flags = 0
@@ -243,7 +244,8 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         flags |= flag
         view, region = views[level]
         aspects[level] = _aspect_byte(region[2] - region[0], region[3] - region[1])
-        hashes[level] = _robust_hashes(*_grey_thumbs(_hash_view(view)))
+        hash_views[level] = _hash_view(view)
+        hashes[level] = _robust_hashes(*_grey_thumbs(hash_views[level]))
         thumbs[level] = _thumb(view, thumb_side)
         boxes[level - 1] = _box_bytes(region, image.size)
     # the centre view: the trimmed view (else the full image) less CENTRE_CROP of each side: a
@@ -251,8 +253,10 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     base = views[1][0] if len(views) > 1 else small
     dx, dy = round(base.width * CENTRE_CROP), round(base.height * CENTRE_CROP)
     centre = base.crop((dx, dy, base.width - dx, base.height - dy))
-    centre_hashes = _robust_hashes(*_grey_thumbs(_hash_view(centre)))
-    layouts = [_layout(small), _layout(views[1][0]) if len(views) > 1 else bytes(_LAYOUT_BYTES), _layout(centre)]
+    hash_views[CENTRE] = _hash_view(centre)
+    centre_hashes = _robust_hashes(*_grey_thumbs(hash_views[CENTRE]))
+    layouts = [_layout(hash_views[0]), _layout(hash_views[1]) if 1 in hash_views else bytes(_LAYOUT_BYTES),
+               _layout(hash_views[CENTRE])]
     colours = b"".join(bytes(int(round(c)) for c in (borders[i] if i < len(borders) else (0, 0, 0))) for i in range(2))
     descriptor = (
         bytes((DESCRIPTOR_VERSION, flags, *aspects))
@@ -277,9 +281,9 @@ def _thumb(image: Image.Image, side: int) -> bytes:
     return image.resize((side, side), Image.Resampling.BOX).tobytes()
 
 
-def _layout(image: Image.Image) -> bytes:
-    """The fine grey layout (LAYOUT_SIDE x LAYOUT_SIDE) of what the hash looks at."""
-    return _hash_view(image).convert("L").resize((LAYOUT_SIDE, LAYOUT_SIDE), Image.Resampling.BOX).tobytes()
+def _layout(hash_view: Image.Image) -> bytes:
+    """The fine grey layout (LAYOUT_SIDE x LAYOUT_SIDE) of what the hash looks at (`_hash_view`)."""
+    return hash_view.convert("L").resize((LAYOUT_SIDE, LAYOUT_SIDE), Image.Resampling.BOX).tobytes()
 
 
 _GREY_CONTRAST_RATIO = 0.25
