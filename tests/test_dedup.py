@@ -170,7 +170,7 @@ def test_image_hashes_shape():
     assert len(features[Col.PHASH]) == 16 and features[Col.PHASH] == features[Col.PHASH].lower()
     int(features[Col.PHASH], 16)
     assert len(features[Col.PHASH_MIRROR]) == 16
-    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 380
+    assert len(features[Col.DEDUP_DESCRIPTOR]) == DESCRIPTOR_BYTES <= 1024
 
 
 def test_phash_is_imagehash_phash_for_small_images():
@@ -670,3 +670,74 @@ def test_object_views_are_compared_level_by_level():
     d0 = image_hashes(image)[Col.DEDUP_DESCRIPTOR]
     for copy in copies:
         assert verify_pair((d0, None), (image_hashes(copy)[Col.DEDUP_DESCRIPTOR], None), True, 0.8, 0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 21: look-alike distinct images (crops of one smooth photo), harder crops and pads
+# ---------------------------------------------------------------------------------------------
+
+
+def _smooth_scene(size=(1200, 900)) -> Image.Image:
+    """A wallpaper-like picture: a smooth sky-like gradient with faint, large-scale texture."""
+    rng = np.random.default_rng(21)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.zeros((h, w, 3))
+    for c, (top, bottom) in enumerate(((60, 200), (110, 220), (190, 250))):
+        img[..., c] = top + (bottom - top) * y / y.max()
+    coarse = rng.normal(0, 1, (h // 150 + 2, w // 150 + 2))
+    field = np.asarray(Image.fromarray(((coarse + 4) * 30).clip(0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC), np.float64)
+    img += (field - field.mean())[..., None] * 0.35
+    img += rng.normal(0, 2, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _ok(x: Image.Image, y: Image.Image) -> bool:
+    return verify_pair((image_hashes(x)[Col.DEDUP_DESCRIPTOR], None), (image_hashes(y)[Col.DEDUP_DESCRIPTOR], None),
+                       True, 0.8, 0.9)
+
+
+def test_distinct_crops_of_one_smooth_picture_are_not_merged():
+    """Tiles of one smooth picture share style and colours but not content: none may verify with
+    another (the old descriptor merged neighbouring tiles of a gradient sky)."""
+    scene = _smooth_scene()
+    tiles = [scene.crop((c * 300, r * 300, (c + 1) * 300, (r + 1) * 300)) for r in range(3) for c in range(4)]
+    merged = [(i, j) for i in range(len(tiles)) for j in range(i + 1, len(tiles)) if _ok(tiles[i], tiles[j])]
+    # main's descriptor merged most neighbouring tiles; one mirrored neighbour pair of this
+    # left-right symmetric sky (tiles 10 and 11) still passes (known limit, issue 21)
+    assert set(merged) <= {(10, 11)}
+    assert _ok(tiles[5], _jpeg_copy(tiles[5], 40))  # a copy of one tile still is one
+
+
+def test_a_copy_cropped_by_5_percent_of_each_side_is_merged():
+    photo = natural_image(11, size=(480, 360))
+    w, h = photo.size
+    cropped = photo.crop((round(0.05 * w), round(0.05 * h), w - round(0.05 * w), h - round(0.05 * h)))
+    assert _ok(photo, cropped) and _ok(cropped, photo)
+    features = image_hashes(cropped)
+    original = dedup.parse_descriptor(image_hashes(photo)[Col.DEDUP_DESCRIPTOR])
+    # a band candidate through the centre view's hash (variant 5)
+    assert hamming(original.hashes[dedup.CENTRE][0], dedup.parse_descriptor(features[Col.DEDUP_DESCRIPTOR]).hashes[0][0]) <= 8
+    assert 5 in dict(dedup.hash_variants({**image_hashes(photo)}))
+
+
+def test_a_white_padded_copy_of_clip_art_on_white_is_merged():
+    """Clip art on white padded with 10 % white on each side: only the trimmed views (the same
+    background trimmed off both) show the same thing; another object stays apart."""
+    def tight(shape):  # the object with a white margin of 12 % of its size on each side
+        art = _small_object_on_canvas(shape)
+        left, top, right, bottom = ImageOps.invert(art).getbbox()
+        mx, my = (right - left) * 12 // 100, (bottom - top) * 12 // 100
+        return art.crop((left - mx, top - my, right + mx, bottom + my))
+
+    art = tight("figure")
+    w, h = art.size
+    padded = ImageOps.expand(art, border=(w // 10, h // 10), fill=(255, 255, 255))
+    assert _ok(art, padded) and _ok(padded, art)
+    assert _ok(art, ImageOps.expand(art, border=(w // 10, h // 10), fill=(0, 0, 0)))
+    assert not _ok(padded, tight("lips")) and not _ok(art, tight("lips"))
+
+
+def test_a_white_padded_photo_is_merged():
+    photo = natural_image(12, size=(400, 300))
+    assert _ok(photo, ImageOps.expand(photo, border=(40, 30), fill=(255, 255, 255)))

@@ -3,7 +3,7 @@
 Fetch phase: `image_hashes` turns one decoded image into three small columns:
   - PHASH: imagehash's 64-bit pHash (computed on a 128-px box-filtered copy, for speed),
   - PHASH_MIRROR: the pHash of the horizontally flipped image (so a flipped copy is found),
-  - DEDUP_DESCRIPTOR (373 bytes, version 5): header (version, flags, aspect ratios), the boxes of
+  - DEDUP_DESCRIPTOR (951 bytes, version 6): header (version, flags, aspect ratios), the boxes of
     the trimmed and object views in the full image, and for up to three views a robust hash pair
     (`_robust_hashes`: pHash's DCT bits on log grey, with a dead zone at the median, so symmetric
     pictures and brightness changes do not turn bits into noise), the same pair of the view
@@ -13,7 +13,10 @@ Fetch phase: `image_hashes` turns one decoded image into three small columns:
     (padding, letterboxing, or the flat background of clip art); the object view (2), one level
     further in, when a border of another colour lies inside the first (a padded clip art: black
     padding, then a white canvas, then the object); deeper borders (a frame inside the object) are
-    not followed. Boxes are found on a <= 128-px rendering and each view is
+    not followed. Version 6 adds (issue 21) the border colours trimmed off to reach levels 1 and 2,
+    a centre view (the trimmed view, else the full image, less 5 % of each side: what a cropped
+    copy's full view shows) with its hashes and RGB thumbnail, and a fine 12x12 grey layout of the
+    full, the trimmed and the centre view. Boxes are found on a <= 128-px rendering and each view is
     rendered again from the original (a small object keeps its detail); a view that is a solid
     block (a square on a flat background) is left out, since all solid blocks hash alike.
   Blank / near-uniform images get None everywhere: they all hash alike, the blank-image rule owns them.
@@ -32,10 +35,15 @@ Decide phase (features table only, never image bytes; pipeline/decide.py wires t
      hash variants are within r (`cosine_candidates`); a pair split across groups is missed, which
      is what makes this path approximate (its recall is measured in benchmarks/scale.py).
   3. verify (`verify_pair`): every second look both ends have must agree: the descriptors
-     must match on one pair of views (full/full, full/trimmed, trimmed/full, never trimmed/trimmed
-     alone) in one orientation, with the aspect ratio, the robust-hash distance (<= r; the darker
+     must match on one pair of views (full/full, full/trimmed, trimmed/full, full/centre,
+     centre/full, trimmed/trimmed; when one background colour was trimmed off both, every pair
+     other than full/full and trimmed/trimmed also needs the trimmed views to agree; object/trimmed
+     when the background under one object is the other's outer one, with closer hashes and
+     thumbnails) in one orientation, with the aspect ratio, the robust-hash distance (<= r; the darker
      view's brightened hash may stand in for its hash), the thumbnail layout (correlation) and the
      thumbnail colour after a global brightness/contrast fit (or a brightening clipped at white)
+     and the fine 12x12 layouts (correlation; when either view is low-texture, i.e. near a plane:
+     smooth gradients, sky, faint line art, a higher correlation and thumbnails close as they are)
      all agreeing; when both images have views further in than the matched ones, those must agree
      too, level by level (a small object barely shows in a large canvas's full view): the view one
      level in on each side (and, for full/full, the next one as well). A brightened copy whose
@@ -74,8 +82,20 @@ _THUMBS_OFFSET = _HASHES_OFFSET + 3 * _VIEW_HASH_BYTES
 # descriptor = header (5) + boxes (8) + the four hashes of the full, trimmed and object view (3 x 32)
 # + 6x6 RGB thumbnails of the full and the trimmed view (2 x 108) + 4x4 RGB thumbnail of the object
 # view (48) = 373 bytes
-DESCRIPTOR_BYTES = _THUMBS_OFFSET + 2 * _THUMB_BYTES + _OBJECT_THUMB_BYTES
-DESCRIPTOR_VERSION = 5
+_V5_BYTES = _THUMBS_OFFSET + 2 * _THUMB_BYTES + _OBJECT_THUMB_BYTES
+# version 6 appends: the border colours trimmed off to reach the trimmed and the object view
+# (2 x 3), the centre view's four hashes (32) and RGB thumbnail (108), and the fine grey layouts
+# (12x12) of the full, the trimmed and the centre view (3 x 144)
+LAYOUT_SIDE = 12
+_LAYOUT_BYTES = LAYOUT_SIDE * LAYOUT_SIDE
+_BORDERS_OFFSET = _V5_BYTES
+_CENTRE_HASHES_OFFSET = _BORDERS_OFFSET + 6
+_CENTRE_THUMB_OFFSET = _CENTRE_HASHES_OFFSET + _VIEW_HASH_BYTES
+_LAYOUTS_OFFSET = _CENTRE_THUMB_OFFSET + _THUMB_BYTES
+DESCRIPTOR_BYTES = _LAYOUTS_OFFSET + 3 * _LAYOUT_BYTES
+DESCRIPTOR_VERSION = 6
+CENTRE = 3  # index of the centre view: the full image less CENTRE_CROP of each side
+CENTRE_CROP = 0.05
 _HAS_TRIM = 1
 _HAS_OBJECT = 2
 _WORK_SIDE = 128  # images are box-reduced to at most this before anything else (speed)
@@ -193,6 +213,7 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     floor = max(blank_std_threshold, _TRIM_MIN_STD)
     full_region = (0.0, 0.0, float(image.width), float(image.height))
     views = [(small, full_region)]
+    borders = []
     border = None
     for _ in range(_TRIM_STEPS):
         inner = _trim(image, *views[-1], floor)
@@ -203,10 +224,12 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
             views[-1] = (view, region)  # the same border again, seen finer: a tighter box, same level
         elif len(views) < 3:
             views.append((view, region))  # a border of another colour: one level further in
+            borders.append(colour)
         else:
             break  # a third border (a frame inside the object): levels are matched, not the innermost
         border = colour
-    thumb, brightened = _grey_thumbs(_hash_view(small))
+    hash_views = {0: _hash_view(small)}
+    thumb, brightened = _grey_thumbs(hash_views[0])
     # imagehash's pHash of the 32x32 thumbnail (it skips its resize at that size)
     grey, grey_mirror = imagehash.phash(thumb), imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     flags = 0
@@ -221,14 +244,29 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         flags |= flag
         view, region = views[level]
         aspects[level] = _aspect_byte(region[2] - region[0], region[3] - region[1])
-        hashes[level] = _robust_hashes(*_grey_thumbs(_hash_view(view)))
+        hash_views[level] = _hash_view(view)
+        hashes[level] = _robust_hashes(*_grey_thumbs(hash_views[level]))
         thumbs[level] = _thumb(view, thumb_side)
         boxes[level - 1] = _box_bytes(region, image.size)
+    # the centre view: the trimmed view (else the full image) less CENTRE_CROP of each side: a
+    # cropped copy's full view (also of a padded original, whose trimmed view is the picture)
+    base = views[1][0] if len(views) > 1 else small
+    dx, dy = round(base.width * CENTRE_CROP), round(base.height * CENTRE_CROP)
+    centre = base.crop((dx, dy, base.width - dx, base.height - dy))
+    hash_views[CENTRE] = _hash_view(centre)
+    centre_hashes = _robust_hashes(*_grey_thumbs(hash_views[CENTRE]))
+    layouts = [_layout(hash_views[0]), _layout(hash_views[1]) if 1 in hash_views else bytes(_LAYOUT_BYTES),
+               _layout(hash_views[CENTRE])]
+    colours = b"".join(bytes(int(round(c)) for c in (borders[i] if i < len(borders) else (0, 0, 0))) for i in range(2))
     descriptor = (
         bytes((DESCRIPTOR_VERSION, flags, *aspects))
         + b"".join(boxes)
         + b"".join(b"".join(h.to_bytes(8, "big") for h in view) for view in hashes)
         + b"".join(thumbs)
+        + colours
+        + b"".join(h.to_bytes(8, "big") for h in centre_hashes)
+        + _thumb(centre, DESCRIPTOR_SIDE)
+        + b"".join(layouts)
     )
     return {Col.PHASH: str(grey), Col.PHASH_MIRROR: str(grey_mirror), Col.DEDUP_DESCRIPTOR: descriptor}
 
@@ -241,6 +279,11 @@ def _box_bytes(region: tuple, size: tuple) -> bytes:
 
 def _thumb(image: Image.Image, side: int) -> bytes:
     return image.resize((side, side), Image.Resampling.BOX).tobytes()
+
+
+def _layout(hash_view: Image.Image) -> bytes:
+    """The fine grey layout (LAYOUT_SIDE x LAYOUT_SIDE) of what the hash looks at (`_hash_view`)."""
+    return hash_view.convert("L").resize((LAYOUT_SIDE, LAYOUT_SIDE), Image.Resampling.BOX).tobytes()
 
 
 _GREY_CONTRAST_RATIO = 0.25
@@ -470,11 +513,13 @@ class Descriptor:
     robust hash and robust mirror hash (`hashes`), the same two of the view brightened
     (`bright`), and its RGB thumbnail."""
 
-    __slots__ = ("aspects", "boxes", "hashes", "bright", "thumbs")
+    __slots__ = ("aspects", "boxes", "hashes", "bright", "thumbs", "borders", "layouts", "centre_level")
 
     def __init__(self, data: bytes):
         present = (True, bool(data[1] & _HAS_TRIM), bool(data[1] & _HAS_OBJECT))
-        self.aspects = [data[2 + v] if present[v] else None for v in range(3)]
+        # the centre view is cut from the trimmed view when there is one (its level), else the full
+        self.centre_level = 1 if present[1] else 0
+        self.aspects = [data[2 + v] if present[v] else None for v in range(3)] + [data[2 + self.centre_level]]
         self.boxes = [(0.0, 0.0, 1.0, 1.0)] + [
             tuple(c / 255.0 for c in data[_BOXES_OFFSET + 4 * (v - 1) : _BOXES_OFFSET + 4 * v]) if present[v] else None
             for v in (1, 2)
@@ -483,8 +528,20 @@ class Descriptor:
             [int.from_bytes(data[o : o + 8], "big") for o in range(start, start + _VIEW_HASH_BYTES, 8)]
             for start in range(_HASHES_OFFSET, _THUMBS_OFFSET, _VIEW_HASH_BYTES)
         ]
-        self.hashes = [tuple(words[v][:2]) if present[v] else None for v in range(3)]
-        self.bright = [tuple(words[v][2:]) if present[v] else None for v in range(3)]
+        words.append([int.from_bytes(data[o : o + 8], "big") for o in range(_CENTRE_HASHES_OFFSET, _CENTRE_THUMB_OFFSET, 8)])
+        present = (*present, True)
+        self.hashes = [tuple(words[v][:2]) if present[v] else None for v in range(4)]
+        self.bright = [tuple(words[v][2:]) if present[v] else None for v in range(4)]
+        self.borders = [
+            np.frombuffer(data, dtype=np.uint8, count=3, offset=_BORDERS_OFFSET + 3 * i).astype(np.float32) if present[i + 1] else None
+            for i in range(2)
+        ]
+        layouts = [
+            np.frombuffer(data, dtype=np.uint8, count=_LAYOUT_BYTES, offset=_LAYOUTS_OFFSET + _LAYOUT_BYTES * i)
+            .reshape(LAYOUT_SIDE, LAYOUT_SIDE).astype(np.float32)
+            for i in range(3)
+        ]
+        self.layouts = [layouts[0], layouts[1] if present[1] else None, None, layouts[2]]
         sides = (DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, OBJECT_SIDE)
         offsets = (_THUMBS_OFFSET, _THUMBS_OFFSET + _THUMB_BYTES, _THUMBS_OFFSET + 2 * _THUMB_BYTES)
         self.thumbs = [
@@ -494,7 +551,8 @@ class Descriptor:
             if present[v]
             else None
             for v in range(3)
-        ]
+        ] + [np.frombuffer(data, dtype=np.uint8, count=_THUMB_BYTES, offset=_CENTRE_THUMB_OFFSET)
+             .reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3).astype(np.float32)]
 
     @property
     def innermost(self) -> int:
@@ -557,10 +615,13 @@ def thumb_correlation(x: np.ndarray, y: np.ndarray) -> float:
 # stored aspect bytes may differ by this much (log2 * 32: 3 = 7 %); a 90-degree turn of a
 # non-square image swaps its aspect and fails here
 _ASPECT_TOLERANCE = 3
-# the pairs of views that may show one picture: full/full, and full/trimmed both ways (a padded
-# copy's trimmed view is the original's full view); never trimmed/trimmed alone: two objects cut
-# from different backgrounds look alike
-_ANCHORS = ((0, 0), (0, 1), (1, 0))
+# the pairs of views that may show one picture: full/full, full/trimmed both ways (a padded
+# copy's trimmed view is the original's full view), trimmed/trimmed only when the same background
+# colour was trimmed off both (a clip art padded or cropped in its own background: two objects
+# cut from different backgrounds look alike), and full/centre both ways (a cropped copy's full
+# view is the original's centre view)
+_ANCHORS = ((0, 0), (0, 1), (1, 0), (0, 3), (3, 0))
+_SAME_BORDER_ANCHORS = ((1, 1), (0, 0), (0, 1), (1, 0), (0, 3), (3, 0))
 # when both images have a view further in (an object on a flat background) than the views that
 # matched, the objects must agree too, loosely (the box moves a little with JPEG and brightness):
 _OBJECT_ASPECT_TOLERANCE = 12  # 30 %
@@ -681,26 +742,43 @@ def descriptor_match(
 ) -> bool:
     """Two descriptors show one picture when, for one pair of views (`_ANCHORS`) in one
     orientation (b mirrored when `mirror`), the aspect ratios agree, the robust hashes are within
-    `radius` and the thumbnails agree in layout (correlation) and in colour (`colour_distance`).
-    When both images also have views further in (an object on a flat background) than the
-    matched views, the objects must agree too (`_object_agreement`): a small object on a large
-    canvas barely shows in the full view, so this is what tells two clip arts apart."""
+    `radius`, the thumbnails agree in layout (correlation) and in colour (`colour_distance`), and
+    the fine grey layouts agree (`_MIN_LAYOUT_CORRELATION`; low-texture views, which all look
+    alike at low resolution, more strictly: `_low_texture`). When both images also have views
+    further in (an object on a flat background) than the matched views, the objects must agree
+    too (`_object_agreement`): a small object on a large canvas barely shows in the full view, so
+    this is what tells two clip arts apart."""
     two_view_radius = int(radius * _TWO_VIEW_RADIUS_FACTOR)
+    # one background colour trimmed off both: the objects are what is compared (a full view
+    # showing one object and its margin can look like the other's object alone, when the objects
+    # differ only in size, say); else trimmed/trimmed never: objects cut from different
+    # backgrounds look alike
+    same_border = _same_border(a, b)
     for flipped in (False, True) if mirror else (False,):
-        for va, vb in _ANCHORS:
+        trimmed_agree = None
+        for va, vb in (_SAME_BORDER_ANCHORS if same_border else _ANCHORS + ((1, 1),)) + _object_anchors(a, b):
             if a.hashes[va] is None or b.hashes[vb] is None:
                 continue
+            if va == vb == 1 and not _same_centre(a, b, flipped):
+                continue  # the objects alone: they must sit alike (padding and even crops keep the centre)
+            if same_border and (va, vb) not in ((0, 0), (1, 1)):
+                if trimmed_agree is None:
+                    trimmed_agree = _level_agreement(a, 0, b, 0, flipped, radius, max_distance) > 0
+                if not trimmed_agree:
+                    continue
             if abs(int(a.aspects[va]) - int(b.aspects[vb])) > _ASPECT_TOLERANCE:
                 continue
             distance, brightened = _view_distance(a, va, b, vb, flipped)
             if distance > two_view_radius:
                 continue
-            check_objects = a.hashes[va + 1] is not None and b.hashes[vb + 1] is not None
+            la = a.centre_level if va == CENTRE else va  # the levels the views are at
+            lb = b.centre_level if vb == CENTRE else vb
+            check_objects = a.hashes[la + 1] is not None and b.hashes[lb + 1] is not None if la < 2 and lb < 2 else False
             objects = 0
             if check_objects:
-                objects = _object_agreement(a, va, b, vb, flipped, radius, max_distance)
-                if objects and va == vb == 0 and a.hashes[va + 2] is not None and b.hashes[vb + 2] is not None:
-                    objects = min(objects, _object_agreement(a, va + 1, b, vb + 1, flipped, radius, max_distance, False))
+                objects = _object_agreement(a, la, b, lb, flipped, radius, max_distance)
+                if objects and la == lb == 0 and a.hashes[2] is not None and b.hashes[2] is not None:
+                    objects = min(objects, _object_agreement(a, 1, b, 1, flipped, radius, max_distance, False))
             if distance > (two_view_radius if check_objects and objects == 2 else radius):
                 continue
             x, y = _thumb_pair(a, va, b, vb, flipped)
@@ -712,8 +790,96 @@ def descriptor_match(
                 continue
             if check_objects and not objects:
                 continue
+            if 2 in (va, vb) and (distance > radius * _OBJECT_ANCHOR_RADIUS or correlation < _OBJECT_ANCHOR_CORRELATION):
+                continue  # objects alone (no fine layout, a 4x4 thumbnail): closer hashes and layout
+            if not _layouts_agree(a, va, b, vb, flipped, distance, colour, radius, max_distance):
+                continue
             return True
     return False
+
+
+def _object_anchors(a: Descriptor, b: Descriptor) -> tuple:
+    """(1, 2) when the background trimmed off a's full view is the one trimmed off b's trimmed view
+    (a clip art padded in white vs the same padded in black: white -> object, black -> white ->
+    object), (2, 1) the other way round."""
+    out = ()
+    if _border_close(a.borders[0], b.borders[1]):
+        out += ((1, 2),)
+    if _border_close(a.borders[1], b.borders[0]):
+        out += ((2, 1),)
+    return out
+
+
+def _border_close(x, y) -> bool:
+    return x is not None and y is not None and float(np.abs(x - y).max()) <= _SAME_BORDER
+
+
+def _same_centre(a: Descriptor, b: Descriptor, flipped: bool) -> bool:
+    """Whether the trimmed views are centred alike in their full images (b mirrored when
+    `flipped`): an even pad or crop keeps the centre, another object placed elsewhere need not."""
+    x, y = a.boxes[1], b.boxes[1]
+    cx, cy = (x[0] + x[2]) / 2, (x[1] + x[3]) / 2
+    dx, dy = (y[0] + y[2]) / 2, (y[1] + y[3]) / 2
+    return abs(cx - (1.0 - dx if flipped else dx)) <= _SAME_CENTRE_TOLERANCE and abs(cy - dy) <= _SAME_CENTRE_TOLERANCE
+
+
+def _same_border(a: Descriptor, b: Descriptor) -> bool:
+    return a.borders[0] is not None and b.borders[0] is not None and float(np.abs(a.borders[0] - b.borders[0]).max()) <= _SAME_BORDER
+
+
+def _texture(layout: np.ndarray) -> float:
+    """How much a fine layout varies beyond its plane fit (smooth gradients, sky: little)."""
+    n = layout.shape[0]
+    y, x = np.mgrid[0:n, 0:n]
+    design = np.stack([np.ones(n * n), x.ravel(), y.ravel()], axis=1)
+    coef, *_ = np.linalg.lstsq(design, layout.ravel(), rcond=None)
+    return float((layout.ravel() - design @ coef).std())
+
+
+def _layout_correlation(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool) -> Optional[float]:
+    x, y = a.layouts[va], b.layouts[vb]
+    if x is None or y is None:
+        return None
+    y = y[:, ::-1] if flipped else y
+    return max(thumb_correlation(x, y), thumb_correlation(*_brighten_darker(x, y)))
+
+
+def _layouts_agree(a, va, b, vb, flipped, distance, colour, radius, max_distance) -> bool:
+    correlation = _layout_correlation(a, va, b, vb, flipped)
+    if correlation is None:
+        return True
+    if correlation < _MIN_LAYOUT_CORRELATION:
+        return False
+    if min(_texture(a.layouts[va]), _texture(b.layouts[vb])) < _LOW_TEXTURE:
+        return (correlation >= _LOW_TEXTURE_CORRELATION and distance <= radius * _LOW_TEXTURE_RADIUS
+                and _raw_difference(a, va, b, vb, flipped) <= _LOW_TEXTURE_DIFFERENCE)
+    return True
+
+
+def _raw_difference(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: bool) -> float:
+    """Mean absolute difference of two thumbnails as they are (no brightness/contrast fit), or with
+    the darker brightened as a brighter copy would be: what tells two flat pictures apart."""
+    x, y = _thumb_pair(a, va, b, vb, flipped)
+    return min(float(np.abs(x - y).mean()), float(np.abs(np.subtract(*_brighten_darker(x, y))).mean()))
+
+
+# Thresholds below were chosen on the tune half of benchmarks/dedup.py (pair-level precision /
+# recall per copy kind over the candidate pairs; the curves are in the commit message of issue 21).
+# fine layouts (12x12 grey) of the matched views: smallest correlation
+_MIN_LAYOUT_CORRELATION = 0.8
+# a view whose fine layout departs from a plane by less than this (std, 0-255) is low-texture
+# (smooth gradients, sky, water, faint line art): then the layouts must correlate more and the
+# thumbnails must agree as they are (no brightness/contrast fit: two flat pictures differ in tone)
+_LOW_TEXTURE = 25.0
+_LOW_TEXTURE_CORRELATION = 0.93
+_LOW_TEXTURE_RADIUS = 1.0
+_LOW_TEXTURE_DIFFERENCE = 12.0
+_SAME_BORDER = 12.0  # border colours (max channel difference) that count as one background
+_SAME_CENTRE_TOLERANCE = 0.05  # trimmed views (centre, shares of the full image) that sit alike
+# object/trimmed anchors (`_object_anchors`): no fine layout, a 4x4 thumbnail: the hashes must be
+# within this share of the radius and the thumbnails correlate this much
+_OBJECT_ANCHOR_RADIUS = 0.5
+_OBJECT_ANCHOR_CORRELATION = 0.9
 
 
 def embedding_cosine(a, b) -> float:
@@ -752,6 +918,7 @@ def verify_pair(
 # ----------------------------------------------------------------------------------------------
 
 VARIANTS = 8  # hash variants a sample is searched under (`hash_variants`)
+_MIRROR_VARIANTS = (1, 3)  # the mirror hashes (left out when flips are not duplicates)
 
 
 def hash_variants(record: dict, mirror: bool = True) -> tuple:
@@ -761,9 +928,10 @@ def hash_variants(record: dict, mirror: bool = True) -> tuple:
     With a descriptor: variants 0/1 are the robust hash / robust mirror hash of the full image, 2/3
     the same of the border-trimmed image (when it has a trimmed view that is not a solid block),
     4 and 6 the brightened hash of the full and of the trimmed image (so a brighter copy, whose
-    hash moved towards it, is a candidate). Without one (hash-only records, or a descriptor of
-    another version): the PHASH / PHASH_MIRROR columns. An odd and an even variant matching means
-    one image is the other's mirror.
+    hash moved towards it, is a candidate), 5 the centre view's hash (a copy cropped by about 5 %
+    of each side is near it). Without one (hash-only records, or a descriptor of
+    another version): the PHASH / PHASH_MIRROR columns. Variants 1 and 3 are mirror hashes (left
+    out when flips are not duplicates).
     """
     descriptor = parse_descriptor(record.get(Col.DEDUP_DESCRIPTOR))
     if descriptor is not None:
@@ -771,13 +939,14 @@ def hash_variants(record: dict, mirror: bool = True) -> tuple:
         # brightened flip already
         brightened = [descriptor.bright[0][0], None, (descriptor.bright[1] or (None,))[0], None]
         values = [*descriptor.hashes[0], *(descriptor.hashes[1] or (None, None)), *brightened]
+        values[5] = descriptor.hashes[CENTRE][0]  # the centre view: a cropped copy's full view is near it
     else:
         values = [_hex_to_int(record.get(Col.PHASH)), _hex_to_int(record.get(Col.PHASH_MIRROR))]
     if values[0] is None:
         return ()
     out, seen = [], set()
     for variant, value in enumerate(values):
-        if value is None or value in seen or (variant % 2 and not mirror):
+        if value is None or value in seen or (variant in _MIRROR_VARIANTS and not mirror):
             continue
         seen.add(value)
         out.append((variant, value))
@@ -830,6 +999,8 @@ def variant_matrix(descriptors, phash, phash_mirror, mirror: bool = True) -> tup
         where = valid if view == 0 else trimmed
         values[:, variant] = np.where(where, word(view, index), np.uint64(0))
         present[:, variant] = where
+    values[:, 5] = np.where(valid, _words(raw, _CENTRE_HASHES_OFFSET), np.uint64(0))  # the centre view
+    present[:, 5] = valid
     plain, plain_ok = hex_prefix_uint64(phash, 16)
     flipped, flipped_ok = hex_prefix_uint64(phash_mirror, 16)
     fallback = ~valid
@@ -837,7 +1008,7 @@ def variant_matrix(descriptors, phash, phash_mirror, mirror: bool = True) -> tup
     values[fallback, 1], present[fallback, 1] = flipped[fallback], flipped_ok[fallback]
     present &= present[:, :1]  # no first hash: not searched at all
     if not mirror:
-        present[:, 1::2] = False
+        present[:, list(_MIRROR_VARIANTS)] = False
     for variant in range(1, VARIANTS):  # a value a sample already has is not searched again
         repeated = np.zeros(n, dtype=bool)
         for earlier in range(variant):
