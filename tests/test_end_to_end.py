@@ -158,6 +158,22 @@ def _digests(out) -> dict[str, str]:
     return digests
 
 
+def assert_same_outputs(out, reference) -> None:
+    """Shards byte-identical; ledger files byte-identical too, unless a row needed another attempt
+    in one run only. `attempts` records what the network did (a request starved past its deadline
+    on a busy machine is retried and then succeeds), not what the input and config decide: then the
+    ledgers must still hold the same rows in the same order with every other column equal."""
+    ours, theirs = _digests(out), _digests(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        if ours[name] == theirs[name]:
+            continue
+        assert name.startswith("ledger/"), name
+        mine, other = pq.read_table(f"{out}/{name}"), pq.read_table(f"{reference}/{name}")
+        assert mine[Col.ATTEMPTS] != other[Col.ATTEMPTS], f"{name} differs in more than attempts"
+        assert mine.drop_columns([Col.ATTEMPTS]).equals(other.drop_columns([Col.ATTEMPTS])), name
+
+
 def test_same_input_and_config_give_byte_identical_outputs(server, demo_output, tmp_path):
     again = tmp_path / "again"
     code = run_cli(
@@ -165,7 +181,7 @@ def test_same_input_and_config_give_byte_identical_outputs(server, demo_output, 
         "--set", "request_deadline_s=6", "--set", "samples_per_shard=16", "--set", "backoff_base_s=0.05",
     )
     assert code == 0
-    assert _digests(again) == _digests(demo_output)
+    assert_same_outputs(again, demo_output)
 
 
 def test_existing_webdataset_shards_are_valid_input(demo_output, tmp_path):
@@ -329,7 +345,7 @@ def test_multi_process_direct_runner_gives_the_same_bytes(server, demo_output, t
     if cores > 1:
         assert runner["direct_num_workers"] == cores
     assert not result.stderr.strip() or all(line.startswith("[curate] ") for line in result.stderr.splitlines())
-    assert _digests(out) == _digests(demo_output)
+    assert_same_outputs(out, demo_output)
 
 
 def test_shards_do_not_depend_on_how_the_ledger_is_split(demo_output, tmp_path):
