@@ -271,12 +271,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 # decide and write on at least this many rows use every core (multi_processing, one worker per
 # core) unless the user chose a runner mode: below it, starting the workers costs more than it saves
 MULTI_PROCESS_MIN_ROWS = 200_000
-# fetch on at least this many input rows does the same. Its per-row work (decode, resize, hashes,
-# language ID: ~8-12 ms of CPU a row) is what the in-process runner leaves on one core; the
-# workers cost ~10 s of CPU to start (imports, models, once per worker). Measured on 2 cores shared
-# with other jobs (README "Download throughput"): in process won at 4,000 rows (1.41-1.50x
-# img2dataset against 1.01-1.29x), the two were even at 10,000 (86.5 vs 81.9 samples/s), and on a
-# quieter machine two workers were ahead at 10,000 (1.59x against ~1.27x)
+# fetch on at least this many input rows does the same. Its per-row CPU work (decode, resize,
+# hashes, language ID) is what the in-process runner leaves on one core, while each worker pays
+# its imports and models again at start: below this, one process did better on the download
+# benchmark (README, "Download throughput").
 FETCH_MULTI_PROCESS_MIN_ROWS = 10_000
 FETCH_MIN_ROWS_ENV = "CURATE_FETCH_MULTI_PROCESS_MIN_ROWS"  # overrides it (tests use a small corpus)
 

@@ -231,10 +231,8 @@ _IMPLAUSIBLE = {"la", "eo"}
 # ("photo of a red circle on a grey background in a kitchen, close-up") gets 0.73-0.87 from the
 # small fastText model, and each caption sent on to the vote cost ~0.2 ms, ~1.2 ms while lingua
 # loads its models: 0.7 lets fastText settle them.
-# Since issue 23 both are shares of the probability over the script's languages (fasttext_is_sure):
-# on the dev set the vote went from 48.6% of the texts to 24.1% at the same accuracy (0.9589;
-# held-out half 0.9542 -> 0.9549), on web-like English alt text from 93% to 3%. A sibling's share
-# of 0.9 sends no more texts astray than a raw 0.995 did (the vote agreed with fastText on them).
+# Both are shares of the probability over the script's languages (`fasttext_is_sure`): the share
+# settles far more texts than the raw probability did at the same accuracy (README, language ID).
 _FT_SURE = 0.7  # fastText alone decides at or above this...
 _FT_SURE_SIBLING_SHARE = 0.9  # ...or this, when its answer has confusable siblings
 _W_FASTTEXT, _W_LINGUA, _W_PY3 = 0.5, 1.0, 2.0
@@ -443,11 +441,9 @@ def _detect_auto(text: str) -> tuple:
         if lang == _best(py3)[0] and py3[lang] > _PY3_AGREES:
             # fastText's top answer with py3langid over 0.75 on it: whatever lingua says, the vote
             # below gives this answer (its score beats any other's by at least
-            # (2 * 2 * py3 - 2 - 1) / 3.5 > 0), so lingua (~0.4 s of CPU to load each language's
-            # models in each worker process) is not asked; the score is the vote without it
-            weight = _W_FASTTEXT + _W_PY3
-            scores = {c: (_W_FASTTEXT * ft.get(c, 0.0) + _W_PY3 * py3.get(c, 0.0)) / weight for c in set(ft) | set(py3)}
-            return lang, min(scores[lang], 1.0), _runner_up(scores, lang)
+            # (2 * 2 * py3 - 2 - 1) / 3.5 > 0), so lingua (whose models each worker loads per
+            # language, slowly) is not asked; the score is the vote of the other two
+            return _vote(((_W_FASTTEXT, ft), (_W_PY3, py3)), set(ft) | set(py3))
     candidates = set(sorted(ft, key=lambda c: (-ft[c], c))[:5]) | set(sorted(py3, key=lambda c: (-py3[c], c))[:3])
     for code in list(candidates):
         candidates |= _SIBLING_OF.get(code, set()) & allowed
@@ -455,11 +451,22 @@ def _detect_auto(text: str) -> tuple:
     if not candidates:
         return UND, 0.0, 0.0
     lg = _lingua_probs(text, candidates)
-    weight = _W_FASTTEXT + _W_LINGUA + _W_PY3
-    scores = {
-        c: (_W_FASTTEXT * ft.get(c, 0.0) + _W_LINGUA * lg.get(c, 0.0) + _W_PY3 * py3.get(c, 0.0)) / weight
-        for c in candidates | set(ft) | set(py3)
-    }
+    return _vote(((_W_FASTTEXT, ft), (_W_LINGUA, lg), (_W_PY3, py3)), candidates | set(ft) | set(py3))
+
+
+def _vote(weighted: tuple, codes: set) -> tuple:
+    """(language, score, runner-up's score) of the weighted mean of the backends' probabilities
+    (`weighted`: (weight, {code: probability}) pairs) over `codes`."""
+    weight = sum(w for w, _ in weighted)
+    scores = {}
+    for code in codes:
+        # summed left to right from the first term, with no 0.0 start: the same arithmetic (and
+        # float types: the backends give numpy float32) as writing the weighted sum out
+        terms = [w * probs.get(code, 0.0) for w, probs in weighted]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        scores[code] = total / weight
     lang, score = _best(scores)
     return lang, min(score, 1.0), _runner_up(scores, lang)
 

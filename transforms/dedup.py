@@ -513,7 +513,7 @@ class Descriptor:
     robust hash and robust mirror hash (`hashes`), the same two of the view brightened
     (`bright`), and its RGB thumbnail."""
 
-    __slots__ = ("aspects", "boxes", "hashes", "bright", "thumbs", "borders", "layouts", "centre_level")
+    __slots__ = ("aspects", "boxes", "hashes", "bright", "thumbs", "borders", "layouts", "centre_level", "_textures")
 
     def __init__(self, data: bytes):
         present = (True, bool(data[1] & _HAS_TRIM), bool(data[1] & _HAS_OBJECT))
@@ -542,6 +542,7 @@ class Descriptor:
             for i in range(3)
         ]
         self.layouts = [layouts[0], layouts[1] if present[1] else None, None, layouts[2]]
+        self._textures = [None] * 4  # `texture`, computed when a pair first needs it
         sides = (DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, OBJECT_SIDE)
         offsets = (_THUMBS_OFFSET, _THUMBS_OFFSET + _THUMB_BYTES, _THUMBS_OFFSET + 2 * _THUMB_BYTES)
         self.thumbs = [
@@ -553,6 +554,13 @@ class Descriptor:
             for v in range(3)
         ] + [np.frombuffer(data, dtype=np.uint8, count=_THUMB_BYTES, offset=_CENTRE_THUMB_OFFSET)
              .reshape(DESCRIPTOR_SIDE, DESCRIPTOR_SIDE, 3).astype(np.float32)]
+
+    def texture(self, view: int) -> float:
+        """`_texture` of a view's fine layout, once per descriptor: verification asks it of the same
+        view for every anchor and every candidate pair."""
+        if self._textures[view] is None:
+            self._textures[view] = _texture(self.layouts[view])
+        return self._textures[view]
 
     @property
     def innermost(self) -> int:
@@ -792,7 +800,7 @@ def descriptor_match(
                 continue
             if 2 in (va, vb) and (distance > radius * _OBJECT_ANCHOR_RADIUS or correlation < _OBJECT_ANCHOR_CORRELATION):
                 continue  # objects alone (no fine layout, a 4x4 thumbnail): closer hashes and layout
-            if not _layouts_agree(a, va, b, vb, flipped, distance, colour, radius, max_distance):
+            if not _layouts_agree(a, va, b, vb, flipped, distance, radius):
                 continue
             return True
     return False
@@ -824,7 +832,7 @@ def _same_centre(a: Descriptor, b: Descriptor, flipped: bool) -> bool:
 
 
 def _same_border(a: Descriptor, b: Descriptor) -> bool:
-    return a.borders[0] is not None and b.borders[0] is not None and float(np.abs(a.borders[0] - b.borders[0]).max()) <= _SAME_BORDER
+    return _border_close(a.borders[0], b.borders[0])
 
 
 def _texture(layout: np.ndarray) -> float:
@@ -844,13 +852,13 @@ def _layout_correlation(a: Descriptor, va: int, b: Descriptor, vb: int, flipped:
     return max(thumb_correlation(x, y), thumb_correlation(*_brighten_darker(x, y)))
 
 
-def _layouts_agree(a, va, b, vb, flipped, distance, colour, radius, max_distance) -> bool:
+def _layouts_agree(a, va, b, vb, flipped, distance, radius) -> bool:
     correlation = _layout_correlation(a, va, b, vb, flipped)
     if correlation is None:
         return True
     if correlation < _MIN_LAYOUT_CORRELATION:
         return False
-    if min(_texture(a.layouts[va]), _texture(b.layouts[vb])) < _LOW_TEXTURE:
+    if min(a.texture(va), b.texture(vb)) < _LOW_TEXTURE:
         return (correlation >= _LOW_TEXTURE_CORRELATION and distance <= radius * _LOW_TEXTURE_RADIUS
                 and _raw_difference(a, va, b, vb, flipped) <= _LOW_TEXTURE_DIFFERENCE)
     return True
@@ -864,7 +872,7 @@ def _raw_difference(a: Descriptor, va: int, b: Descriptor, vb: int, flipped: boo
 
 
 # Thresholds below were chosen on the tune half of benchmarks/dedup.py (pair-level precision /
-# recall per copy kind over the candidate pairs; the curves are in the commit message of issue 21).
+# recall per copy kind over the candidate pairs; benchmarks/dedup_curves.py prints the curves).
 # fine layouts (12x12 grey) of the matched views: smallest correlation
 _MIN_LAYOUT_CORRELATION = 0.8
 # a view whose fine layout departs from a plane by less than this (std, 0-255) is low-texture
