@@ -286,12 +286,48 @@ def planted_found(source: Path, out: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # removed while counted
+                pass
+    return total
+
+
+class _DiskPeak:
+    """The largest size the phase's work folder (its spilled shuffles) reaches, sampled every second:
+    with the features, what a run needs on disk."""
+
+    def __init__(self, folder: Path):
+        import threading
+
+        self.folder, self.peak, self._stop = folder, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(1.0):
+            self.peak = max(self.peak, _folder_bytes(self.folder))
+
+    def close(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def run_phase(out: Path, phase: str, checkout: Path, extra: list[str], timeout: float = 6 * 3600) -> dict:
     command = [sys.executable, "-m", "pipeline.cli", phase, "--output", str(out), "--quiet"] + extra
-    measured = run_measured(command, env=env_for(checkout), cwd=checkout, timeout=timeout)
+    disk = _DiskPeak(out / "work")
+    try:
+        measured = run_measured(command, env=env_for(checkout), cwd=checkout, timeout=timeout)
+    finally:
+        work_bytes = disk.close()
     info = json.loads((out / "run" / f"{phase}.json").read_text())
     return {"seconds": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"], "passes": info.get("passes", []),
-            "metrics": info.get("metrics", {})}
+            "metrics": info.get("metrics", {}), "peak_work_mb": work_bytes / 2**20}
 
 
 def config_args(info: dict) -> list[str]:
@@ -479,7 +515,8 @@ def main() -> int:
                 measured = run_phase(out, phase, checkout, config_args(info))
                 entry[f"{name}_{phase}"] = measured
                 print(f"{rows:,} rows, {name} {phase}: {measured['seconds']:.0f} s, {rows / measured['seconds']:,.0f} rows/s, "
-                      f"peak RSS {measured['peak_rss_mb']:,.0f} MB", flush=True)
+                      f"peak RSS {measured['peak_rss_mb']:,.0f} MB, work folder up to {measured['peak_work_mb']:,.0f} MB",
+                      flush=True)
                 if name == "ours":
                     for record in measured["passes"]:
                         print(f"    {record['pass']:12s} {record['seconds']:8.1f} s  {record.get('peak_rss_mb')} MB", flush=True)
@@ -507,15 +544,15 @@ def main() -> int:
 
 
 def print_table(results: dict) -> None:
-    print("\n| rows | phase | code | seconds | rows/s | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| rows | phase | code | seconds | rows/s | peak RSS (MB) | work folder (MB) |")
+    print("|---|---|---|---|---|---|---|")
     for rows, entry in results["rows"].items():
         for phase in ("decide", "write"):
             for name in ("ours", "baseline"):
                 m = entry.get(f"{name}_{phase}")
                 if m:
                     print(f"| {int(rows):,} | {phase} | {name} | {m['seconds']:.0f} | {int(rows) / m['seconds']:,.0f} | "
-                          f"{m['peak_rss_mb']:,.0f} |")
+                          f"{m['peak_rss_mb']:,.0f} | {m.get('peak_work_mb', 0):,.0f} |")
     sizes = sorted(int(r) for r in results["rows"])
     for phase in ("decide", "write"):
         for small, big in zip(sizes, sizes[1:]):

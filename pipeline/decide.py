@@ -276,10 +276,11 @@ def _space_partitions(partitioning: Optional[nn.Partitioning]) -> int:
 
 
 def _spill_groups(table: pa.Table, units: np.ndarray, valid: np.ndarray, partitioning: Optional[nn.Partitioning],
-                  probe: int, keep_ungrouped: bool) -> pa.Table:
+                  probe: int, keep_ungrouped: bool, home_only: tuple = ()) -> pa.Table:
     """The rows with their groups: one row per (row, fine cell) among its `probe` cells, with its
     rank (0: home) and the partition of the cell; rows without a vector go to the last partition
-    (when kept at all) with cell -1."""
+    (when kept at all) with cell -1. The `home_only` columns are null in the copies of rank > 0
+    (what only a sample's home group reads: the spill is written once per copy)."""
     n = table.num_rows
     partitions = _space_partitions(partitioning)
     if partitioning is None:
@@ -300,6 +301,12 @@ def _spill_groups(table: pa.Table, units: np.ndarray, valid: np.ndarray, partiti
     else:
         part = np.where(chosen >= 0, partitioning.fine_parent[np.maximum(chosen, 0)], partitions)
     out = cols.take(table, rows)
+    if home_only and (ranks > 0).any():
+        home = pa.array(ranks == 0)
+        for name in home_only:
+            column = out.column(name)
+            out = out.set_column(out.schema.get_field_index(name), name,
+                                 pc.if_else(home, column, pa.scalar(None, column.type)))
     out = out.append_column(_CELL, pa.array(chosen.astype(np.int32)))
     out = out.append_column(_RANK, pa.array(ranks.astype(np.int8)))
     return partitioned(out, part)
@@ -363,8 +370,10 @@ class _MainPass(beam.DoFn):
                 _HASHES: cols.uint64_matrix_array(hashes), _HASHES_PRESENT: pa.array(np.packbits(hashes_present, axis=1, bitorder="little")[:, 0]),
                 Col.CAPTION: captions, _CAPTION_KEY: pa.array(caption_keys),
             })
+            # near dedup reads a sample's descriptor and hash variants in its home group only
             yield beam.pvalue.TaggedOutput(SPILL_IMAGE, _spill_groups(
-                image, units, valid, partitionings.get("image"), s["probe"], keep_ungrouped=s["dedup_near"]))
+                image, units, valid, partitionings.get("image"), s["probe"], keep_ungrouped=s["dedup_near"],
+                home_only=(Col.DEDUP_DESCRIPTOR, _VALUES, _PRESENT)))
         if s["k"] > 0:
             units, valid = _units(remaining, "text")
             text = pa.table({
@@ -490,6 +499,8 @@ class _NearDedup(beam.DoFn):
         table = read_partition(paths, columns=_DEDUP_ROWS)
         if table is None or table.num_rows < 2:
             return
+        # a sample is looked at in its home group only (rank 0: every sample has one row there)
+        table = table.filter(pc.equal(table[_RANK], 0))
         if len(exact_dropped):
             table = table.filter(pc.invert(pc.is_in(table[Col.UID], value_set=exact_dropped)))
         global_mode = counts["remaining"] <= s["dedup_exact_max"]
@@ -503,7 +514,7 @@ class _NearDedup(beam.DoFn):
         if global_mode:
             pairs = dedup.band_candidates(values, present, s["radius"], s["max_bucket"])
         else:
-            pairs = self._grouped_candidates(table, rows, values, present, units, valid)
+            pairs = self._grouped_candidates(rows, values, present, units, valid)
         if not len(pairs):
             return
         self._candidates.inc(len(pairs))
@@ -529,22 +540,20 @@ class _NearDedup(beam.DoFn):
         yield beam.pvalue.TaggedOutput(self.PAYLOADS, partitioned(payloads, cols.uid_ranges(
             cols.column(payloads, Col.UID), decision_files(counts["alive"], s["rows_per_file"]))))
 
-    def _grouped_candidates(self, table, rows, values, present, units, valid) -> np.ndarray:
+    def _grouped_candidates(self, rows, values, present, units, valid) -> np.ndarray:
         """Inside each group of the partition, among the samples whose home it is: CLIP-cosine
         candidates (near-copies sit at cosines over 0.9: the same nearest centroid); rows without
         a vector (the last partition) by hash bands among themselves."""
         s = self._s
-        index = {uid: i for i, uid in enumerate(cols.column(rows, Col.UID).to_pylist())}
-        member = np.array([index[u] for u in cols.column(table, Col.UID).to_pylist()], dtype=np.int64)
-        cells = cols.column(table, _CELL).to_numpy(zero_copy_only=False)
-        ranks = cols.column(table, _RANK).to_numpy(zero_copy_only=False)
+        member = np.arange(rows.num_rows)  # `rows` holds each sample's home row once
+        cells = cols.column(rows, _CELL).to_numpy(zero_copy_only=False)
         found = []
         lone = np.unique(member[cells < 0])
         if len(lone) > 1:
             sub = dedup.band_candidates(values[lone], present[lone], s["radius"], s["max_bucket"])
             found.append(lone[sub])
         vectors = nn.search_vectors(units)
-        grouped = (cells >= 0) & (ranks == 0)
+        grouped = cells >= 0
         order = np.lexsort((member[grouped], cells[grouped]))
         g_cells, g_members = cells[grouped][order], member[grouped][order]
         starts = np.flatnonzero(np.r_[True, g_cells[1:] != g_cells[:-1]]) if len(g_cells) else np.zeros(0, int)
@@ -1031,11 +1040,14 @@ def build_decide(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
                 | f"{space.title()}Partitions" >> beam.GroupByKey()
                 | f"{space.title()}Paths" >> beam.Map(_flatten_paths)
                 | f"{space.title()}Negatives" >> beam.ParDo(_Negatives(space, s), dropped=dropped, kept=kept, counts=counts)
+                # _NEIGHBOUR_SCHEMA tables by uid range, written where they are found: a Flatten of
+                # the two spaces' tables would hold every neighbour in the runner until both are done
+                | SpillBatches(work, f"neighbours_{space}")  # (uid range, paths)
             )
             neighbour_spills.append(found)
     neighbours = (
         neighbour_spills or [pipeline | "NoNeighbours" >> beam.Create([], reshuffle=False)]
-    ) | "AllNeighbours" >> beam.Flatten() | SpillBatches(work, "neighbours")
+    ) | "AllNeighbours" >> beam.Flatten()  # (uid range, paths), one element per space
 
     # --- decisions ---------------------------------------------------------------------------
     written = (

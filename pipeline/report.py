@@ -23,7 +23,7 @@ import html
 import io
 import json
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -46,17 +46,22 @@ def _glob(pattern: str) -> list[str]:
     return sorted(m.path for m in result.metadata_list)
 
 
-def read_table(pattern: str, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
-    tables = []
+def each_table(pattern: str, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+    """The files of `pattern` one at a time: what a report reads from an output of tens of millions
+    of rows is filtered or counted file by file, never concatenated whole."""
     for path in _glob(pattern):
         with FileSystems.open(path, compression_type="uncompressed") as handle:
             parquet = pq.ParquetFile(handle)
-            if columns is not None:
+            if columns is None:
+                yield parquet.read()
+            else:
                 # Columns another stage has not landed yet (older outputs) are simply absent.
                 present = set(parquet.schema_arrow.names)
-                tables.append(parquet.read(columns=[c for c in columns if c in present]))
-            else:
-                tables.append(parquet.read())
+                yield parquet.read(columns=[c for c in columns if c in present])
+
+
+def read_table(pattern: str, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
+    tables = list(each_table(pattern, columns))
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="default")
@@ -169,6 +174,7 @@ CAPTION_NEGATIVE_KINDS = ("swap", "attribute", "object", "text")  # preferred fi
 
 EXAMPLES_PER_REASON = 4
 HARD_NEGATIVE_TRIPLES = 4
+_TRIPLE_CANDIDATES = 64  # anchors looked at for the triples (most have both kinds)
 THUMBNAIL_PX = 96
 TOP_LANGUAGES = 15
 TOP_DOMAINS = 10
@@ -686,10 +692,13 @@ def _read_from_tars(wanted_by_path: dict[str, set]) -> dict[str, str]:
 
 def _read_from_raw(layout: Layout, uids: set) -> dict[str, str]:
     """uid -> thumbnail for samples decoded in fetch but not shipped: read from raw/ by offset."""
-    locations = read_table(layout.features_glob(), [Col.UID, Col.RAW_FILE, Col.RAW_OFFSET, Col.RAW_LENGTH])
-    if locations is None or Col.RAW_FILE not in locations.column_names:
+    wanted = pa.array(sorted(uids), pa.string())
+    parts = [table.filter(pc.is_in(table.column(Col.UID), value_set=wanted))
+             for table in each_table(layout.features_glob(), [Col.UID, Col.RAW_FILE, Col.RAW_OFFSET, Col.RAW_LENGTH])
+             if Col.RAW_FILE in table.column_names]
+    if not parts:
         return {}
-    locations = locations.filter(pc.is_in(locations.column(Col.UID), value_set=pa.array(sorted(uids), pa.string())))
+    locations = pa.concat_tables(parts)
     found = {}
     reader = RawImageReader(layout.raw_shards)
     try:
@@ -770,18 +779,27 @@ def pick_examples(rows: dict, summary: dict) -> dict[str, list[dict]]:
 
 
 def pick_hard_negatives(layout: Layout) -> tuple[dict, list[dict]]:
-    table = read_table(join_path(layout.shards, "*.parquet"), [Col.KEY, Col.CAPTION, Col.HARD_NEGATIVES])
+    """Counts of the shards' hard negatives by kind, and a few (anchor, image negative, caption
+    negative) triples from the anchors with the lowest keys: shard file by shard file, keeping only
+    the lowest-key anchors seen so far."""
     stats = {"available": False, "anchors_with_negatives": 0, "negatives_by_kind": {}}
-    if table is None or Col.HARD_NEGATIVES not in table.column_names or not table.num_rows:
+    kinds: collections.Counter = collections.Counter()
+    candidates = None
+    for table in each_table(join_path(layout.shards, "*.parquet"), [Col.KEY, Col.CAPTION, Col.HARD_NEGATIVES]):
+        if Col.HARD_NEGATIVES not in table.column_names or not table.num_rows:
+            continue
+        negatives = table.column(Col.HARD_NEGATIVES)
+        lengths = pc.fill_null(pc.list_value_length(negatives), 0).to_numpy(zero_copy_only=False)
+        stats["anchors_with_negatives"] += int(np.sum(lengths > 0))
+        kinds.update(_value_counts(pc.fill_null(pc.struct_field(pc.list_flatten(negatives), Col.NEGATIVE_KIND), "unknown")))
+        lowest = table.filter(pa.array(lengths > 0))
+        if candidates is not None:
+            lowest = pa.concat_tables([candidates, lowest])
+        candidates = lowest.sort_by([(Col.KEY, "ascending")]).slice(0, _TRIPLE_CANDIDATES).combine_chunks()
+    stats["negatives_by_kind"] = _counts(kinds)
+    if candidates is None:
         return stats, []
-    table = table.sort_by([(Col.KEY, "ascending")]).combine_chunks()
-    negatives = table.column(Col.HARD_NEGATIVES)
-    lengths = pc.fill_null(pc.list_value_length(negatives), 0).to_numpy(zero_copy_only=False)
-    stats["anchors_with_negatives"] = int(np.sum(lengths > 0))
-    kinds = pc.fill_null(pc.struct_field(pc.list_flatten(negatives), Col.NEGATIVE_KIND), "unknown")
-    stats["negatives_by_kind"] = _counts(collections.Counter(_value_counts(kinds)) if len(kinds) else collections.Counter())
     triples = []
-    candidates = table.take(pa.array(np.flatnonzero(lengths > 0)[:64]))
     for key, caption, listed in zip(candidates.column(Col.KEY).to_pylist(), candidates.column(Col.CAPTION).to_pylist(),
                                     candidates.column(Col.HARD_NEGATIVES).to_pylist()):
         if len(triples) >= HARD_NEGATIVE_TRIPLES:

@@ -57,3 +57,43 @@ def test_top_percent_cut_is_global_across_files(tmp_path, top_percent):
     assert kept[-1] == pytest.approx(1.99)  # the best are the ones kept
     dropped = {row[Col.REASON] for row in decisions.values() if row[Col.STATUS] == "dropped"}
     assert dropped <= {DropReason.LOW_CLIP_SCORE.value}
+
+
+def test_large_outputs_are_spilled_in_the_step_that_makes_them(tmp_path):
+    """The in-memory runners keep a PCollection that crosses from one fused stage to the next in
+    the runner process until it is consumed: a Flatten of both spaces' neighbour tables held every
+    neighbour of the dataset there (2 GB at 1M rows). Each step that makes a table per partition
+    hands it straight to its spill writer, and only (partition, paths) cross stages."""
+    from collections import defaultdict
+
+    from apache_beam.pipeline import PipelineVisitor
+
+    from pipeline.decide import build_decide
+    from pipeline.layout import Layout
+    from tests.conftest import in_process_pipeline
+
+    class Consumers(PipelineVisitor):
+        def __init__(self):
+            self.consumers, self.outputs = defaultdict(list), {}
+
+        def visit_transform(self, node):
+            for pcoll in node.inputs:
+                self.consumers[pcoll].append(node.full_label)
+            self.outputs[node.full_label] = list(node.outputs.items())
+
+    pipeline = in_process_pipeline()
+    build_decide(pipeline, CurateConfig(output=str(tmp_path)), Layout(str(tmp_path)))
+    visitor = Consumers()
+    pipeline.visit(visitor)
+    makers = [label for label in visitor.outputs
+              if label.split("/")[0] in ("Verdicts", "NearDedup", "ImageNegatives", "TextNegatives")]
+    assert len(makers) == 4, makers
+    spilled = 0
+    for label in makers:
+        for tag, pcoll in visitor.outputs[label]:
+            consumers = visitor.consumers[pcoll]
+            # untagged outputs of the multi-output steps: unused, or the verified pairs (a side input)
+            assert consumers or (tag is None and label.startswith(("Verdicts", "NearDedup"))), (label, tag)
+            assert all(c.startswith("Spill") and c.endswith("/Write") for c in consumers), (label, tag, consumers)
+            spilled += len(consumers)
+    assert spilled == 7  # alive, exact, image, text, payloads, neighbours of each space

@@ -741,3 +741,29 @@ def test_a_white_padded_copy_of_clip_art_on_white_is_merged():
 def test_a_white_padded_photo_is_merged():
     photo = natural_image(12, size=(400, 300))
     assert _ok(photo, ImageOps.expand(photo, border=(40, 30), fill=(255, 255, 255)))
+
+
+def test_grouped_near_dedup_finds_what_the_global_search_finds():
+    """Above dedup_exact_max near-duplicates are looked for inside each sample's home group (CLIP
+    cosine candidates, then the same verification): on a set whose copies sit next to their
+    originals in CLIP space, the grouped path drops exactly what the global one drops, with
+    every sample also spilled to other groups (probe 3) as a candidate for negatives."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(12, 32))
+    records, planted = [], []
+    for i in range(72):
+        image = natural_image(300 + i, size=(96, 72))
+        embedding = centres[i % 12] + 0.5 * rng.normal(size=32)
+        records.append(record(f"o{i:03d}", image, size=(96, 72), embedding=(embedding / np.linalg.norm(embedding)).tolist()))
+        if i % 6 == 0:  # a recompressed, slightly smaller copy with an embedding at cosine ~0.99
+            buffer = io.BytesIO()
+            image.resize((80, 60)).save(buffer, format="JPEG", quality=40)
+            near = embedding + 0.05 * rng.normal(size=32)
+            records.append(record(f"c{i:03d}", Image.open(buffer).convert("RGB"), size=(80, 60),
+                                  embedding=(near / np.linalg.norm(near)).tolist()))
+            planted.append(drop(f"c{i:03d}", f"o{i:03d}", NEAR))
+    grouped = {"dedup_exact_max": 20, "negatives_exact_max": 20, "negatives_group_size": 12, "negatives_probe": 3,
+               "decide_partition_rows": 1000, "negatives_sample": 200}
+    decide(records, planted)
+    counters = decide(records, planted, **grouped)
+    assert counters["candidate_edges"] >= len(planted)

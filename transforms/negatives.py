@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -82,6 +83,14 @@ class _Lexicon:
             role: {c: _positions(words) for c, words in table.items()}
             for role, table in (("attribute", self.attributes), ("object", self.objects))
         }
+        # lowercased word -> (attribute category or None, (singular, object category) or None):
+        # one lookup per token, and most tokens of a caption are in no list
+        self.tags: dict[str, tuple] = {}
+        for word in set(self.attribute_category) | set(self.object_category) | set(self.singular):
+            singular = self.singular.get(word, word)
+            is_object = word in self.object_category or word in self.singular
+            self.tags[word] = (self.attribute_category.get(word),
+                               (singular, self.object_category[singular]) if is_object else None)
 
     def same_meaning(self, a: str, b: str) -> bool:
         return a == b or b in self.synonyms.get(a, ())
@@ -121,20 +130,26 @@ class _Slot:
 
 
 def _tag(caption: str, lex: _Lexicon) -> tuple[list, list[_Slot]]:
-    tokens = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(caption)][:MAX_CAPTION_TOKENS]
+    tokens = [(m.start(), m.end(), m.group()) for m in itertools.islice(_WORD.finditer(caption), MAX_CAPTION_TOKENS)]
     slots = []
+    tags = lex.tags
     for i, (start, end, text) in enumerate(tokens):
         lower = text.lower()
-        following = tokens[i + 1][2].lower() if i + 1 < len(tokens) else ""
-        # adjacent with no punctuation between them: "glass vase" is a modifier, "glass, vase" is not
-        modifies = bool(following) and following not in _FUNCTION_WORDS and not caption[end:tokens[i + 1][0]].strip()
-        is_attribute = lower in lex.attribute_category
-        is_object = lower in lex.object_category or lower in lex.singular
-        if is_attribute and (not is_object or modifies):
-            slots.append(_Slot(i, start, end, text, lower, "attribute", lex.attribute_category[lower]))
-        elif is_object:
-            singular = lex.singular.get(lower, lower)
-            slots.append(_Slot(i, start, end, text, singular, "object", lex.object_category[singular], lower != singular))
+        tagged = tags.get(lower)
+        if tagged is None:
+            continue
+        category, as_object = tagged
+        if category is not None and as_object is not None:
+            # adjacent with no punctuation between them: "glass vase" is a modifier, "glass, vase" is not
+            following = tokens[i + 1][2].lower() if i + 1 < len(tokens) else ""
+            modifies = bool(following) and following not in _FUNCTION_WORDS and not caption[end:tokens[i + 1][0]].strip()
+            if not modifies:
+                category = None
+        if category is not None:
+            slots.append(_Slot(i, start, end, text, lower, "attribute", category))
+        else:
+            singular, object_category = as_object
+            slots.append(_Slot(i, start, end, text, singular, "object", object_category, lower != singular))
     return tokens, slots
 
 
@@ -157,13 +172,12 @@ def _article_for(word: str) -> str:
 
 def _render(caption: str, tokens: list, edits: dict[int, str]) -> str:
     """Apply {token index: new word}, then fix "a"/"an" before each edited word."""
-    replaced = {i: w for i, w in edits.items()}
-    for i in edits:
-        if i > 0:
-            start, end, text = tokens[i - 1]
-            between = caption[end:tokens[i][0]]
-            if text.lower() in ("a", "an") and between.strip() == "":
-                replaced.setdefault(i - 1, _match_case(text, _article_for(replaced[i])))
+    replaced = dict(edits)
+    for i, word in edits.items():
+        if i > 0 and i - 1 not in replaced:
+            _, end, text = tokens[i - 1]
+            if len(text) <= 2 and text.lower() in ("a", "an") and not caption[end:tokens[i][0]].strip():
+                replaced[i - 1] = _match_case(text, _article_for(word))
     pieces, cursor = [], 0
     for i in sorted(replaced):
         start, end, _ = tokens[i]
