@@ -261,6 +261,7 @@ def _train(space_and_parts, counts, settings: dict):
 # ------------------------------------------------------------------------------------------------
 
 SPILL_ALIVE, SPILL_EXACT, SPILL_IMAGE, SPILL_TEXT = "alive", "exact", "image", "text"
+NEAR_GROUPS = 2  # above dedup_exact_max, the nearest groups of a sample in which near dedup meets it
 
 
 def decision_files(alive: int, rows_per_file: int) -> int:
@@ -276,11 +277,11 @@ def _space_partitions(partitioning: Optional[nn.Partitioning]) -> int:
 
 
 def _spill_groups(table: pa.Table, units: np.ndarray, valid: np.ndarray, partitioning: Optional[nn.Partitioning],
-                  probe: int, keep_ungrouped: bool, home_only: tuple = ()) -> pa.Table:
+                  probe: int, keep_ungrouped: bool, nearest_only: tuple = (), nearest: int = 1) -> pa.Table:
     """The rows with their groups: one row per (row, fine cell) among its `probe` cells, with its
     rank (0: home) and the partition of the cell; rows without a vector go to the last partition
-    (when kept at all) with cell -1. The `home_only` columns are null in the copies of rank > 0
-    (what only a sample's home group reads: the spill is written once per copy)."""
+    (when kept at all) with cell -1. The `nearest_only` columns are null in the copies of rank >=
+    `nearest` (what only a sample's nearest groups read: the spill is written once per copy)."""
     n = table.num_rows
     partitions = _space_partitions(partitioning)
     if partitioning is None:
@@ -301,12 +302,12 @@ def _spill_groups(table: pa.Table, units: np.ndarray, valid: np.ndarray, partiti
     else:
         part = np.where(chosen >= 0, partitioning.fine_parent[np.maximum(chosen, 0)], partitions)
     out = cols.take(table, rows)
-    if home_only and (ranks > 0).any():
-        home = pa.array(ranks == 0)
-        for name in home_only:
+    if nearest_only and (ranks >= nearest).any():
+        near = pa.array(ranks < nearest)
+        for name in nearest_only:
             column = out.column(name)
             out = out.set_column(out.schema.get_field_index(name), name,
-                                 pc.if_else(home, column, pa.scalar(None, column.type)))
+                                 pc.if_else(near, column, pa.scalar(None, column.type)))
     out = out.append_column(_CELL, pa.array(chosen.astype(np.int32)))
     out = out.append_column(_RANK, pa.array(ranks.astype(np.int8)))
     return partitioned(out, part)
@@ -370,10 +371,10 @@ class _MainPass(beam.DoFn):
                 _HASHES: cols.uint64_matrix_array(hashes), _HASHES_PRESENT: pa.array(np.packbits(hashes_present, axis=1, bitorder="little")[:, 0]),
                 Col.CAPTION: captions, _CAPTION_KEY: pa.array(caption_keys),
             })
-            # near dedup reads a sample's descriptor and hash variants in its home group only
+            # near dedup reads a sample's descriptor and hash variants in its first NEAR_GROUPS groups only
             yield beam.pvalue.TaggedOutput(SPILL_IMAGE, _spill_groups(
                 image, units, valid, partitionings.get("image"), s["probe"], keep_ungrouped=s["dedup_near"],
-                home_only=(Col.DEDUP_DESCRIPTOR, _VALUES, _PRESENT)))
+                nearest_only=(Col.DEDUP_DESCRIPTOR, _VALUES, _PRESENT), nearest=NEAR_GROUPS))
         if s["k"] > 0:
             units, valid = _units(remaining, "text")
             text = pa.table({
@@ -499,8 +500,10 @@ class _NearDedup(beam.DoFn):
         table = read_partition(paths, columns=_DEDUP_ROWS)
         if table is None or table.num_rows < 2:
             return
-        # a sample is looked at in its home group only (rank 0: every sample has one row there)
-        table = table.filter(pc.equal(table[_RANK], 0))
+        # a sample is a query in its home group (rank 0: every sample has one row there) and a
+        # candidate there and in its next NEAR_GROUPS - 1 groups: a copy whose embedding fell on the
+        # other side of a group border is still met
+        table = table.filter(pc.less(table[_RANK], NEAR_GROUPS))
         if len(exact_dropped):
             table = table.filter(pc.invert(pc.is_in(table[Col.UID], value_set=exact_dropped)))
         global_mode = counts["remaining"] <= s["dedup_exact_max"]
@@ -514,7 +517,7 @@ class _NearDedup(beam.DoFn):
         if global_mode:
             pairs = dedup.band_candidates(values, present, s["radius"], s["max_bucket"])
         else:
-            pairs = self._grouped_candidates(rows, values, present, units, valid)
+            pairs = self._grouped_candidates(table, rows, values, present, units, valid)
         if not len(pairs):
             return
         self._candidates.inc(len(pairs))
@@ -540,13 +543,16 @@ class _NearDedup(beam.DoFn):
         yield beam.pvalue.TaggedOutput(self.PAYLOADS, partitioned(payloads, cols.uid_ranges(
             cols.column(payloads, Col.UID), decision_files(counts["alive"], s["rows_per_file"]))))
 
-    def _grouped_candidates(self, rows, values, present, units, valid) -> np.ndarray:
-        """Inside each group of the partition, among the samples whose home it is: CLIP-cosine
-        candidates (near-copies sit at cosines over 0.9: the same nearest centroid); rows without
-        a vector (the last partition) by hash bands among themselves."""
+    def _grouped_candidates(self, table, rows, values, present, units, valid) -> np.ndarray:
+        """Inside each group of the partition, the samples whose home it is against every sample
+        there (home or second group): CLIP-cosine candidates (near-copies sit at cosines over 0.9:
+        the same or a neighbouring centroid); rows without a vector (the last partition) by hash
+        bands among themselves. Pairs are rows of `rows` (one per uid, sorted)."""
         s = self._s
-        member = np.arange(rows.num_rows)  # `rows` holds each sample's home row once
-        cells = cols.column(rows, _CELL).to_numpy(zero_copy_only=False)
+        member = pc.index_in(cols.column(table, Col.UID), value_set=cols.column(rows, Col.UID)).to_numpy(
+            zero_copy_only=False).astype(np.int64)
+        cells = cols.column(table, _CELL).to_numpy(zero_copy_only=False)
+        homes_mask = cols.column(table, _RANK).to_numpy(zero_copy_only=False) == 0
         found = []
         lone = np.unique(member[cells < 0])
         if len(lone) > 1:
@@ -555,12 +561,12 @@ class _NearDedup(beam.DoFn):
         vectors = nn.search_vectors(units)
         grouped = cells >= 0
         order = np.lexsort((member[grouped], cells[grouped]))
-        g_cells, g_members = cells[grouped][order], member[grouped][order]
+        g_cells, g_members, g_homes = cells[grouped][order], member[grouped][order], homes_mask[grouped][order]
         starts = np.flatnonzero(np.r_[True, g_cells[1:] != g_cells[:-1]]) if len(g_cells) else np.zeros(0, int)
         for start, stop in zip(starts.tolist(), np.r_[starts[1:], len(g_cells)].tolist()):
-            homes = g_members[start:stop]
-            found.append(dedup.cosine_candidates(vectors, homes, homes, s["min_cosine"], values, present, s["radius"],
-                                                 s["candidates_per_sample"]))
+            pool = g_members[start:stop]
+            found.append(dedup.cosine_candidates(vectors, pool[g_homes[start:stop]], pool, s["min_cosine"], values,
+                                                 present, s["radius"], s["candidates_per_sample"]))
         if not found:
             return np.zeros((0, 2), dtype=np.int64)
         pairs = np.concatenate(found)

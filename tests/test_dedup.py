@@ -767,3 +767,34 @@ def test_grouped_near_dedup_finds_what_the_global_search_finds():
     decide(records, planted)
     counters = decide(records, planted, **grouped)
     assert counters["candidate_edges"] >= len(planted)
+
+
+def test_grouped_near_dedup_meets_a_copy_across_a_group_border():
+    """A copy whose embedding fell in the neighbouring group (its home) is met through the
+    original's second group: the pair is a candidate although the two homes differ."""
+    import pyarrow as pa
+
+    from pipeline import decide
+    from pipeline.config import CurateConfig
+    from transforms import batch as cols
+
+    rng = np.random.default_rng(1)
+    vector = rng.normal(size=16)
+    near = vector + 0.01 * rng.normal(size=16)
+    other = rng.normal(size=16)
+    units = np.stack([v / np.linalg.norm(v) for v in (vector, near, other)]).astype(np.float16)
+    hashes = np.array([[7] * dedup.VARIANTS, [7] * dedup.VARIANTS, [2**40] * dedup.VARIANTS], dtype=np.uint64)
+    # rows: (uid, cell, rank); "a" lives in group 0 with a copy in group 1, "b" (its copy) and "c" in group 1
+    spilled = [("a", 0, 0), ("a", 1, 1), ("b", 1, 0), ("c", 1, 0)]
+    index = {"a": 0, "b": 1, "c": 2}
+    picks = [index[uid] for uid, _, _ in spilled]
+    table = pa.table({Col.UID: [u for u, _, _ in spilled], decide._CELL: pa.array([c for _, c, _ in spilled], pa.int32()),
+                      decide._RANK: pa.array([r for _, _, r in spilled], pa.int8()),
+                      decide._VECTOR: cols.vectors_array(units[picks], np.ones(len(picks), bool))})
+    rows = decide._one_row_per_uid(table)
+    step = decide._NearDedup(decide._settings(CurateConfig()))
+    pairs = step._grouped_candidates(table, rows, hashes, np.ones_like(hashes, dtype=bool), units, np.ones(3, bool))
+    assert pairs.tolist() == [[0, 1]]
+    homes_only = table.filter(pa.compute.equal(table[decide._RANK], 0))
+    assert step._grouped_candidates(homes_only, rows, hashes, np.ones_like(hashes, dtype=bool), units,
+                                    np.ones(3, bool)).tolist() == []
