@@ -308,6 +308,33 @@ def beam_options(beam_args: list[str], phase: Optional[str] = None, rows: Option
     return PipelineOptions(args)
 
 
+class LocalRunner(beam.runners.DirectRunner):
+    """Beam's DirectRunner without its first step: since Beam 2.68 it hands any pipeline it can to the
+    Prism runner whatever `--direct_running_mode` says (offline it fails over after a failed
+    download; online it downloads Prism and runs the phase there, in none of the modes the phases
+    are built and tested for). This runs the FnApiRunner directly, set up as the DirectRunner sets
+    it up once it has passed Prism over, so the in-process and multi_processing modes are what run."""
+
+    def run_pipeline(self, pipeline, options):
+        from apache_beam.portability.api import beam_provision_api_pb2
+        from apache_beam.runners.portability.fn_api_runner import fn_runner
+        from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+        encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+        provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+        return fn_runner.FnApiRunner(provision_info=provision).run_pipeline(pipeline, options)
+
+
+def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """A phase's pipeline: on the DirectRunner, through LocalRunner; any other runner as named."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    if isinstance(runner, str) and runner.split(".")[-1] in ("DirectRunner", "SwitchingDirectRunner"):
+        return beam.Pipeline(runner=LocalRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
 def _runner_record(options: PipelineOptions) -> dict:
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
@@ -461,7 +488,7 @@ def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: b
     for directory in {"fetch": [layout.features, layout.raw_shards], "decide": [layout.decisions],
                       "write": [layout.shards, layout.ledger]}[phase] + [layout.work(phase)]:
         layout.clear(directory)
-    pipeline = beam.Pipeline(options=options)
+    pipeline = new_pipeline(options)
     rows = phase_builder(phase)(pipeline, config, layout)
     result, passes = _run_pipeline(pipeline, phase, rows, total, layout, quiet, options)
     info = {"seconds": round(time.time() - started, 3), "metrics": _metrics(result), "config": config.to_json(),
@@ -498,7 +525,7 @@ def retry_failed(config, layout: Layout, beam_args: list[str], quiet: bool = Fal
     layout.clear(layout.features_staging)
     from pipeline.fetch import build_retry
 
-    pipeline = beam.Pipeline(options=options)
+    pipeline = new_pipeline(options)
     build_retry(pipeline, config, layout, round_number)
     result, _ = _run_pipeline(pipeline, "fetch", None, None, layout, True, options)
     layout.replace(layout.features, layout.features_staging)

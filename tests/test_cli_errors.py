@@ -375,6 +375,8 @@ def test_terminal_is_quiet_and_beam_logs_go_to_a_file(server, tmp_path):
     assert all(line.startswith("[curate] ") for line in result.stderr.splitlines()), result.stderr
     log = (out / "run" / "beam.log").read_text()
     assert "sdk_worker" in log or "apache_beam" in log  # Beam's worker output went here
+    # the DirectRunner would hand the phase to Prism first (online: download it and run there)
+    assert "Prism" not in log and "prism" not in log
 
 
 def test_progress_off_a_terminal_is_honest(server, tmp_path):
