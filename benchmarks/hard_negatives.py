@@ -6,6 +6,7 @@ the candidates scanned per query for several group sizes and probes.
 
     python benchmarks/hard_negatives.py [--rows 100000] [--queries 1000] [--kinds themes,graded,plateau]
                                         [--group-sizes 500,1000,2000] [--probes 1,2,3]
+                                        [--ivf-lists 25,100] [--ivf-candidates 1000,2000,4000,8000]
 
 Distributions (512-d unit vectors):
 - themes: coarse themes -> topics -> samples (the generator below): clear topic clusters;
@@ -112,6 +113,29 @@ def partitioned(pool, vectors, group_size: int, probe: int, queries: np.ndarray,
     return found, scanned / len(queries), time.perf_counter() - started, coverage(part, cells, queries, exact)
 
 
+def inverted_file(vectors: np.ndarray, per_list: int, candidates: int, queries: np.ndarray,
+                  ceiling: float = 0.95) -> tuple[dict, float, float]:
+    """The peer: faiss's IndexIVFFlat with `per_list` samples a list (k-means on a sample of 40 per
+    list), each query probing as many lists as `candidates` needs; the top 3 other samples under
+    the ceiling (the generated captions and hashes never trigger the other skip rules). Returns
+    ({query: neighbour set}, candidates per query, seconds)."""
+    import faiss
+
+    started = time.perf_counter()
+    lists = max(1, len(vectors) // per_list)
+    rng = np.random.default_rng(5)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], lists, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[rng.choice(len(vectors), min(len(vectors), 40 * lists), replace=False)])
+    index.add(vectors)
+    index.nprobe = max(1, min(lists, candidates // per_list))
+    scores, found = index.search(vectors[queries], 12)
+    result = {}
+    for query, row, row_scores in zip(queries.tolist(), found, scores):
+        keep = (row >= 0) & (row != query) & (row_scores <= ceiling)
+        result[query] = set(row[keep][:3].tolist())
+    return result, index.nprobe * per_list, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
@@ -119,6 +143,8 @@ def main() -> None:
     parser.add_argument("--kinds", default="themes,graded,plateau")
     parser.add_argument("--group-sizes", default="500,1000,2000")
     parser.add_argument("--probes", default="1,2,3")
+    parser.add_argument("--ivf-lists", default="", help="per-list sizes of a faiss IndexIVFFlat run beside ours, e.g. 25,100")
+    parser.add_argument("--ivf-candidates", default="1000,2000,4000,8000")
     args = parser.parse_args()
     from transforms import neighbours as nn
 
@@ -143,6 +169,13 @@ def main() -> None:
                 recall = hits / max(1, int((exact >= 0).sum()))
                 print(f"| {kind} | {group_size} | {probe} | {scanned:,.0f} | {recall:.3f} | {seconds:.1f} | "
                       f"{exact_seconds:.1f} | {in_partition:.3f} | {in_group:.3f} |", flush=True)
+        for per_list in [int(p) for p in args.ivf_lists.split(",") if p]:
+            for candidates in [int(c) for c in args.ivf_candidates.split(",") if c]:
+                found, scanned, seconds = inverted_file(vectors, per_list, candidates, queries)
+                hits = sum(len(set(row[row >= 0].tolist()) & found.get(int(q), set())) for q, row in zip(queries, exact))
+                recall = hits / max(1, int((exact >= 0).sum()))
+                print(f"| {kind} | faiss IVF, {per_list} a list | - | {scanned:,.0f} | {recall:.3f} | {seconds:.1f} | "
+                      f"{exact_seconds:.1f} | - | - |", flush=True)
 
 
 if __name__ == "__main__":
