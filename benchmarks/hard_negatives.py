@@ -136,6 +136,12 @@ def inverted_file(vectors: np.ndarray, per_list: int, candidates: int, queries: 
     return result, index.nprobe * per_list, time.perf_counter() - started
 
 
+def recall_of(found: dict, queries: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the queries' exact neighbours (`exact`: [q, 3] indices, -1 pads) that `found` has."""
+    hits = sum(len(set(row[row >= 0].tolist()) & found.get(int(q), set())) for q, row in zip(queries, exact))
+    return hits / max(1, int((exact >= 0).sum()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
@@ -165,15 +171,13 @@ def main() -> None:
         for group_size in [int(g) for g in args.group_sizes.split(",")]:
             for probe in [int(p) for p in args.probes.split(",")]:
                 found, scanned, seconds, (in_partition, in_group) = partitioned(pool, vectors, group_size, probe, queries, exact)
-                hits = sum(len(set(row[row >= 0].tolist()) & found.get(int(q), set())) for q, row in zip(queries, exact))
-                recall = hits / max(1, int((exact >= 0).sum()))
+                recall = recall_of(found, queries, exact)
                 print(f"| {kind} | {group_size} | {probe} | {scanned:,.0f} | {recall:.3f} | {seconds:.1f} | "
                       f"{exact_seconds:.1f} | {in_partition:.3f} | {in_group:.3f} |", flush=True)
         for per_list in [int(p) for p in args.ivf_lists.split(",") if p]:
             for candidates in [int(c) for c in args.ivf_candidates.split(",") if c]:
                 found, scanned, seconds = inverted_file(vectors, per_list, candidates, queries)
-                hits = sum(len(set(row[row >= 0].tolist()) & found.get(int(q), set())) for q, row in zip(queries, exact))
-                recall = hits / max(1, int((exact >= 0).sum()))
+                recall = recall_of(found, queries, exact)
                 print(f"| {kind} | faiss IVF, {per_list} a list | - | {scanned:,.0f} | {recall:.3f} | {seconds:.1f} | "
                       f"{exact_seconds:.1f} | - | - |", flush=True)
 

@@ -60,13 +60,6 @@ def each_table(pattern: str, columns: Optional[list[str]] = None) -> Iterator[pa
                 yield parquet.read(columns=[c for c in columns if c in present])
 
 
-def read_table(pattern: str, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
-    tables = list(each_table(pattern, columns))
-    if not tables:
-        return None
-    return pa.concat_tables(tables, promote_options="default")
-
-
 def _value_counts(values: pa.Array) -> dict:
     """{value: count} of an array (nulls as None), counted in Arrow."""
     counts = pc.value_counts(values)
