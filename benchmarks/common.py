@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline.progress import ProcessTree  # noqa: E402
+
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
     """Smooth random colour fields plus grain: compresses like a photo, unlike flat clip art."""
@@ -25,34 +27,6 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(field, np.float32) + grain, 0, 255).astype(np.uint8))
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def _tree_rss_bytes(pid: int) -> int:
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            with open(f"/proc/{current}/statm") as handle:
-                total += int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
-        stack.extend(_children(current))
-    return total
-
-
 def run_measured(command: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 3600) -> dict:
     """Wall time and peak RSS summed over the whole process tree (img2dataset forks workers), and
     the CPU seconds of the tree (its reaped processes: steadier than wall time on a busy machine)."""
@@ -61,9 +35,9 @@ def run_measured(command: list[str], env: dict | None = None, cwd: Path | None =
     started = time.monotonic()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
+    tree, peak = ProcessTree(process.pid), 0
     while process.poll() is None:
-        peak = max(peak, _tree_rss_bytes(process.pid))
+        peak = max(peak, tree.rss_bytes())
         if time.monotonic() - started > timeout:
             process.kill()
             raise TimeoutError(" ".join(command))

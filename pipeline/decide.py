@@ -122,29 +122,40 @@ def validate(config: CurateConfig) -> None:
 def filter_reasons(table: pa.Table, config: CurateConfig, global_cutoff: Optional[float]) -> np.ndarray:
     """The first filter each alive row fails (language, then CLIP score) as a reason string, or
     None: `language_drop_reason` and `clip_drop_reason` for a batch, decided once per language."""
-    langs = cols.column(table, Col.LANG).to_pylist()
+    lang = cols.column(table, Col.LANG)
+    encoded = (lang if pa.types.is_string(lang.type) else lang.cast(pa.string())).dictionary_encode()
+    langs = encoded.dictionary.to_pylist() + [None]  # the last: rows without a language
+    which = pc.fill_null(encoded.indices, len(langs) - 1).to_numpy(zero_copy_only=False)
     scores = cols.float_column(table, Col.CLIP_SCORE)
-    reasons = np.full(len(langs), None, dtype=object)
-    by_lang: dict = {}
-    for lang in set(langs):
-        language = language_drop_reason(lang, config)
-        if config.clip_keep_top_percent is not None:
-            threshold = -math.inf if global_cutoff is None else float(global_cutoff)
-        else:
-            threshold = threshold_for(lang, config.clip_threshold, config.clip_thresholds_per_lang)
-        by_lang[lang] = (language, threshold)
-    thresholds = np.array([by_lang[lang][1] for lang in langs], dtype=np.float64) if langs else np.zeros(0)
-    low = np.isfinite(scores) & (scores < thresholds)
-    reasons[low] = DropReason.LOW_CLIP_SCORE.value
+    reasons = np.full(len(which), None, dtype=object)
+    language = np.full(len(langs), None, dtype=object)
+    thresholds = np.zeros(len(langs), dtype=np.float64)
     for index, lang in enumerate(langs):
-        language = by_lang[lang][0]
-        if language is not None:
-            reasons[index] = language.value
+        dropped = language_drop_reason(lang, config)
+        language[index] = None if dropped is None else dropped.value
+        if config.clip_keep_top_percent is not None:
+            thresholds[index] = -math.inf if global_cutoff is None else float(global_cutoff)
+        else:
+            thresholds[index] = threshold_for(lang, config.clip_threshold, config.clip_thresholds_per_lang)
+    low = np.isfinite(scores) & (scores < thresholds[which])
+    reasons[low] = DropReason.LOW_CLIP_SCORE.value
+    by_language = language[which]
+    wrong = np.not_equal(by_language, None)
+    reasons[wrong] = by_language[wrong]
     return reasons
 
 
 def _alive(table: pa.Table) -> pa.Table:
-    return table.filter(pc.equal(table[Col.STATUS], Status.KEPT))
+    return _only(table, pc.equal(table[Col.STATUS], Status.KEPT))
+
+
+def _only(table: pa.Table, mask) -> pa.Table:
+    """The rows where `mask` is true; the table itself when that is every row (a filter copies
+    every column, the embeddings too, even when it keeps them all)."""
+    mask = mask if isinstance(mask, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(mask, dtype=bool))
+    if mask.null_count == 0 and pc.all(mask).as_py() in (True, None):
+        return table
+    return table.filter(mask)
 
 
 def _quality_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -176,7 +187,7 @@ def _units(table: pa.Table, space: str) -> tuple[np.ndarray, np.ndarray]:
 def _remaining(table: pa.Table, config: CurateConfig, cutoff: Optional[float]) -> pa.Table:
     alive = _alive(table)
     reasons = filter_reasons(alive, config, cutoff)
-    return alive.filter(pa.array(np.array([r is None for r in reasons], dtype=bool)))
+    return _only(alive, np.array([r is None for r in reasons], dtype=bool))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,7 +354,7 @@ class _MainPass(beam.DoFn):
         verdicts = pa.table({Col.UID: uids, _FILTER_REASON: pa.array(reasons.tolist(), pa.string()), Col.CAPTION: captions})
         yield beam.pvalue.TaggedOutput(SPILL_ALIVE, partitioned(
             verdicts, cols.uid_ranges(uids, decision_files(counts["alive"], s["rows_per_file"]))))
-        remaining = alive.filter(pa.array(passes))
+        remaining = _only(alive, passes)
         if not remaining.num_rows:
             return
         uids = cols.column(remaining, Col.UID)

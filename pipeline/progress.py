@@ -149,7 +149,7 @@ class ProgressReporter:
                         stats.total = record["total"]
                 self._shared[name] = data
         if any(stats.started is not None and not stats.peak_rss for stats in self._passes.values()):
-            rss = tree_rss_bytes(os.getpid())
+            rss = tree_rss_bytes()
             with self._lock:
                 for stats in self._passes.values():
                     if stats.started is not None and not stats.peak_rss:
@@ -169,7 +169,7 @@ class ProgressReporter:
             if total is not None:
                 stats.total = total
         if starting:  # a pass shorter than the sampling period still gets its memory
-            rss = tree_rss_bytes(os.getpid())
+            rss = tree_rss_bytes()
             with self._lock:
                 stats.peak_rss = max(stats.peak_rss, rss)
 
@@ -177,7 +177,7 @@ class ProgressReporter:
         """Attribute the process tree's resident memory now to the passes active in the last moment."""
         if not self._passes:
             return
-        rss = tree_rss_bytes(os.getpid())
+        rss = tree_rss_bytes()
         now = self._clock()
         with self._lock:
             started = [stats for stats in self._passes.values() if stats.started is not None]
@@ -403,24 +403,76 @@ def _shared_counts(phase: str) -> Optional[_SharedCounts]:
     return _SHARED
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere)."""
-    total, stack, seen = 0, [pid], set()
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (one pass over /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc; [pid] elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return [pid]
+    children: dict[int, list] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, stack = [], [pid]
     while stack:
         current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            with open(f"/proc/{current}/statm") as handle:
-                total += int(handle.read().split()[1]) * page
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    stack.extend(int(child) for child in handle.read().split())
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+        found.append(current)
+        stack.extend(children.get(current, ()))
+    return found
+
+
+def _resident_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class ProcessTree:
+    """Resident memory of a process and all its descendants, cheap enough to sample several times
+    a second next to the work it measures: the descendants are looked up again (one pass over
+    /proc) at most every `refresh_s`, and in between only their statm files are read. Looking
+    them up on every sample (or through every thread's children file: a Beam worker has dozens
+    of threads) kept a share of a core busy on a two-core machine."""
+
+    def __init__(self, pid: int, refresh_s: float = 2.0, clock=time.monotonic):
+        self.pid = pid
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._pids: list[int] = []
+        self._found_at: Optional[float] = None
+
+    def rss_bytes(self) -> int:
+        now = self._clock()
+        if self._found_at is None or now - self._found_at >= self._refresh_s:
+            self._pids = descendants(self.pid)
+            self._found_at = now
+        return sum(_resident_bytes(pid) for pid in self._pids)
+
+
+_OWN_TREE: Optional[ProcessTree] = None
+
+
+def tree_rss_bytes() -> int:
+    """Resident memory of this process and its descendants (the local runner's workers)."""
+    global _OWN_TREE
+    if _OWN_TREE is None or _OWN_TREE.pid != os.getpid():
+        _OWN_TREE = ProcessTree(os.getpid())
+    return _OWN_TREE.rss_bytes()
 
 
 _REPORTER: Optional[ProgressReporter] = None

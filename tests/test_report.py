@@ -7,6 +7,7 @@ import collections
 import html.parser
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -368,6 +369,29 @@ def test_progress_follows_the_last_stage_and_never_shows_100_before_it_is_done()
     clock.now = 31.0
     reporter.add("rows done", 1)
     assert "(100%)" in reporter.line() and "ETA finishing" in reporter.line()
+
+
+def test_process_tree_memory_counts_a_child_and_forgets_it_once_it_exits():
+    """A real child holding 200 MB: counted once the tree is looked up again, gone after it exits."""
+    import sys
+
+    now = [0.0]
+    tree = progress.ProcessTree(os.getpid(), refresh_s=5.0, clock=lambda: now[0])
+    alone = tree.rss_bytes()
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(200 << 20); b[::4096] = "
+                              "b'x' * len(b[::4096]); print('ready', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert tree.rss_bytes() < alone + (100 << 20)  # not looked up again yet: the sample stays cheap
+        now[0] = 6.0
+        assert tree.rss_bytes() > alone + (190 << 20)
+        assert child.pid in progress.descendants(os.getpid())
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    now[0] = 12.0
+    assert tree.rss_bytes() < alone + (100 << 20)
 
 
 def test_progress_prints_less_often_when_not_on_a_terminal():
