@@ -7,6 +7,7 @@ the candidates scanned per query for several group sizes and probes.
     python benchmarks/hard_negatives.py [--rows 100000] [--queries 1000] [--kinds themes,graded,plateau]
                                         [--group-sizes 500,1000,2000] [--probes 1,2,3]
                                         [--ivf-lists 25,100] [--ivf-candidates 1000,2000,4000,8000]
+                                        [--cells 2,4,16] [--neighbour-lists 16,64] [--list-size 64]
 
 Distributions (512-d unit vectors):
 - themes: coarse themes -> topics -> samples (the generator below): clear topic clusters;
@@ -15,7 +16,11 @@ Distributions (512-d unit vectors):
 On none of them, nor on uniform random vectors, can a partitioned search that scans a fixed few
 thousand candidates per query find the exact top 3 of every query: the curve shows what a scan
 budget buys on each. The last two columns bound it: the share of the exact top 3 that have a copy
-in the query's home partition, and in its home group. The pipeline's public path is measured in benchmarks/scale.py.
+in the query's home partition, and in its home group. `--cells` prints the same bound for plain
+coarse k-means partitions (a query sent to its 1-4 nearest), `--neighbour-lists` a design measured
+but not built (small lists, each list's queries searching its nearest lists; a partition copies
+every list its own lists need) with its recall, candidates and copies of each row. The pipeline's
+public path is measured in benchmarks/scale.py.
 """
 
 from __future__ import annotations
@@ -136,6 +141,51 @@ def inverted_file(vectors: np.ndarray, per_list: int, candidates: int, queries: 
     return result, index.nprobe * per_list, time.perf_counter() - started
 
 
+def cell_bound(vectors: np.ndarray, cells: int, queries: np.ndarray, exact: np.ndarray) -> list[float]:
+    """Shares of the queries' exact neighbours whose nearest of `cells` k-means cells (a
+    partition) is among the query's 1, 2, 3, 4 nearest cells: what any search that sends a query
+    to that many partitions, each holding its own samples once, can find at best."""
+    from transforms import neighbours as nn
+
+    rng = np.random.default_rng(4)
+    sample = vectors[np.sort(rng.choice(len(vectors), min(len(vectors), 65_536), replace=False))]
+    centroids = nn._kmeans(sample, cells, nn.KMEANS_SEED)
+    truth = exact[exact >= 0]
+    home_of_truth = nn.nearest_centroids(vectors[truth], centroids, 1)[:, 0]
+    query_cells = np.repeat(nn.nearest_centroids(vectors[queries], centroids, 4), (exact >= 0).sum(axis=1), axis=0)
+    return [float(np.mean((home_of_truth[:, None] == query_cells[:, :t]).any(axis=1))) for t in range(1, 5)]
+
+
+def list_neighbourhoods(vectors: np.ndarray, list_size: int, partition_rows: int, neighbour_lists: int,
+                        queries: np.ndarray, exact: np.ndarray) -> tuple[float, float, float]:
+    """A design that was measured, not built: small k-means lists (two-level, as the decide phase
+    trains them), the queries of a list searching the rows of its `neighbour_lists` nearest lists;
+    a partition is a coarse cell and holds a copy of every list its own lists need. Returns
+    (recall@3, candidates per query, copies of a row over all partitions)."""
+    import faiss
+    from transforms import neighbours as nn
+
+    rng = np.random.default_rng(4)
+    sample = vectors[np.sort(rng.choice(len(vectors), min(len(vectors), max(65_536, 8 * len(vectors) // list_size)),
+                                        replace=False))]
+    part = nn.train_partitioning(sample, len(vectors), list_size, partition_rows)
+    home = np.concatenate([nn.assign_groups(vectors[i:i + 65_536], part, 1)[:, 0] for i in range(0, len(vectors), 65_536)])
+    sizes = np.bincount(home, minlength=part.groups)
+    order, starts = np.argsort(home, kind="stable"), np.r_[0, np.cumsum(sizes)]
+    near = faiss.knn(part.fine, part.fine, min(neighbour_lists, part.groups), metric=faiss.METRIC_INNER_PRODUCT)[1]
+    found, scanned = {}, 0
+    for query in queries.tolist():
+        pool = np.concatenate([order[starts[g]:starts[g + 1]] for g in near[home[query]]])
+        scanned += len(pool)
+        cosines = vectors[pool] @ vectors[query]
+        keep = (pool != query) & (cosines <= 0.95)
+        found[query] = set(pool[keep][np.argsort(-cosines[keep], kind="stable")[:3]].tolist())
+    needed = np.zeros((part.partitions, part.groups), dtype=bool)
+    needed[np.repeat(part.fine_parent, near.shape[1]), near.ravel()] = True
+    copies = float((needed.sum(axis=0) * sizes).sum() / len(vectors))
+    return recall_of(found, queries, exact), scanned / len(queries), copies
+
+
 def recall_of(found: dict, queries: np.ndarray, exact: np.ndarray) -> float:
     """Share of the queries' exact neighbours (`exact`: [q, 3] indices, -1 pads) that `found` has."""
     hits = sum(len(set(row[row >= 0].tolist()) & found.get(int(q), set())) for q, row in zip(queries, exact))
@@ -151,6 +201,9 @@ def main() -> None:
     parser.add_argument("--probes", default="1,2,3")
     parser.add_argument("--ivf-lists", default="", help="per-list sizes of a faiss IndexIVFFlat run beside ours, e.g. 25,100")
     parser.add_argument("--ivf-candidates", default="1000,2000,4000,8000")
+    parser.add_argument("--cells", default="", help="coarse cell counts whose partition bound to print, e.g. 2,4,16")
+    parser.add_argument("--neighbour-lists", default="", help="list neighbourhood sizes to measure, e.g. 16,64")
+    parser.add_argument("--list-size", type=int, default=64)
     args = parser.parse_args()
     from transforms import neighbours as nn
 
@@ -180,6 +233,14 @@ def main() -> None:
                 recall = recall_of(found, queries, exact)
                 print(f"| {kind} | faiss IVF, {per_list} a list | - | {scanned:,.0f} | {recall:.3f} | {seconds:.1f} | "
                       f"{exact_seconds:.1f} | - | - |", flush=True)
+        for cells in [int(c) for c in args.cells.split(",") if c]:
+            shares = cell_bound(vectors, cells, queries, exact)
+            print(f"| {kind} | {cells} coarse cells | exact top 3 in the query's nearest 1 / 2 / 3 / 4 cells: "
+                  + " / ".join(f"{share:.3f}" for share in shares) + " |", flush=True)
+        for lists in [int(m) for m in args.neighbour_lists.split(",") if m]:
+            recall, scanned, copies = list_neighbourhoods(vectors, args.list_size, 65_536, lists, queries, exact)
+            print(f"| {kind} | lists of {args.list_size}, {lists} neighbour lists | - | {scanned:,.0f} | {recall:.3f} | - | - | "
+                  f"copies of a row: {copies:.2f} | - |", flush=True)
 
 
 if __name__ == "__main__":

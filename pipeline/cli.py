@@ -507,6 +507,14 @@ def run_phase(phase: str, config, layout: Layout, beam_args: list[str], quiet: b
             "pid": os.getpid()}
     layout.write_phase_info(phase, info)
     _say(quiet, f"[curate] {phase} finished in {info['seconds']:.1f}s")
+    if phase == "decide":
+        from pipeline.report import negatives_recall
+
+        recall = negatives_recall(info["metrics"])
+        if recall:
+            _say(quiet, "[curate] hard negatives vs exact search on sampled queries: " + ", ".join(
+                f"{space} recall {r['recall']:.2f} ({r['found']} of {r['exact']}, {r['queries']} queries)"
+                for space, r in recall.items()))
     return info
 
 

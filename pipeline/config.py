@@ -130,6 +130,7 @@ class CurateConfig:
     negatives_group_size: int = 1000  # target samples per centroid when negatives_centroids is 0
     negatives_probe: int = 2  # each sample is a candidate in the groups of its nearest c centroids
     negatives_sample: int = 65_536  # k-means training sample (smallest uid hashes: same every run)
+    negatives_recall_queries: int = 256  # sampled kept samples whose neighbours are checked against exact search
     negatives_captions: bool = True  # rule-based one-edit caption negatives (swap/attribute/object)
     # rows of one partition of the decide phase's columnar shuffles: what one worker holds at a time
     decide_partition_rows: int = 65_536
@@ -226,7 +227,8 @@ _NOT_NEGATIVE = ("retries", "max_redirects", "backoff_base_s", "backoff_max_s", 
                  "min_image_size", "min_caption_words", "min_caption_chars", "dedup_radius", "negatives_k",
                  "negatives_centroids", "clip_cpu_threads", "blank_std_threshold",
                  "blank_ink_contrast", "blank_min_ink_pixels",
-                 "negatives_exact_max")  # 0: always the partitioned search
+                 "negatives_exact_max",  # 0: always the partitioned search
+                 "negatives_recall_queries")
 _RANGES = {
     "encode_quality": (1, 100),
     "lang_min_score": (0.0, 1.0),
@@ -505,6 +507,7 @@ KEY_HELP = {
     "negatives_group_size": "target samples per centroid when negatives_centroids is 0",
     "negatives_probe": "centroid groups each sample is searched in",
     "negatives_sample": "k-means training sample size",
+    "negatives_recall_queries": "sampled queries whose neighbours decide checks against exact search (recall estimate; 0: off)",
     "negatives_captions": "add rule-based one-edit caption negatives (swap, attribute, object)",
     "samples_per_shard": "samples per output shard",
     "raw_images_per_file": "images per raw tar of the fetch phase",

@@ -98,6 +98,7 @@ def _settings(config: CurateConfig) -> dict:
         "min_cosine": float(config.dedup_min_embedding_cosine),
         "max_distance": float(config.dedup_max_descriptor_distance),
         "candidates_per_sample": int(config.dedup_candidates_per_sample),
+        "recall_queries": int(config.negatives_recall_queries) if int(config.negatives_k) > 0 else 0,
     }
 
 
@@ -108,6 +109,8 @@ def validate(config: CurateConfig) -> None:
         raise ValueError("dedup_max_bucket must be at least 2")
     if int(config.negatives_k) < 0 or int(config.negatives_probe) < 1 or int(config.negatives_sample) < 2:
         raise ValueError("negatives_k must be >= 0, negatives_probe >= 1, negatives_sample >= 2")
+    if int(config.negatives_recall_queries) < 0:
+        raise ValueError("negatives_recall_queries must be >= 0 (0: no recall estimate)")
     if int(config.decide_partition_rows) < 1000:
         raise ValueError("decide_partition_rows must be at least 1000")
     if config.clip_keep_top_percent is not None:
@@ -722,15 +725,114 @@ def _kept_rows(paths, dropped: pa.Array) -> Optional[pa.Table]:
     return table if table.num_rows else None
 
 
-def _count_kept(partition_and_paths, dropped):
-    _, paths = partition_and_paths
-    table = read_partition(paths, columns=[Col.UID, _RANK, _VECTOR])
-    if table is None:
-        return
-    table = table.filter(pc.and_(pc.equal(table[_RANK], 0), pc.is_valid(table[_VECTOR])))
-    if len(dropped):
-        table = table.filter(pc.invert(pc.is_in(table[Col.UID], value_set=dropped)))
-    yield table.num_rows
+# what the recall estimate's sampled queries carry (a Pool of them can be built)
+_PROBE_COLUMNS = [Col.UID, _VECTOR, _HASHES, _HASHES_PRESENT, Col.CAPTION, _CAPTION_KEY]
+PROBES, RECALL_EXACT, RECALL_FOUND = "probes", "recall_exact", "recall_found"
+_RECALL_SCHEMA = pa.schema([pa.field(Col.UID, pa.string()), pa.field(_NEIGHBOUR, pa.string()),
+                            pa.field(_SCORE, pa.float64())])
+
+
+class _CountKept(beam.DoFn):
+    """(partition, spill paths) of one space -> the number of its kept samples (each counted in
+    its home partition) and, tagged PROBES, the `queries` of them with the smallest uid hashes:
+    candidates for the recall estimate's sampled queries."""
+
+    def __init__(self, queries: int):
+        self._queries = queries
+
+    def process(self, partition_and_paths, dropped):
+        _, paths = partition_and_paths
+        columns = [_RANK] + (_PROBE_COLUMNS if self._queries else [Col.UID, _VECTOR])
+        table = read_partition(paths, columns=columns)
+        if table is None:
+            return
+        table = table.filter(pc.and_(pc.equal(table[_RANK], 0), pc.is_valid(table[_VECTOR])))
+        if len(dropped):
+            table = table.filter(pc.invert(pc.is_in(table[Col.UID], value_set=dropped)))
+        yield table.num_rows
+        if self._queries and table.num_rows:
+            yield beam.pvalue.TaggedOutput(PROBES, smallest_probes([table.select(_PROBE_COLUMNS)], self._queries))
+
+
+def smallest_probes(tables, count: int) -> Optional[pa.Table]:
+    """The `count` rows of smallest uid hash among `tables`, in that order: the same sample
+    whichever way the rows were split (a combine function: its result is one of its inputs' kind)."""
+    tables = [t for t in tables if t is not None and t.num_rows]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables)
+    keys, _ = cols.hex_prefix_uint64(cols.column(table, Col.UID), 16)
+    order = np.lexsort((np.array(cols.column(table, Col.UID).to_pylist(), dtype=object).astype(str), keys))[:count]
+    return cols.take(table, order)
+
+
+def _pool_of(table: pa.Table) -> nn.Pool:
+    units, _ = cols.vectors_of(cols.column(table, _VECTOR))
+    return nn.Pool(
+        vectors=nn.search_vectors(units),
+        caption_ids=nn.caption_ids(cols.column(table, _CAPTION_KEY).to_numpy(zero_copy_only=False),
+                                   cols.column(table, Col.CAPTION).to_pylist()),
+        hashes=cols.uint64_matrix(cols.column(table, _HASHES)),
+        present=_unpack(cols.column(table, _HASHES_PRESENT), 2),
+    )
+
+
+def exact_reference(table: pa.Table, probes: pa.Table, s: dict) -> pa.Table:
+    """The sampled queries' best neighbours among one partition's own samples (rank 0: each
+    sample is at home in one partition), by the search's rules (_RECALL_SCHEMA): with every
+    partition's, the exact search over all kept samples. The queries are rows of the pool before
+    `first`: they are matched with the samples, never with each other's copies."""
+    home = table.filter(pc.equal(table[_RANK], 0))
+    if not home.num_rows:
+        return _RECALL_SCHEMA.empty_table()
+    count = probes.num_rows
+    both = pa.concat_tables([probes.select(_PROBE_COLUMNS), home.select(_PROBE_COLUMNS)])
+    # a query's own row, when it is at home here, is no neighbour of it: one more is searched and it is left out
+    own = pc.fill_null(pc.index_in(probes[Col.UID], value_set=home[Col.UID]), -1 - count).to_numpy(
+        zero_copy_only=False).astype(np.int64) + count
+    found, scores = nn.group_neighbours(_pool_of(both), np.arange(count), s["k"] + 1, s["ceiling"],
+                                        s["negatives_radius"], first=count)
+    found = np.where(found == own[:, None], -1, found)
+    order = np.argsort(found < 0, axis=1, kind="stable")[:, :s["k"]]
+    found, scores = np.take_along_axis(found, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    rows, positions = np.nonzero(found >= 0)
+    uids = cols.column(both, Col.UID)
+    return pa.table({Col.UID: uids.take(pa.array(rows)), _NEIGHBOUR: uids.take(pa.array(found[rows, positions])),
+                     _SCORE: scores[rows, positions]}, schema=_RECALL_SCHEMA)
+
+
+def recall_counts(exact: list, found: list, k: int) -> tuple[int, int, int]:
+    """(queries, exact neighbours, of them found): the partitions' references (_RECALL_SCHEMA
+    tables) merged into each sampled query's k best (score, then uid), against the (uid,
+    neighbour) pairs the search found."""
+    exact = [t for t in exact if t is not None and t.num_rows]
+    if not exact:
+        return 0, 0, 0
+    table = pa.concat_tables(exact).sort_by([(Col.UID, "ascending"), (_SCORE, "descending"), (_NEIGHBOUR, "ascending")])
+    uids = table[Col.UID].to_pylist()
+    neighbours = table[_NEIGHBOUR].to_pylist()
+    truth: dict = {}
+    for uid, neighbour in zip(uids, neighbours):
+        best = truth.setdefault(uid, [])
+        if len(best) < k:
+            best.append(neighbour)
+    pairs = {(u, n) for t in found if t is not None for u, n in zip(t[Col.UID].to_pylist(), t[_NEIGHBOUR].to_pylist())}
+    hits = sum((uid, n) in pairs for uid, best in truth.items() for n in best)
+    return len(truth), sum(len(best) for best in truth.values()), hits
+
+
+class _Recall(beam.DoFn):
+    """One space's references and found pairs -> the recall counters (negatives/SPACE_recall_*)."""
+
+    def __init__(self, space: str, k: int):
+        self._k = k
+        self._counters = {name: Metrics.counter("negatives", f"{space}_recall_{name}") for name in ("queries", "exact", "found")}
+
+    def process(self, _, exact, found):
+        queries, truth, hits = recall_counts(exact, found, self._k)
+        for name, value in (("queries", queries), ("exact", truth), ("found", hits)):
+            self._counters[name].inc(value)
+        yield queries, truth, hits
 
 
 class _Negatives(beam.DoFn):
@@ -744,7 +846,7 @@ class _Negatives(beam.DoFn):
         self._searched = Metrics.counter("negatives", f"{space}_searched")
         self._group_size = Metrics.distribution("negatives", "group_size")
 
-    def process(self, partition_and_paths, dropped, kept, counts):
+    def process(self, partition_and_paths, dropped, kept, counts, probes=None):
         s = self._s
         _, paths = partition_and_paths
         add_pass_rows("decide", "negatives", 0)
@@ -753,6 +855,8 @@ class _Negatives(beam.DoFn):
         if table is None:
             return
         self._total = 2 * counts["remaining"]
+        if probes is not None and probes.num_rows:
+            yield beam.pvalue.TaggedOutput(RECALL_EXACT, exact_reference(table, probes, s))
         if kept <= s["exact_max"]:
             groups = [_one_row_per_uid(table)]
             homes = [None]
@@ -769,19 +873,15 @@ class _Negatives(beam.DoFn):
         for group, home in zip(groups, homes):
             outputs.append(self._search(group, home))
         out = _concat(outputs, _NEIGHBOUR_SCHEMA)
+        if probes is not None and probes.num_rows and out.num_rows:
+            sampled = out.filter(pc.is_in(out[Col.UID], value_set=probes[Col.UID]))
+            yield beam.pvalue.TaggedOutput(RECALL_FOUND, sampled.select([Col.UID, _NEIGHBOUR]))
         if out.num_rows:
             yield partitioned(out, cols.uid_ranges(out[Col.UID], decision_files(counts["alive"], s["rows_per_file"])))
 
     def _search(self, group: pa.Table, home: Optional[np.ndarray]) -> pa.Table:
         s = self._s
-        units, _ = cols.vectors_of(cols.column(group, _VECTOR))
-        pool = nn.Pool(
-            vectors=nn.search_vectors(units),
-            caption_ids=nn.caption_ids(cols.column(group, _CAPTION_KEY).to_numpy(zero_copy_only=False),
-                                       cols.column(group, Col.CAPTION).to_pylist()),
-            hashes=cols.uint64_matrix(cols.column(group, _HASHES)),
-            present=_unpack(cols.column(group, _HASHES_PRESENT), 2),
-        )
+        pool = _pool_of(group)
         queries = np.arange(group.num_rows) if home is None else home
         self._group_size.update(group.num_rows)
         self._searched.inc(len(queries))
@@ -1048,20 +1148,35 @@ def build_decide(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
     if s["k"] > 0:
         text = spilled[SPILL_TEXT] | SpillBatches(work, SPILL_TEXT)
         for space, paths in (("image", image), ("text", text)):
-            kept = beam.pvalue.AsSingleton(
-                paths | f"CountKept{space.title()}" >> beam.FlatMap(_count_kept, dropped=dropped)
-                | f"SumKept{space.title()}" >> beam.CombineGlobally(sum))
-            found = (
+            name = space.title()
+            counted = paths | f"CountKept{name}" >> beam.ParDo(_CountKept(s["recall_queries"]), dropped=dropped).with_outputs(
+                PROBES, main="counts")  # int per partition; PROBES: pa.Table of candidate queries
+            kept = beam.pvalue.AsSingleton(counted.counts | f"SumKept{name}" >> beam.CombineGlobally(sum))
+            probes = {}
+            if s["recall_queries"]:
+                probes["probes"] = beam.pvalue.AsSingleton(
+                    counted[PROBES] | f"Probes{name}" >> beam.CombineGlobally(
+                        lambda tables: smallest_probes(tables, s["recall_queries"])).without_defaults(),
+                    default_value=None)  # pa.Table: the sampled queries of the recall estimate
+            searched = (
                 paths
-                | f"{space.title()}Groups" >> beam.ParDo(lambda kp, n: _regroup(kp, n <= s["exact_max"]), n=kept)
-                | f"{space.title()}Partitions" >> beam.GroupByKey()
-                | f"{space.title()}Paths" >> beam.Map(_flatten_paths)
-                | f"{space.title()}Negatives" >> beam.ParDo(_Negatives(space, s), dropped=dropped, kept=kept, counts=counts)
-                # _NEIGHBOUR_SCHEMA tables by uid range, written where they are found: a Flatten of
-                # the two spaces' tables would hold every neighbour in the runner until both are done
-                | SpillBatches(work, f"neighbours_{space}")  # (uid range, paths)
+                | f"{name}Groups" >> beam.ParDo(lambda kp, n: _regroup(kp, n <= s["exact_max"]), n=kept)
+                | f"{name}Partitions" >> beam.GroupByKey()
+                | f"{name}Paths" >> beam.Map(_flatten_paths)
+                | f"{name}Negatives" >> beam.ParDo(_Negatives(space, s), dropped=dropped, kept=kept, counts=counts,
+                                                   **probes).with_outputs(RECALL_EXACT, RECALL_FOUND, main="found")
             )
-            neighbour_spills.append(found)
+            # _NEIGHBOUR_SCHEMA tables by uid range, written where they are found: a Flatten of
+            # the two spaces' tables would hold every neighbour in the runner until both are done
+            neighbour_spills.append(searched.found | SpillBatches(work, f"neighbours_{space}"))  # (uid range, paths)
+            if s["recall_queries"]:
+                _ = (
+                    pipeline
+                    | f"OneRecall{name}" >> beam.Create([None])
+                    | f"Recall{name}" >> beam.ParDo(
+                        _Recall(space, s["k"]), exact=beam.pvalue.AsList(searched[RECALL_EXACT]),
+                        found=beam.pvalue.AsList(searched[RECALL_FOUND]))  # (queries, exact, found)
+                )
     neighbours = (
         neighbour_spills or [pipeline | "NoNeighbours" >> beam.Create([], reshuffle=False)]
     ) | "AllNeighbours" >> beam.Flatten()  # (uid range, paths), one element per space

@@ -845,9 +845,22 @@ def build_summary(layout: Layout, accounting: dict, infos: dict) -> tuple[dict, 
         config_keys_differing_between_phases=differing,
         models=model_ids(config),
         examples=pick_examples(rows, accounting),
-        hard_negatives=dict(negatives_stats, triples=triples),
+        hard_negatives=dict(negatives_stats, triples=triples, recall=negatives_recall(phases["decide"]["counters"])),
     )
     return summary, rows, config
+
+
+def negatives_recall(counters: dict) -> dict:
+    """{space: {queries, exact, found, recall}} from decide's counters: the sampled queries'
+    neighbours against an exact search over every kept sample (`negatives_recall_queries`)."""
+    found = {}
+    for space in ("image", "text"):
+        exact = int(counters.get(f"negatives/{space}_recall_exact", 0))
+        if exact:
+            hits = int(counters.get(f"negatives/{space}_recall_found", 0))
+            found[space] = {"queries": int(counters.get(f"negatives/{space}_recall_queries", 0)), "exact": exact,
+                            "found": hits, "recall": _share(hits, exact)}
+    return found
 
 
 def summary_json(summary: dict) -> bytes:
@@ -1273,6 +1286,12 @@ def render_html(summary: dict, rows: dict, thumbs: dict[str, str]) -> str:
     if neg["triples"]:
         add(f"<p>{neg['anchors_with_negatives']:,} kept samples carry negatives; by kind: "
             + _e(", ".join(f"{k} {v:,}" for k, v in neg["negatives_by_kind"].items())) + "</p>")
+        if neg.get("recall"):
+            add("<p>Recall of the neighbour search against an exact search over every kept sample, on "
+                + _e(", ".join(f"{space} {r['found']:,} of {r['exact']:,} ({r['recall']:.1%}, {r['queries']:,} sampled queries)"
+                               for space, r in neg["recall"].items()))
+                + ": below 100% the search is approximate (see <code>negatives_probe</code> and "
+                  "<code>negatives_group_size</code>).</p>")
         for t in neg["triples"]:
             # (title, item, show a picture): a caption negative is text only, paired with the anchor's image.
             cells = [("anchor", t["anchor"], True)]

@@ -298,3 +298,32 @@ def test_dropped_samples_are_never_negatives_nor_get_any(tmp_path):
     assert decisions[dropped[0]][Col.HARD_NEGATIVES] is None
     mined = {n[Col.NEGATIVE_UID] for row in decisions.values() for n in row[Col.HARD_NEGATIVES] or []}
     assert dropped[0] not in mined
+
+
+def test_recall_estimate_is_what_the_exact_search_says(tmp_path):
+    """decide's recall counters: the sampled queries (smallest uid hashes of the kept samples:
+    here the lowest uids) checked against an exact search over every kept sample. On the exact
+    path they find everything; on a partitioned search with one probe the estimate must be the
+    share of the exact run's neighbours that the partitioned run's decisions carry."""
+    records = _planted(count=3000, spread=0.6)
+    queries = 60
+    exact, exact_counters = _mined(records, tmp_path / "exact", negatives_recall_queries=queries)
+    assert exact_counters["image_recall_queries"] == exact_counters["text_recall_queries"] == queries
+    assert exact_counters["image_recall_exact"] == exact_counters["image_recall_found"] == 3 * queries
+    assert exact_counters["text_recall_exact"] == exact_counters["text_recall_found"] == 3 * queries
+    partitioned, counters = _mined(records, tmp_path / "groups", negatives_recall_queries=queries, negatives_exact_max=100,
+                                   negatives_group_size=150, negatives_probe=1, decide_partition_rows=1000,
+                                   negatives_sample=3000)
+    sampled = sorted(r[Col.UID] for r in records)[:queries]
+    for kind in ("image", "text"):
+        truth = {uid: _neighbours(exact, uid, kind) for uid in sampled}
+        hits = sum(len(set(truth[uid]) & set(_neighbours(partitioned, uid, kind))) for uid in sampled)
+        assert counters[f"{kind}_recall_queries"] == queries
+        assert counters[f"{kind}_recall_exact"] == sum(len(t) for t in truth.values()) == 3 * queries
+        assert counters[f"{kind}_recall_found"] == hits
+        assert hits < 3 * queries, kind  # one probe misses some: the estimate is not trivially 1
+
+
+def test_no_recall_estimate_when_asked_for_none(tmp_path):
+    _, counters = _mined(_planted(count=60), tmp_path, negatives_recall_queries=0)
+    assert not any("recall" in name for name in counters)

@@ -263,7 +263,7 @@ def _best(candidates: np.ndarray, scores: np.ndarray, keep: np.ndarray, k: int) 
     return chosen, chosen_scores
 
 
-def _search_deep(pool: Pool, rows: np.ndarray, k: int, ceiling: float) -> tuple[np.ndarray, np.ndarray]:
+def _search_deep(pool: Pool, rows: np.ndarray, k: int, ceiling: float, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The queries whose first candidates did not settle them (a crowded space: most cosines over
     the ceiling, many near-copies or repeated captions), against the whole pool: their cosines
     with every sample, those over the ceiling masked out, ranked a depth at a time (4x deeper each
@@ -271,18 +271,19 @@ def _search_deep(pool: Pool, rows: np.ndarray, k: int, ceiling: float) -> tuple[
     error, or no unmasked cosine is left."""
     found = np.full((len(rows), k), -1, dtype=np.int64)
     found_scores = np.full((len(rows), k), np.nan)
-    chunk = max(1, _DEEP_ENTRIES // len(pool))
+    size = len(pool) - first
+    chunk = max(1, _DEEP_ENTRIES // size)
     for start in range(0, len(rows), chunk):
         part = np.arange(start, min(start + chunk, len(rows)))
-        cosines = pool.vectors[rows[part]] @ pool.vectors.T
+        cosines = pool.vectors[rows[part]] @ pool.vectors[first:].T
         np.putmask(cosines, cosines > ceiling + _FLOAT32_SLACK, -np.inf)
-        depth = min(len(pool), k + _FIRST_CANDIDATES)
+        depth = min(size, k + _FIRST_CANDIDATES)
         while len(part):
             local = part - start
             top = np.array(_top_unsorted(cosines[local], depth))
             top_cosines = np.take_along_axis(cosines[local], top, axis=-1)
             order = np.lexsort((top, -top_cosines), axis=-1)
-            candidates = np.take_along_axis(top, order, axis=-1)
+            candidates = np.take_along_axis(top, order, axis=-1) + first
             ranked = np.take_along_axis(top_cosines, order, axis=-1)
             queries = rows[part]
             scores = _pair_scores(pool, queries, candidates, np.isfinite(ranked))
@@ -292,36 +293,38 @@ def _search_deep(pool: Pool, rows: np.ndarray, k: int, ceiling: float) -> tuple[
             kth = np.argmax(counted >= k, axis=1)
             cutoffs = np.where(has_k, ranked[np.arange(len(part)), kth] - _FLOAT32_SLACK, -np.inf)
             last = ranked[:, -1]
-            settled = (depth >= len(pool)) | ~np.isfinite(last) | (has_k & (last < cutoffs))
+            settled = (depth >= size) | ~np.isfinite(last) | (has_k & (last < cutoffs))
             keep = valid & np.where(has_k[:, None], ranked >= cutoffs[:, None], True)
             chosen, chosen_scores = _best(candidates, np.nan_to_num(scores, nan=-np.inf), keep, k)
             found[part[settled]] = chosen[settled]
             found_scores[part[settled]] = chosen_scores[settled]
             part = part[~settled]
-            depth = min(len(pool), depth * 4)
+            depth = min(size, depth * 4)
     return found, found_scores
 
 
 def group_neighbours(pool: Pool, queries: np.ndarray, k: int, ceiling: float, radius: int,
-                     threads: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+                     threads: Optional[int] = None, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """For each query (a pool index), its k best valid neighbours in the pool: ([q, k] pool
-    indices, -1 where fewer; [q, k] float64 cosines, nan there), best first, ties by index."""
+    indices, -1 where fewer; [q, k] float64 cosines, nan there), best first, ties by index.
+    Candidates are the pool rows from `first` on (the rows before it are queries only)."""
     import faiss
 
     queries = np.asarray(queries, dtype=np.int64)
     neighbours = np.full((len(queries), k), -1, dtype=np.int64)
     scores = np.full((len(queries), k), np.nan)
-    if not len(queries) or not len(pool) or k <= 0:
+    size = len(pool) - first
+    if not len(queries) or size <= 0 or k <= 0:
         return neighbours, scores
-    depth = min(len(pool), k + _FIRST_CANDIDATES)
+    depth = min(size, k + _FIRST_CANDIDATES)
     block = _QUERY_BLOCK
     if threads:
         faiss.omp_set_num_threads(threads)
     _RADIUS[0] = radius
     for start in range(0, len(queries), block):
         rows = queries[start:start + block]
-        cosines, candidates = faiss.knn(pool.vectors[rows], pool.vectors, depth, metric=faiss.METRIC_INNER_PRODUCT)
-        candidates = candidates.astype(np.int64)
+        cosines, candidates = faiss.knn(pool.vectors[rows], pool.vectors[first:], depth, metric=faiss.METRIC_INNER_PRODUCT)
+        candidates = np.where(candidates >= 0, candidates.astype(np.int64) + first, -1)
         cosines = np.where(candidates >= 0, cosines, -np.inf).astype(np.float32)
         # faiss lists candidates best first. Candidates the rules and the float32 cosine allow are
         # scored in float64 down to just below the k-th of them (what ranks them exactly), and near
@@ -338,14 +341,14 @@ def group_neighbours(pool: Pool, queries: np.ndarray, k: int, ceiling: float, ra
         lost = (need & ~valid).any(axis=1)
         cutoffs = kth_cosines - _FLOAT32_SLACK
         # settled: k valid found and nothing left out of the list can beat them, or the list is the pool
-        settled = ~lost & ((depth >= len(pool)) | (has_k & (cosines[:, -1] < cutoffs)))
+        settled = ~lost & ((depth >= size) | (has_k & (cosines[:, -1] < cutoffs)))
         keep = valid & np.where(has_k[:, None], cosines >= cutoffs[:, None], True)
         chosen, chosen_scores = _best(candidates, np.nan_to_num(block_scores, nan=-np.inf), keep, k)
         neighbours[start:start + len(rows)] = chosen
         scores[start:start + len(rows)] = chosen_scores
         deeper = np.flatnonzero(~settled)
         if len(deeper):
-            neighbours[start + deeper], scores[start + deeper] = _search_deep(pool, rows[deeper], k, ceiling)
+            neighbours[start + deeper], scores[start + deeper] = _search_deep(pool, rows[deeper], k, ceiling, first)
     return neighbours, scores
 
 
