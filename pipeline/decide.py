@@ -715,8 +715,9 @@ _NEIGHBOUR_SCHEMA = pa.schema([
 _NEGATIVE_ROWS = [Col.UID, _CELL, _RANK, _VECTOR, _HASHES, _HASHES_PRESENT, Col.CAPTION, _CAPTION_KEY]
 
 
-def _kept_rows(paths, dropped: pa.Array) -> Optional[pa.Table]:
-    table = read_partition(paths, columns=_NEGATIVE_ROWS)
+def _kept_rows(paths, dropped: pa.Array, columns: list = _NEGATIVE_ROWS) -> Optional[pa.Table]:
+    """A partition's rows of samples that have a vector and were not dropped as duplicates."""
+    table = read_partition(paths, columns=columns)
     if table is None or not table.num_rows:
         return None
     table = table.filter(pc.is_valid(table[_VECTOR]))
@@ -742,13 +743,10 @@ class _CountKept(beam.DoFn):
 
     def process(self, partition_and_paths, dropped):
         _, paths = partition_and_paths
-        columns = [_RANK] + (_PROBE_COLUMNS if self._queries else [Col.UID, _VECTOR])
-        table = read_partition(paths, columns=columns)
+        table = _kept_rows(paths, dropped, [_RANK] + (_PROBE_COLUMNS if self._queries else [Col.UID, _VECTOR]))
         if table is None:
             return
-        table = table.filter(pc.and_(pc.equal(table[_RANK], 0), pc.is_valid(table[_VECTOR])))
-        if len(dropped):
-            table = table.filter(pc.invert(pc.is_in(table[Col.UID], value_set=dropped)))
+        table = table.filter(pc.equal(table[_RANK], 0))
         yield table.num_rows
         if self._queries and table.num_rows:
             yield beam.pvalue.TaggedOutput(PROBES, smallest_probes([table.select(_PROBE_COLUMNS)], self._queries))
@@ -762,8 +760,8 @@ def smallest_probes(tables, count: int) -> Optional[pa.Table]:
         return None
     table = pa.concat_tables(tables)
     keys, _ = cols.hex_prefix_uint64(cols.column(table, Col.UID), 16)
-    order = np.lexsort((np.array(cols.column(table, Col.UID).to_pylist(), dtype=object).astype(str), keys))[:count]
-    return cols.take(table, order)
+    keyed = table.append_column("_key", pa.array(keys))
+    return keyed.sort_by([("_key", "ascending"), (Col.UID, "ascending")]).slice(0, count).drop_columns(["_key"])
 
 
 def _pool_of(table: pa.Table) -> nn.Pool:
@@ -855,7 +853,8 @@ class _Negatives(beam.DoFn):
         if table is None:
             return
         self._total = 2 * counts["remaining"]
-        if probes is not None and probes.num_rows:
+        probes = probes if probes is not None and probes.num_rows else None
+        if probes is not None:
             yield beam.pvalue.TaggedOutput(RECALL_EXACT, exact_reference(table, probes, s))
         if kept <= s["exact_max"]:
             groups = [_one_row_per_uid(table)]
@@ -873,7 +872,7 @@ class _Negatives(beam.DoFn):
         for group, home in zip(groups, homes):
             outputs.append(self._search(group, home))
         out = _concat(outputs, _NEIGHBOUR_SCHEMA)
-        if probes is not None and probes.num_rows and out.num_rows:
+        if probes is not None and out.num_rows:
             sampled = out.filter(pc.is_in(out[Col.UID], value_set=probes[Col.UID]))
             yield beam.pvalue.TaggedOutput(RECALL_FOUND, sampled.select([Col.UID, _NEIGHBOUR]))
         if out.num_rows:
