@@ -5,6 +5,7 @@ of the hard negatives against exact search, and today's code side by side.
     python benchmarks/scale.py [--rows 100000,1000000,10000000] [--fetch-rows 100000,1000000]
                                [--baseline-ref REF] [--baseline-rows 100000] [--work DIR]
                                [--keep-share 1.0] [--recall-queries 1000] [--compare-rows 50000]
+                               [--phases decide,write]
 
 Features tables are cloned from a real small run (the demo corpus fetched with the tiny CLIP: real
 descriptors, real raw images) the way DataComp-scale pools look to the decide phase:
@@ -484,6 +485,7 @@ def main() -> int:
     parser.add_argument("--recall-max-rows", type=int, default=1_000_000)
     parser.add_argument("--work", default="/tmp/curate-scale")
     parser.add_argument("--keep-outputs", action="store_true")
+    parser.add_argument("--phases", default="decide,write", help="the phases run at each size (decide,write)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -511,7 +513,7 @@ def main() -> int:
         for name, checkout in runs:
             out = work / f"out-{rows}-{name}"
             copy_features(source, out)
-            for phase in ("decide", "write"):
+            for phase in [p for p in ("decide", "write") if p in args.phases.split(",")]:
                 measured = run_phase(out, phase, checkout, config_args(info))
                 entry[f"{name}_{phase}"] = measured
                 print(f"{rows:,} rows, {name} {phase}: {measured['seconds']:.0f} s, {rows / measured['seconds']:,.0f} rows/s, "

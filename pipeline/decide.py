@@ -715,14 +715,18 @@ _NEIGHBOUR_SCHEMA = pa.schema([
 _NEGATIVE_ROWS = [Col.UID, _CELL, _RANK, _VECTOR, _HASHES, _HASHES_PRESENT, Col.CAPTION, _CAPTION_KEY]
 
 
-def _kept_rows(paths, dropped: pa.Array, columns: list = _NEGATIVE_ROWS) -> Optional[pa.Table]:
+def _kept_mask(table: pa.Table, dropped: pa.Array) -> pa.Array:
+    """Whether each row is of a sample that has a vector and was not dropped as a duplicate."""
+    mask = pc.is_valid(table[_VECTOR])
+    return pc.and_(mask, pc.invert(pc.is_in(table[Col.UID], value_set=dropped))) if len(dropped) else mask
+
+
+def _kept_rows(paths, dropped: pa.Array) -> Optional[pa.Table]:
     """A partition's rows of samples that have a vector and were not dropped as duplicates."""
-    table = read_partition(paths, columns=columns)
+    table = read_partition(paths, columns=_NEGATIVE_ROWS)
     if table is None or not table.num_rows:
         return None
-    table = table.filter(pc.is_valid(table[_VECTOR]))
-    if len(dropped):
-        table = table.filter(pc.invert(pc.is_in(table[Col.UID], value_set=dropped)))
+    table = table.filter(_kept_mask(table, dropped))
     return table if table.num_rows else None
 
 
@@ -743,13 +747,24 @@ class _CountKept(beam.DoFn):
 
     def process(self, partition_and_paths, dropped):
         _, paths = partition_and_paths
-        table = _kept_rows(paths, dropped, [_RANK] + (_PROBE_COLUMNS if self._queries else [Col.UID, _VECTOR]))
-        if table is None:
+        # the files are mapped, not read: the mask touches uids, ranks and vector validity only,
+        # and only the sampled rows' vectors are copied
+        table = read_partition(paths, columns=[_RANK] + (_PROBE_COLUMNS if self._queries else [Col.UID, _VECTOR]))
+        if table is None or not table.num_rows:
             return
-        table = table.filter(pc.equal(table[_RANK], 0))
-        yield table.num_rows
-        if self._queries and table.num_rows:
-            yield beam.pvalue.TaggedOutput(PROBES, smallest_probes([table.select(_PROBE_COLUMNS)], self._queries))
+        mask = pc.and_(pc.equal(table[_RANK], 0), _kept_mask(table, dropped))
+        rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        yield len(rows)
+        if self._queries and len(rows):
+            chosen = rows[_smallest_uid_hashes(cols.column(table, Col.UID).take(pa.array(rows)), self._queries)]
+            yield beam.pvalue.TaggedOutput(PROBES, cols.take(table.select(_PROBE_COLUMNS), chosen))
+
+
+def _smallest_uid_hashes(uids: pa.Array, count: int) -> np.ndarray:
+    """Positions of the `count` uids of smallest hash (then uid), in that order."""
+    keys, _ = cols.hex_prefix_uint64(uids, 16)
+    order = pc.sort_indices(pa.table({"key": keys, "uid": uids}), sort_keys=[("key", "ascending"), ("uid", "ascending")])
+    return order.slice(0, count).to_numpy()
 
 
 def smallest_probes(tables, count: int) -> Optional[pa.Table]:
@@ -759,9 +774,7 @@ def smallest_probes(tables, count: int) -> Optional[pa.Table]:
     if not tables:
         return None
     table = pa.concat_tables(tables)
-    keys, _ = cols.hex_prefix_uint64(cols.column(table, Col.UID), 16)
-    keyed = table.append_column("_key", pa.array(keys))
-    return keyed.sort_by([("_key", "ascending"), (Col.UID, "ascending")]).slice(0, count).drop_columns(["_key"])
+    return cols.take(table, _smallest_uid_hashes(cols.column(table, Col.UID), count))
 
 
 def _pool_of(table: pa.Table) -> nn.Pool:
@@ -769,33 +782,32 @@ def _pool_of(table: pa.Table) -> nn.Pool:
     return nn.Pool(
         vectors=nn.search_vectors(units),
         caption_ids=nn.caption_ids(cols.column(table, _CAPTION_KEY).to_numpy(zero_copy_only=False),
-                                   cols.column(table, Col.CAPTION).to_pylist()),
+                                   cols.column(table, Col.CAPTION)),
         hashes=cols.uint64_matrix(cols.column(table, _HASHES)),
         present=_unpack(cols.column(table, _HASHES_PRESENT), 2),
     )
 
 
-def exact_reference(table: pa.Table, probes: pa.Table, s: dict) -> pa.Table:
+def exact_reference(pool: nn.Pool, uids: pa.Array, count: int, home: np.ndarray, s: dict) -> pa.Table:
     """The sampled queries' best neighbours among one partition's own samples (rank 0: each
     sample is at home in one partition), by the search's rules (_RECALL_SCHEMA): with every
-    partition's, the exact search over all kept samples. The queries are rows of the pool before
-    `first`: they are matched with the samples, never with each other's copies."""
-    home = table.filter(pc.equal(table[_RANK], 0))
-    if not home.num_rows:
+    partition's, the exact search over all kept samples. The queries are the pool's first `count`
+    rows and `home` the pool rows of the partition's own samples; `uids` names every pool row."""
+    if not len(home):
         return _RECALL_SCHEMA.empty_table()
-    count = probes.num_rows
-    both = pa.concat_tables([probes.select(_PROBE_COLUMNS), home.select(_PROBE_COLUMNS)])
+    searched = np.r_[np.arange(count), home]
+    reference = pool.take(searched)
     # a query's own row, when it is at home here, is no neighbour of it: one more is searched and it is left out
-    own = pc.fill_null(pc.index_in(probes[Col.UID], value_set=home[Col.UID]), -1 - count).to_numpy(
+    own = pc.fill_null(pc.index_in(uids.slice(0, count), value_set=uids.take(pa.array(home))), -1 - count).to_numpy(
         zero_copy_only=False).astype(np.int64) + count
-    found, scores = nn.group_neighbours(_pool_of(both), np.arange(count), s["k"] + 1, s["ceiling"],
+    found, scores = nn.group_neighbours(reference, np.arange(count), s["k"] + 1, s["ceiling"],
                                         s["negatives_radius"], first=count)
     found = np.where(found == own[:, None], -1, found)
     order = np.argsort(found < 0, axis=1, kind="stable")[:, :s["k"]]
     found, scores = np.take_along_axis(found, order, axis=1), np.take_along_axis(scores, order, axis=1)
     rows, positions = np.nonzero(found >= 0)
-    uids = cols.column(both, Col.UID)
-    return pa.table({Col.UID: uids.take(pa.array(rows)), _NEIGHBOUR: uids.take(pa.array(found[rows, positions])),
+    named = uids.take(pa.array(searched))
+    return pa.table({Col.UID: named.take(pa.array(rows)), _NEIGHBOUR: named.take(pa.array(found[rows, positions])),
                      _SCORE: scores[rows, positions]}, schema=_RECALL_SCHEMA)
 
 
@@ -853,34 +865,36 @@ class _Negatives(beam.DoFn):
         if table is None:
             return
         self._total = 2 * counts["remaining"]
-        probes = probes if probes is not None and probes.num_rows else None
-        if probes is not None:
-            yield beam.pvalue.TaggedOutput(RECALL_EXACT, exact_reference(table, probes, s))
         if kept <= s["exact_max"]:
-            groups = [_one_row_per_uid(table)]
-            homes = [None]
+            table = _one_row_per_uid(table)
+            bounds, homes = [(0, table.num_rows)], [None]
         else:
             table = table.sort_by([(_CELL, "ascending"), (Col.UID, "ascending")])
             cells = cols.column(table, _CELL).to_numpy(zero_copy_only=False)
+            ranks = cols.column(table, _RANK).to_numpy(zero_copy_only=False)
             starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
-            groups, homes = [], []
-            for start, stop in zip(starts.tolist(), np.r_[starts[1:], len(cells)].tolist()):
-                group = table.slice(start, stop - start)
-                groups.append(group)
-                homes.append(np.flatnonzero(cols.column(group, _RANK).to_numpy(zero_copy_only=False) == 0))
+            bounds = list(zip(starts.tolist(), np.r_[starts[1:], len(cells)].tolist()))
+            homes = [np.flatnonzero(ranks[start:stop] == 0) for start, stop in bounds]
+        count = probes.num_rows if probes is not None else 0
+        # one pool for the partition (and the sampled queries before its rows, when there are
+        # any: one caption-id space for both); each group searches a slice of it
+        searched = pa.concat_tables([probes.select(_PROBE_COLUMNS), table.select(_PROBE_COLUMNS)]) if count else table
+        pool = _pool_of(searched)
+        if count:
+            home = count + np.flatnonzero(cols.column(table, _RANK).to_numpy(zero_copy_only=False) == 0)
+            yield beam.pvalue.TaggedOutput(RECALL_EXACT, exact_reference(pool, cols.column(searched, Col.UID), count, home, s))
         outputs = []
-        for group, home in zip(groups, homes):
-            outputs.append(self._search(group, home))
+        for (start, stop), home in zip(bounds, homes):
+            outputs.append(self._search(table.slice(start, stop - start), pool.slice(count + start, count + stop), home))
         out = _concat(outputs, _NEIGHBOUR_SCHEMA)
-        if probes is not None and out.num_rows:
+        if count and out.num_rows:
             sampled = out.filter(pc.is_in(out[Col.UID], value_set=probes[Col.UID]))
             yield beam.pvalue.TaggedOutput(RECALL_FOUND, sampled.select([Col.UID, _NEIGHBOUR]))
         if out.num_rows:
             yield partitioned(out, cols.uid_ranges(out[Col.UID], decision_files(counts["alive"], s["rows_per_file"])))
 
-    def _search(self, group: pa.Table, home: Optional[np.ndarray]) -> pa.Table:
+    def _search(self, group: pa.Table, pool: nn.Pool, home: Optional[np.ndarray]) -> pa.Table:
         s = self._s
-        pool = _pool_of(group)
         queries = np.arange(group.num_rows) if home is None else home
         self._group_size.update(group.num_rows)
         self._searched.inc(len(queries))
@@ -905,7 +919,14 @@ class _Negatives(beam.DoFn):
 
 
 def _caption_negative_lists(captions: list, enabled: bool) -> list:
-    return [caption_negatives(text) if enabled and text is not None else [] for text in captions]
+    """caption_negatives of each caption, once per distinct caption (web alt text repeats)."""
+    if not enabled:
+        return [[] for _ in captions]
+    made: dict = {}
+    for text in captions:
+        if text is not None and text not in made:
+            made[text] = caption_negatives(text)
+    return [made[text] if text is not None else [] for text in captions]
 
 
 def _drop_map(tables) -> dict:
@@ -953,9 +974,9 @@ def assemble_decisions(alive: pa.Table, exact: Optional[pa.Table], near: Optiona
 
 def _negatives_column(alive: pa.Table, kept: np.ndarray, neighbours: Optional[pa.Table], s: dict) -> pa.Array:
     """list<HARD_NEGATIVE_TYPE>: for a kept uid its image neighbours, text neighbours (best
-    first) and caption negatives; null for a dropped one."""
+    first) and caption negatives; null for a dropped one. The neighbours stay Arrow columns (only
+    the caption edits are made in Python)."""
     n = alive.num_rows
-    counts = np.zeros(n, dtype=np.int64)
     parts_uid, parts_caption, parts_score, parts_kind, parts_row = [], [], [], [], []
     if neighbours is not None and neighbours.num_rows:
         rows = pc.fill_null(pc.index_in(neighbours[Col.UID], value_set=alive[Col.UID]), -1).to_numpy(
@@ -967,37 +988,28 @@ def _negatives_column(alive: pa.Table, kept: np.ndarray, neighbours: Optional[pa
         positions = table[_POSITION].to_numpy(zero_copy_only=False)
         order = np.lexsort((positions, kinds, rows))
         table = cols.take(table, order)
-        rows, kinds = rows[order], kinds[order]
-        parts_row.append(rows)
-        parts_uid.append(table[_NEIGHBOUR].to_pylist())
-        parts_caption.append(table[_NEIGHBOUR_CAPTION].to_pylist())
-        parts_score.append(table[_SCORE].to_numpy(zero_copy_only=False).astype(np.float32))
-        parts_kind.append([NEIGHBOUR_KINDS[k] for k in kinds.tolist()])
+        parts_row.append(rows[order])
+        parts_uid.append(cols.column(table, _NEIGHBOUR))
+        parts_caption.append(cols.column(table, _NEIGHBOUR_CAPTION))
+        parts_score.append(cols.column(table, _SCORE).cast(pa.float32()))
+        parts_kind.append(pa.array(NEIGHBOUR_KINDS, pa.string()).take(pa.array(kinds[order].astype(np.int64))))
     captions = alive[Col.CAPTION].to_pylist()
     kept_rows = np.flatnonzero(kept)
     made = _caption_negative_lists([captions[i] for i in kept_rows.tolist()], s["captions"])
     edit_rows = np.repeat(kept_rows, [len(m) for m in made])
     parts_row.append(edit_rows)
-    parts_uid.append([None] * len(edit_rows))
-    parts_caption.append([text for m in made for text, _ in m])
-    parts_score.append(np.full(len(edit_rows), np.nan, dtype=np.float32))
-    parts_kind.append([kind for m in made for _, kind in m])
-    rows = np.concatenate(parts_row) if parts_row else np.zeros(0, np.int64)
+    parts_uid.append(pa.nulls(len(edit_rows), pa.string()))
+    parts_caption.append(pa.array([text for m in made for text, _ in m], pa.string()))
+    parts_score.append(pa.nulls(len(edit_rows), pa.float32()))
+    parts_kind.append(pa.array([kind for m in made for _, kind in m], pa.string()))
+    rows = np.concatenate(parts_row)
     # neighbours first (sorted above), caption edits after them: a stable sort by row keeps that
-    order = np.argsort(rows, kind="stable")
-    flat_uid = [u for part in parts_uid for u in part]
-    flat_caption = [c for part in parts_caption for c in part]
-    flat_kind = [k for part in parts_kind for k in part]
-    scores = np.concatenate(parts_score) if parts_score else np.zeros(0, np.float32)
-    counts = np.bincount(rows, minlength=n) if len(rows) else counts
-    offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
-    take = pa.array(order)
-    values = pa.StructArray.from_arrays([
-        pa.array(flat_uid, pa.string()).take(take), pa.array(flat_caption, pa.string()).take(take),
-        pa.array(scores, pa.float32(), mask=np.isnan(scores)).take(take), pa.array(flat_kind, pa.string()).take(take),
-    ], fields=list(HARD_NEGATIVE_TYPE))
-    mask = pa.array(~kept)
-    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
+    take = pa.array(np.argsort(rows, kind="stable"))
+    offsets = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int32)
+    values = pa.StructArray.from_arrays(
+        [pa.concat_arrays(parts).take(take) for parts in (parts_uid, parts_caption, parts_score, parts_kind)],
+        fields=list(HARD_NEGATIVE_TYPE))
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~kept))
 
 
 def _write_decisions(range_and_groups, counts, near_survivor, directory: str, settings: dict):

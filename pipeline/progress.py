@@ -187,10 +187,13 @@ class ProgressReporter:
                     stats.peak_rss = max(stats.peak_rss, rss)
 
     def pass_records(self) -> list[dict]:
-        """Per pass, in order: rows, seconds from its first to its last row, peak RSS (MB) while active."""
+        """Per pass, in order: rows, when it started (seconds into the phase: the gaps between
+        passes are start-up, shuffles and single-element steps), seconds from its first to its last
+        row, peak RSS (MB) while active."""
         with self._lock:
             return [
-                {"pass": name, "rows": stats.rows, "seconds": round((stats.last or 0) - (stats.started or 0), 3),
+                {"pass": name, "rows": stats.rows, "start": round(stats.started - self._started, 3),
+                 "seconds": round((stats.last or 0) - (stats.started or 0), 3),
                  "peak_rss_mb": round(stats.peak_rss / 2**20) if stats.peak_rss else None}
                 for name, stats in self._passes.items() if stats.started is not None
             ]

@@ -214,6 +214,30 @@ def test_groups_and_assignment_are_deterministic_and_batch_independent():
     # the home group is the nearest fine centroid under the two nearest coarse ones
     best = np.argmax(points @ first.fine.T, axis=1)
     assert (whole[:, 0] == best).mean() > 0.97
+    # exactly: the two nearest fine centroids among those of the two nearest coarse cells (float64)
+    exact = points.astype(np.float64)
+    coarse = np.argsort(-(exact @ first.coarse.astype(np.float64).T), axis=1)[:, :2]
+    allowed = (first.fine_parent[None, :] == coarse[:, :1]) | (first.fine_parent[None, :] == coarse[:, 1:])
+    fine = np.where(allowed, exact @ first.fine.astype(np.float64).T, -np.inf)
+    assert np.array_equal(whole, np.argsort(-fine, axis=1, kind="stable")[:, :2])
+
+
+def test_caption_ids_are_equal_exactly_for_equal_normalised_captions():
+    import pyarrow as pa
+
+    words = ["dog", "god", "cat", "act", "red", "car", "arc"]
+    rng = np.random.default_rng(4)
+    captions = [" ".join(rng.choice(words, 3)) + rng.choice(["", ".", "!", " 12", " 21"]) for _ in range(400)]
+    captions = [c.title() if i % 3 == 0 else c for i, c in enumerate(captions)]
+    captions = captions + captions[:150] + [None, ""]  # copies of a sample in other groups; empty
+    keys = nn.caption_keys(pa.array(captions))
+    normal = [nn.normalised_caption(c or "") for c in captions]
+    assert len(set(keys.tolist())) < len(set(normal))  # anagrams and reordered words share keys
+    for given in (pa.array(captions), captions):
+        ids = nn.caption_ids(keys, given).tolist()
+        same_id = {(a, b) for a in range(0, len(ids), 7) for b in range(len(ids)) if ids[a] == ids[b]}
+        same_text = {(a, b) for a in range(0, len(ids), 7) for b in range(len(ids)) if normal[a] == normal[b]}
+        assert same_id == same_text
 
 
 # ---------------------------------------------------------------- the decide phase's mining

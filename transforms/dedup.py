@@ -115,7 +115,7 @@ _DCT_ROWS = scipy.fft.dct(np.eye(32), axis=0)[:8]  # the first 8 rows of scipy's
 # brighter copy of a pale picture moves 10-20 bits from its original's hash, but stays near its
 # brightened hash (for gains of about 1.15 to 1.4, not only this one).
 _BRIGHTEN = 1.25
-_BRIGHTEN_LUT = [min(255, round(i * _BRIGHTEN)) for i in range(256)]
+_BRIGHTEN_TABLE = np.array([min(255, round(i * _BRIGHTEN)) for i in range(256)], dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,8 +308,9 @@ def _grey_thumbs(image: Image.Image) -> tuple[Image.Image, Image.Image]:
     """The 32x32 grey thumbnail pHash looks at, and the same of the image brightened by
     `_BRIGHTEN` (clipped pixel by pixel before the reduction, as a brighter copy was)."""
     thumb = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-    lut = _BRIGHTEN_LUT * len(image.getbands())
-    brightened = image.point(lut).convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    # the table by numpy indexing: Image.point rounds a list table in Python on every call
+    brightened = Image.fromarray(_BRIGHTEN_TABLE[np.asarray(image)], image.mode)
+    brightened = brightened.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
     return thumb, brightened
 
 
@@ -575,21 +576,6 @@ def parse_descriptor(data) -> Optional[Descriptor]:
     return Descriptor(bytes(data))
 
 
-def _fit_residual(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Signed clip(g * x + o) - y per cell and channel, with ONE gain and offset for all three
-    channels fitted on the cells y does not saturate: a global brightness or contrast change."""
-    xs, ys = x.ravel(), y.ravel()
-    fit = (ys > 2) & (ys < 253)
-    if fit.sum() < 8:
-        fit = np.ones_like(fit)
-    xm, ym = xs[fit], ys[fit]
-    var = float(xm.var())
-    gain = float(((xm - xm.mean()) * (ym - ym.mean())).mean() / var) if var > 1e-6 else 1.0
-    gain = min(2.0, max(0.5, gain))
-    offset = float(ym.mean() - gain * xm.mean())
-    return np.clip(gain * x + offset, 0, 255) - y
-
-
 _LUMA_WEIGHT = 0.3  # what a luminance residual costs next to a colour one (clipping leaves some)
 
 
@@ -600,13 +586,29 @@ def colour_distance(x: np.ndarray, y: np.ndarray) -> float:
     brightness change clipped at white), averaged over cells; the best of both fit directions, on
     the thumbnails as they are and with the darker one brightened first (`_brighten_darker`: a
     brightness increase clips each channel at white, which no single linear fit models)."""
-    best = math.inf
+    # the four fits at once (one row each: thumbnails are tiny, so numpy's per-call cost is most
+    # of the work). Each fit has ONE gain and offset for all three channels, fitted on the cells
+    # the target does not saturate: a global brightness or contrast change.
     xb, yb = _brighten_darker(x, y)
-    for residual in (_fit_residual(x, y), _fit_residual(y, x), _fit_residual(xb, yb), _fit_residual(yb, xb)):
-        luma = residual.mean(axis=2, keepdims=True)
-        chroma = np.abs(residual - luma).max(axis=2)
-        best = min(best, float((chroma + _LUMA_WEIGHT * np.abs(luma[..., 0])).mean()))
-    return best
+    sources = np.stack([x, y, xb, yb]).reshape(4, -1)
+    targets = sources[[1, 0, 3, 2]]
+    weight = ((targets > 2) & (targets < 253)).astype(sources.dtype)
+    count = weight.sum(axis=1, keepdims=True)
+    too_few = count[:, 0] < 8
+    if too_few.any():
+        weight[too_few] = 1
+        count = weight.sum(axis=1, keepdims=True)
+    mean_x = (weight * sources).sum(axis=1, keepdims=True) / count
+    mean_y = (weight * targets).sum(axis=1, keepdims=True) / count
+    dx = weight * (sources - mean_x)
+    var = (dx * dx).sum(axis=1, keepdims=True) / count
+    cov = (dx * (targets - mean_y)).sum(axis=1, keepdims=True) / count
+    fitted = var > 1e-6
+    gain = np.clip(np.where(fitted, cov / np.where(fitted, var, 1), 1), 0.5, 2.0)
+    residual = (np.clip(gain * sources + (mean_y - gain * mean_x), 0, 255) - targets).reshape(4, -1, 3)
+    luma = residual.mean(axis=2, keepdims=True)
+    chroma = np.abs(residual - luma).max(axis=2)
+    return float((chroma + _LUMA_WEIGHT * np.abs(luma[..., 0])).mean(axis=1).min())
 
 
 def thumb_correlation(x: np.ndarray, y: np.ndarray) -> float:

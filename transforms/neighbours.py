@@ -96,7 +96,10 @@ def search_vectors(units: np.ndarray) -> np.ndarray:
     matrix = np.asarray(units, dtype=np.float32)
     if matrix.ndim != 2 or not len(matrix):
         return np.zeros((len(matrix), matrix.shape[-1] if matrix.ndim == 2 else 0), dtype=np.float32)
-    matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    # each row's own dot (einsum sums a row the same way in any batch; np.linalg.norm's reduction
+    # is several times slower)
+    norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+    matrix = matrix / np.maximum(norms, 1e-12)[:, None]
     return np.ascontiguousarray(matrix, dtype=np.float32)
 
 
@@ -142,16 +145,33 @@ def caption_keys(captions) -> np.ndarray:
     return keys
 
 
-def caption_ids(keys: np.ndarray, captions: list) -> np.ndarray:
-    """Equal ids exactly for equal normalised captions: rows sharing a `caption_keys` key are
-    told apart by their normalised captions (Python, for those rows only)."""
+def caption_ids(keys: np.ndarray, captions) -> np.ndarray:
+    """Equal ids exactly for equal normalised captions (`captions`: an Arrow string array or a
+    list): rows sharing a `caption_keys` key are told apart by their normalised captions, in
+    Python only for the distinct texts of keys that several distinct texts share (rows of one
+    text, like a sample's copies in other groups, share its id without a look)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     unique, ids, counts = np.unique(keys, return_inverse=True, return_counts=True)
     ids = ids.astype(np.int64)
     shared = np.flatnonzero(counts[ids] > 1)
-    if len(shared):
-        names: dict = {}
-        for row in shared.tolist():
-            ids[row] = len(unique) + names.setdefault((int(keys[row]), normalised_caption(captions[row] or "")), len(names))
+    if not len(shared):
+        return ids.astype(np.uint64)
+    texts = pc.fill_null(pa.array(captions, pa.string()) if isinstance(captions, list) else captions, "")
+    texts = texts.take(pa.array(shared))
+    text_ids = texts.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    # keys with more than one distinct text among their rows
+    pairs = np.unique(ids[shared] * (int(text_ids.max()) + 1) + text_ids)
+    key_of_pair = pairs // (int(text_ids.max()) + 1)
+    repeated = key_of_pair[1:][key_of_pair[1:] == key_of_pair[:-1]]
+    mixed = np.flatnonzero(np.isin(ids[shared], repeated))
+    names: dict = {}
+    named: dict = {}
+    for position, text in zip(mixed.tolist(), texts.take(pa.array(mixed)).to_pylist()):
+        if text not in named:
+            named[text] = names.setdefault((int(ids[shared[position]]), normalised_caption(text)), len(names))
+        ids[shared[position]] = len(unique) + named[text]
     return ids.astype(np.uint64)
 
 
@@ -195,15 +215,16 @@ class Pool:
     caption_ids: np.ndarray  # [n] uint64 (`caption_id`)
     hashes: np.ndarray  # [n, 2] uint64: pHash, mirrored pHash
     present: np.ndarray  # [n, 2] bool: whether each hash is there
-    vectors64: Optional[np.ndarray] = None  # float64 copy, made once when pairs are re-scored
 
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def exact(self) -> np.ndarray:
-        if self.vectors64 is None:
-            self.vectors64 = self.vectors.astype(np.float64)
-        return self.vectors64
+    def slice(self, start: int, stop: int) -> "Pool":
+        """Rows [start, stop), as views."""
+        return Pool(self.vectors[start:stop], self.caption_ids[start:stop], self.hashes[start:stop], self.present[start:stop])
+
+    def take(self, rows: np.ndarray) -> "Pool":
+        return Pool(self.vectors[rows], self.caption_ids[rows], self.hashes[rows], self.present[rows])
 
 
 def _top_unsorted(cosines: np.ndarray, depth: int) -> np.ndarray:
@@ -239,11 +260,16 @@ def _pair_scores(pool: Pool, queries: np.ndarray, candidates: np.ndarray, where:
     are scored in float64)."""
     scores = np.full(candidates.shape, np.nan)
     rows, columns = np.nonzero(where)
-    exact = pool.exact()
-    for start in range(0, len(rows), 65_536):  # bounded temporaries
-        r, c = rows[start:start + 65_536], columns[start:start + 65_536]
-        scores[r, c] = (exact[candidates[r, c]] * exact[queries[r]]).sum(axis=-1)
+    vectors = pool.vectors
+    # a product of two float32 values is exact in float64: einsum multiplies and sums in float64
+    # without a float64 copy of the pool, and small chunks keep both gathered blocks in cache.
+    for start in range(0, len(rows), _PAIR_CHUNK):
+        r, c = rows[start:start + _PAIR_CHUNK], columns[start:start + _PAIR_CHUNK]
+        scores[r, c] = np.einsum("ij,ij->i", vectors[candidates[r, c]], vectors[queries[r]], dtype=np.float64)
     return scores
+
+
+_PAIR_CHUNK = 512
 
 
 def _best(candidates: np.ndarray, scores: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -477,26 +503,33 @@ def _settle(vectors: np.ndarray, centroids: np.ndarray, candidates: np.ndarray, 
 def assign_groups(vectors: np.ndarray, partitioning: Partitioning, probe: int) -> np.ndarray:
     """[n, probe] fine cells of each vector (its home first): the nearest fine centroids among
     those of its COARSE_PROBE nearest coarse cells."""
+    import faiss
+
     probe = max(1, min(probe, partitioning.groups))
     if not len(vectors):
         return np.zeros((0, probe), dtype=np.int64)
     coarse = nearest_centroids(vectors, partitioning.coarse, COARSE_PROBE)
-    fine_of = [np.flatnonzero(partitioning.fine_parent == cell) for cell in range(partitioning.partitions)]
-    width = max(len(ids) for ids in fine_of)
-    slots = coarse.shape[1] * width
-    cosines = np.full((len(vectors), slots), -np.inf, dtype=np.float32)
-    ids = np.full((len(vectors), slots), -1, dtype=np.int64)
+    # per coarse cell, its rows' nearest few of its fine centroids (faiss's top-k: a numpy
+    # partition of every row's cosines costs more than the product); `_settle` ranks the union
+    depth = probe + 2
+    candidates = np.full((len(vectors), coarse.shape[1] * depth), -1, dtype=np.int64)
+    cosines = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    fine_order = np.argsort(partitioning.fine_parent, kind="stable")
+    fine_bounds = np.searchsorted(partitioning.fine_parent[fine_order], np.arange(partitioning.partitions + 1))
     for position in range(coarse.shape[1]):
-        for cell in np.unique(coarse[:, position]).tolist():
-            rows = np.flatnonzero(coarse[:, position] == cell)
-            fines = fine_of[cell]
-            block = slice(position * width, position * width + len(fines))
-            cosines[rows, block] = vectors[rows] @ partitioning.fine[fines].T
-            ids[rows, block] = fines
-    depth = min(slots, probe + 2)
-    top = np.array(_top_unsorted(cosines, depth))
-    return _settle(vectors, partitioning.fine, np.take_along_axis(ids, top, axis=-1),
-                   np.take_along_axis(cosines, top, axis=-1), probe)
+        by_cell = np.argsort(coarse[:, position], kind="stable")
+        row_bounds = np.searchsorted(coarse[by_cell, position], np.arange(partitioning.partitions + 1))
+        for cell in range(partitioning.partitions):
+            rows = by_cell[row_bounds[cell]:row_bounds[cell + 1]]
+            fines = fine_order[fine_bounds[cell]:fine_bounds[cell + 1]]
+            if not len(rows) or not len(fines):
+                continue
+            width = min(depth, len(fines))
+            found, ids = faiss.knn(vectors[rows], partitioning.fine[fines], width, metric=faiss.METRIC_INNER_PRODUCT)
+            block = slice(position * depth, position * depth + width)
+            candidates[rows, block] = np.where(ids >= 0, fines[np.maximum(ids, 0)], -1)
+            cosines[rows, block] = found
+    return _settle(vectors, partitioning.fine, candidates, cosines, probe)
 
 
 def stable_hash64(text: str) -> int:
