@@ -190,7 +190,7 @@ def _units(table: pa.Table, space: str) -> tuple[np.ndarray, np.ndarray]:
 def _remaining(table: pa.Table, config: CurateConfig, cutoff: Optional[float]) -> pa.Table:
     alive = _alive(table)
     reasons = filter_reasons(alive, config, cutoff)
-    return _only(alive, np.array([r is None for r in reasons], dtype=bool))
+    return _only(alive, np.equal(reasons, None))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class _Counts(beam.DoFn):
     def process(self, table: pa.Table, cutoff=None):
         alive = _alive(table)
         reasons = filter_reasons(alive, self._config, cutoff)
-        yield {"alive": alive.num_rows, "remaining": int(sum(r is None for r in reasons))}
+        yield {"alive": alive.num_rows, "remaining": int(np.equal(reasons, None).sum())}
 
 
 def _sum_counts(counts) -> dict:
@@ -351,7 +351,7 @@ class _MainPass(beam.DoFn):
             dropped = int(np.sum(reasons == reason.value))
             if dropped:
                 counter.inc(dropped)
-        passes = np.array([r is None for r in reasons], dtype=bool)
+        passes = np.equal(reasons, None)
         uids = cols.column(alive, Col.UID)
         captions = pc.if_else(pa.array(passes), _captions(alive), pa.scalar(None, pa.string()))
         verdicts = pa.table({Col.UID: uids, _FILTER_REASON: pa.array(reasons.tolist(), pa.string()), Col.CAPTION: captions})
@@ -865,27 +865,29 @@ class _Negatives(beam.DoFn):
         if table is None:
             return
         self._total = 2 * counts["remaining"]
-        if kept <= s["exact_max"]:
+        exact = kept <= s["exact_max"]
+        if exact:
             table = _one_row_per_uid(table)
-            bounds, homes = [(0, table.num_rows)], [None]
+            bounds = [(0, table.num_rows)]
         else:
             table = table.sort_by([(_CELL, "ascending"), (Col.UID, "ascending")])
             cells = cols.column(table, _CELL).to_numpy(zero_copy_only=False)
-            ranks = cols.column(table, _RANK).to_numpy(zero_copy_only=False)
             starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
             bounds = list(zip(starts.tolist(), np.r_[starts[1:], len(cells)].tolist()))
-            homes = [np.flatnonzero(ranks[start:stop] == 0) for start, stop in bounds]
+        at_home = cols.column(table, _RANK).to_numpy(zero_copy_only=False) == 0
+        # a group's queries: every sample of the one exact group, else the samples at home there
+        homes = [None] if exact else [np.flatnonzero(at_home[start:stop]) for start, stop in bounds]
         count = probes.num_rows if probes is not None else 0
         # one pool for the partition (and the sampled queries before its rows, when there are
         # any: one caption-id space for both); each group searches a slice of it
         searched = pa.concat_tables([probes.select(_PROBE_COLUMNS), table.select(_PROBE_COLUMNS)]) if count else table
         pool = _pool_of(searched)
         if count:
-            home = count + np.flatnonzero(cols.column(table, _RANK).to_numpy(zero_copy_only=False) == 0)
+            home = count + np.flatnonzero(at_home)
             yield beam.pvalue.TaggedOutput(RECALL_EXACT, exact_reference(pool, cols.column(searched, Col.UID), count, home, s))
         outputs = []
         for (start, stop), home in zip(bounds, homes):
-            outputs.append(self._search(table.slice(start, stop - start), pool.slice(count + start, count + stop), home))
+            outputs.append(self._search(table.slice(start, stop - start), pool.take(slice(count + start, count + stop)), home))
         out = _concat(outputs, _NEIGHBOUR_SCHEMA)
         if count and out.num_rows:
             sampled = out.filter(pc.is_in(out[Col.UID], value_set=probes[Col.UID]))

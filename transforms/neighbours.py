@@ -162,8 +162,9 @@ def caption_ids(keys: np.ndarray, captions) -> np.ndarray:
     texts = texts.take(pa.array(shared))
     text_ids = texts.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
     # keys with more than one distinct text among their rows
-    pairs = np.unique(ids[shared] * (int(text_ids.max()) + 1) + text_ids)
-    key_of_pair = pairs // (int(text_ids.max()) + 1)
+    texts_per_key = int(text_ids.max()) + 1
+    pairs = np.unique(ids[shared] * texts_per_key + text_ids)
+    key_of_pair = pairs // texts_per_key
     repeated = key_of_pair[1:][key_of_pair[1:] == key_of_pair[:-1]]
     mixed = np.flatnonzero(np.isin(ids[shared], repeated))
     names: dict = {}
@@ -219,11 +220,8 @@ class Pool:
     def __len__(self) -> int:
         return len(self.vectors)
 
-    def slice(self, start: int, stop: int) -> "Pool":
-        """Rows [start, stop), as views."""
-        return Pool(self.vectors[start:stop], self.caption_ids[start:stop], self.hashes[start:stop], self.present[start:stop])
-
-    def take(self, rows: np.ndarray) -> "Pool":
+    def take(self, rows) -> "Pool":
+        """The rows `rows` (indices; a slice gives views)."""
         return Pool(self.vectors[rows], self.caption_ids[rows], self.hashes[rows], self.present[rows])
 
 
@@ -514,15 +512,11 @@ def assign_groups(vectors: np.ndarray, partitioning: Partitioning, probe: int) -
     depth = probe + 2
     candidates = np.full((len(vectors), coarse.shape[1] * depth), -1, dtype=np.int64)
     cosines = np.full(candidates.shape, -np.inf, dtype=np.float32)
-    fine_order = np.argsort(partitioning.fine_parent, kind="stable")
-    fine_bounds = np.searchsorted(partitioning.fine_parent[fine_order], np.arange(partitioning.partitions + 1))
     for position in range(coarse.shape[1]):
-        by_cell = np.argsort(coarse[:, position], kind="stable")
-        row_bounds = np.searchsorted(coarse[by_cell, position], np.arange(partitioning.partitions + 1))
-        for cell in range(partitioning.partitions):
-            rows = by_cell[row_bounds[cell]:row_bounds[cell + 1]]
-            fines = fine_order[fine_bounds[cell]:fine_bounds[cell + 1]]
-            if not len(rows) or not len(fines):
+        for cell in np.unique(coarse[:, position]).tolist():
+            rows = np.flatnonzero(coarse[:, position] == cell)
+            fines = np.flatnonzero(partitioning.fine_parent == cell)
+            if not len(fines):
                 continue
             width = min(depth, len(fines))
             found, ids = faiss.knn(vectors[rows], partitioning.fine[fines], width, metric=faiss.METRIC_INNER_PRODUCT)
