@@ -12,7 +12,7 @@ Both download, resize to 256 (border) and write WebDataset shards. img2dataset r
             descriptor off, per-host cap 128)
 and each in two local runner modes (MODES):
   multi       multi_processing with a worker per core: what no runner flags give from
-              FETCH_MULTI_PROCESS_MIN_ROWS (10,000) rows on a machine with more than one core
+              FETCH_MULTI_PROCESS_MIN_ROWS (2,000) rows on a machine with more than one core
   in_process  `--direct_running_mode in_memory`: what no runner flags give below it
   auto        no runner flags (not in the default --modes)
 (the mode run/fetch.json recorded is printed with each case)
@@ -31,9 +31,10 @@ HTTP (the aiohttp loop thread), sha256, decode (+ blank check + JPEG encode), re
 (near-dedup descriptor and pHash; pHash alone when the descriptor is off), and Beam + the rest
 (the process's CPU time minus the parts: runner, reading, raw tar and Parquet writing).
 
-`--baseline DIR` also runs `curate fetch` (stripped) from another checkout of curate (e.g.
-`git archive` of main) in every round, alternating which of the two goes first, and prints each
-round's ratio of this checkout over it with their median and spread: a before/after measurement.
+`--baseline DIR` runs, instead of img2dataset, `curate fetch` of another checkout of curate (e.g.
+a git worktree of main) beside this one's in every round, for each configuration and mode of
+--configs and --modes, alternating which of the two goes first, and prints each round's ratio of
+this checkout over it with their median and spread: a before/after measurement.
 
 `--hosts N` spreads the rows over N host names (h00000.bench.test, ...) mapped to the server on
 127.0.0.1 (config `resolve_hosts` + `allow_hosts`), and runs this checkout with the site-policy
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import json
 import os
@@ -289,16 +291,23 @@ def main() -> int:
         extra = args.curate_args.split()
 
         if baseline is not None:
-            before_after = []
+            before_after = {case: [] for case in cases}
             for round_index in range(args.repeat):
-                ours = lambda: run_curate(REPO, rows, work / "curate_out", server.port, env, extra)  # noqa: E731
-                before = lambda: run_curate(baseline, rows, work / "baseline_out", server.port, env, extra)  # noqa: E731
-                base, curate = in_alternating_order(round_index, before, ours)
-                before_after.append((base, curate))
-                print(f"round {round_index + 1}: baseline {base['rate']:.1f} samples/s, this checkout "
-                      f"{curate['rate']:.1f} samples/s, ratio {curate['rate'] / base['rate']:.3f}; CPU s "
-                      f"{base['cpu_seconds']:.1f} vs {curate['cpu_seconds']:.1f}", flush=True)
-            results["this_checkout_over_baseline"] = paired("baseline", "this_checkout", before_after)
+                for config, mode in cases:
+                    run = functools.partial(run_curate, rows=rows, port=server.port, env=env,
+                                            extra=MODES[mode] + extra, stages=CONFIGS[config])
+                    ours = lambda: run(REPO, out=work / "curate_out")  # noqa: E731
+                    before = lambda: run(baseline, out=work / "baseline_out")  # noqa: E731
+                    base, curate = in_alternating_order(round_index, before, ours)
+                    before_after[(config, mode)].append((base, curate))
+                    print(f"round {round_index + 1}: {config}/{mode}: baseline {base['rate']:.1f} samples/s "
+                          f"({base['mode']}), this checkout {curate['rate']:.1f} samples/s ({curate['mode']}), ratio "
+                          f"{curate['rate'] / base['rate']:.3f}; CPU s {base['cpu_seconds']:.1f} vs "
+                          f"{curate['cpu_seconds']:.1f}", flush=True)
+            results["this_checkout_over_baseline"] = {}
+            for (config, mode), pairs in before_after.items():
+                print(f"{config}/{mode}: ", end="")
+                results["this_checkout_over_baseline"][f"{config}/{mode}"] = paired("baseline", "this_checkout", pairs)
             print(json.dumps(results))
             return 0
 

@@ -273,9 +273,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 MULTI_PROCESS_MIN_ROWS = 200_000
 # fetch on at least this many input rows does the same. Its per-row CPU work (decode, resize,
 # hashes, language ID) is what the in-process runner leaves on one core, while each worker pays
-# its imports and models again at start: below this, one process did better on the download
+# its imports and models again at start: below this, the two modes were even on the download
 # benchmark (README, "Download throughput").
-FETCH_MULTI_PROCESS_MIN_ROWS = 10_000
+FETCH_MULTI_PROCESS_MIN_ROWS = 2_000
 FETCH_MIN_ROWS_ENV = "CURATE_FETCH_MULTI_PROCESS_MIN_ROWS"  # overrides it (tests use a small corpus)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import apache_beam as beam
 import imagehash
@@ -25,7 +26,7 @@ from transforms.dedup import image_hashes
 from transforms.decode import ImageRejected, apply_decoded, decode_image, sha256_hex
 from transforms.download import FetchImages
 from transforms.batch import hash_partitions
-from transforms.read_input import ReadRows, source_size
+from transforms.read_input import ReadRows, fetch_chunk_rows, source_size
 from transforms.spill import SpillBatches, partitioned, read_partition
 from transforms.write_output import WriteRawImages, WriteTablePerBundle
 
@@ -96,13 +97,14 @@ class CollapseDuplicateRows(beam.PTransform):
     so no step holds every input row; the repeated uids (a side input) are all a row is checked
     against."""
 
-    def __init__(self, config: CurateConfig, work_directory: str):
+    def __init__(self, config: CurateConfig, work_directory: str, input_rows: Optional[int]):
         super().__init__()
         self._config = config
         self._work = work_directory
+        self._input_rows = input_rows  # None for remote or very large inputs
 
     def expand(self, records):
-        rows = count_input_rows(self._config)  # None for remote or very large inputs
+        rows = self._input_rows
         partitions = max(1, -(-rows // _POSITION_PARTITION_ROWS)) if rows is not None else _UNKNOWN_INPUT_PARTITIONS
         first_rows = (
             records.pipeline
@@ -156,11 +158,12 @@ def _write_outputs(survivors, dropped: list, features_dir: str, unchanged=None):
 
 
 def build_fetch(pipeline: beam.Pipeline, config: CurateConfig, layout: Layout):
-    rows = pipeline | "Read" >> ReadRows(config)
+    input_rows = count_input_rows(config)  # None for remote or very large inputs
+    rows = pipeline | "Read" >> ReadRows(config, chunk_rows=fetch_chunk_rows(input_rows))
     rows | "ProgressRead" >> ReportProgress("fetch", "rows read")
     split = rows | "SplitMalformed" >> beam.Partition(lambda r, _: int(is_dropped(r)), 2)
     alive, dropped_early = split[0], split[1]
-    unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows(config, layout.work("fetch"))
+    unique = alive | "CollapseDuplicateRows" >> CollapseDuplicateRows(config, layout.work("fetch"), input_rows)
     # Caption rules are cheap and static: applied before download so no bandwidth is spent on
     # rows that would be dropped anyway.
     survivors, dropped = process_rows(unique[KEPT], config, layout.raw_shards, "")

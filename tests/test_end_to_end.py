@@ -324,7 +324,8 @@ def test_retry_failed_refetches_only_transient_failures(server, tmp_path):
 def test_multi_process_direct_runner_gives_the_same_bytes(server, demo_output, tmp_path):
     """With no runner flags a fetch of at least FETCH_MULTI_PROCESS_MIN_ROWS rows runs on
     multi_processing with a worker per core (lowered here to the demo corpus's size), a smaller one
-    in process (the demo run): the same bytes either way, as recorded in run/fetch.json."""
+    in process (the demo run): the same bytes either way, as recorded in run/fetch.json, and every
+    worker fetches a share of the rows."""
     import subprocess
     import sys
 
@@ -344,6 +345,8 @@ def test_multi_process_direct_runner_gives_the_same_bytes(server, demo_output, t
     assert runner["direct_running_mode"] == ("multi_processing" if cores > 1 else "in_memory")
     if cores > 1:
         assert runner["direct_num_workers"] == cores
+        # the input (157 rows) was cut into chunks for every worker: each fetched and stored a share
+        assert len(glob.glob(f"{out}/raw/*.tar")) == cores
     assert not result.stderr.strip() or all(line.startswith("[curate] ") for line in result.stderr.splitlines())
     assert_same_outputs(out, demo_output)
 

@@ -150,15 +150,21 @@ def _awkward_jsonl(rows: int) -> str:
 
 
 @pytest.mark.parametrize("fmt, chunk_rows", [("csv", 5), ("csv", 1), ("tsv", 4), ("jsonl", 3), ("jsonl", 1000),
-                                             ("parquet", 16), ("csv.gz", 5)])
+                                             ("parquet", 16), ("parquet", 7), ("parquet", 1), ("parquet", 1000),
+                                             ("csv.gz", 5)])
 def test_chunks_give_the_rows_a_whole_file_gives(tmp_path, fmt, chunk_rows):
     from transforms.read_input import plan_chunks, read_chunk
 
     config = build_config()
     if fmt == "parquet":
+        # row groups of 7, then one of 50 (cut into row ranges when chunks are smaller), then 8
         table = pa.table({"url": [f"http://c/{i}.jpg" for i in range(100)], "caption": [f"cap {i}" for i in range(100)]})
         path = tmp_path / "rows.parquet"
-        pq.write_table(table, path, row_group_size=7)
+        with pq.ParquetWriter(path, table.schema) as writer:
+            writer.write_table(table.slice(0, 42), row_group_size=7)
+            writer.write_table(table.slice(42, 50), row_group_size=50)
+            writer.write_table(table.slice(92), row_group_size=8)
+        assert [pq.ParquetFile(path).metadata.row_group(i).num_rows for i in range(8)] == [7] * 6 + [50, 8]
         data = path.read_bytes()
     else:
         text = _awkward_jsonl(60) if fmt == "jsonl" else _awkward_csv(60)
@@ -172,6 +178,20 @@ def test_chunks_give_the_rows_a_whole_file_gives(tmp_path, fmt, chunk_rows):
     assert len(chunks) == (1 if fmt.endswith(".gz") else -(-len(whole) // chunk_rows) if fmt != "parquet" else len(chunks))
     assert [r for chunk in chunks for r in read_chunk(chunk, config)] == whole
     assert any(r[Col.STATUS] == Status.DROPPED for r in whole) or fmt == "parquet"
+    if fmt == "parquet":  # small row groups joined (a chunk ends at the group reaching chunk_rows), large ones cut
+        sizes = [c.rows for c in chunks]
+        assert sum(sizes) == 100 and max(sizes) < chunk_rows + 7
+        assert len(chunks) == {16: 2 + 4 + 1, 7: 6 + 8 + 2, 1: 100, 1000: 1}[chunk_rows]
+
+
+def test_fetch_input_is_cut_into_enough_chunks_for_every_worker():
+    from transforms.read_input import CHUNK_ROWS, FETCH_CHUNKS, FETCH_MIN_CHUNK_ROWS, fetch_chunk_rows
+
+    assert fetch_chunk_rows(None) == CHUNK_ROWS  # not known (remote, very large): the reading default
+    assert fetch_chunk_rows(100) == FETCH_MIN_CHUNK_ROWS
+    assert fetch_chunk_rows(10_000) * 2 <= 10_000 // 16  # a small input still gives each of 16 workers two
+    assert -(-1_000_000 // fetch_chunk_rows(1_000_000)) >= FETCH_CHUNKS
+    assert fetch_chunk_rows(100_000_000) == CHUNK_ROWS
 
 
 def test_read_rows_spreads_chunks_and_reads_every_row_once(tmp_path, monkeypatch):
@@ -193,6 +213,7 @@ def test_read_rows_spreads_chunks_and_reads_every_row_once(tmp_path, monkeypatch
 
 def test_repeated_rows_collapse_to_the_first_by_input_position_without_a_row_shuffle(tmp_path):
     from pipeline.fetch import CollapseDuplicateRows
+    from pipeline.progress import count_input_rows
     from transforms.base import DROPPED, KEPT
 
     (tmp_path / "a.csv").write_text("url,caption\nhttp://x/1.jpg,one\nhttp://x/2.jpg,two\nhttp://x/1.jpg,one\n")
@@ -200,7 +221,7 @@ def test_repeated_rows_collapse_to_the_first_by_input_position_without_a_row_shu
     config = build_config(input=f"{tmp_path}/b.csv,{tmp_path}/a.csv")
     with in_process_pipeline() as p:
         rows = p | ReadRows(config)
-        split = rows | CollapseDuplicateRows(config, str(tmp_path / "work"))
+        split = rows | CollapseDuplicateRows(config, str(tmp_path / "work"), count_input_rows(config))
         name = lambda r: r[Col.SOURCE_FILE].rsplit("/", 1)[-1]  # noqa: E731 - the path as given
         assert_that(split[KEPT] | "Kept" >> beam.Map(lambda r: (name(r), r[Col.SOURCE_ROW])),
                     equal_to([("a.csv", 0), ("a.csv", 1), ("b.csv", 1)]), label="kept")

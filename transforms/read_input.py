@@ -273,15 +273,25 @@ def iter_jsonl(handle, source_file: str, config: CurateConfig, first_row: int = 
 
 
 def iter_parquet(handle, source_file: str, config: CurateConfig, row_groups: Optional[list] = None,
-                 first_row: int = 0) -> Iterator[dict]:
+                 first_row: int = 0, skip: int = 0, rows: Optional[int] = None) -> Iterator[dict]:
+    """The records of `row_groups` (all when None), past their first `skip` rows, `rows` of them
+    (all when None)."""
     import pyarrow.parquet as pq
 
     row_index = first_row
     parquet = pq.ParquetFile(handle)
+    end = None if rows is None else skip + rows
+    seen = 0  # rows of the row groups passed so far
     for batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups):
+        start, seen = seen, seen + batch.num_rows
+        if seen <= skip:
+            continue
+        batch = batch.slice(max(0, skip - start), batch.num_rows if end is None else max(0, end - max(start, skip)))
         for fields in batch.to_pylist():
             yield row_to_record(fields, source_file, row_index, config.url_col, config.caption_col)
             row_index += 1
+        if end is not None and seen >= end:
+            return
 
 
 _SHA256_HEX = frozenset("0123456789abcdef")
@@ -402,13 +412,26 @@ def match_input_pattern(pattern: str, cwd: str = "") -> list[tuple[str, str]]:
 
 
 CHUNK_ROWS = 50_000  # rows per chunk of an input file: the unit of reading spread over workers
+# The fetch's rows each cost a download and a decode, so its input is cut finer: into about this
+# many chunks (so that every worker of a local run or a Dataflow pool gets several, and the last
+# one to finish holds up the others little), but no smaller than FETCH_MIN_CHUNK_ROWS rows.
+FETCH_CHUNKS = 64
+FETCH_MIN_CHUNK_ROWS = 64
+
+
+def fetch_chunk_rows(input_rows: Optional[int]) -> int:
+    """Rows per chunk of the fetch's input, given how many rows it has (None: not known)."""
+    if input_rows is None:
+        return CHUNK_ROWS
+    return min(CHUNK_ROWS, max(FETCH_MIN_CHUNK_ROWS, -(-input_rows // FETCH_CHUNKS)))
 _SEEKABLE_FORMATS = ("csv", "tsv", "jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
 class FileChunk:
     """Rows [first_row, first_row + rows) of one input file (rows None: to its end), starting at
-    byte `offset` (text formats) or in `row_groups` (Parquet); `header` for csv/tsv."""
+    byte `offset` (text formats) or in `row_groups` (Parquet: past the first `offset` rows of
+    them); `header` for csv/tsv."""
 
     path: str  # to open
     fmt: str
@@ -443,14 +466,8 @@ def plan_chunks(named_path: tuple[str, str], config: CurateConfig, chunk_rows: O
 
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             metadata = pq.ParquetFile(handle).metadata
-        chunks, groups, first, rows = [], [], 0, 0
-        for index in range(metadata.num_row_groups):
-            groups.append(index)
-            rows += metadata.row_group(index).num_rows
-            if rows >= chunk_rows or index == metadata.num_row_groups - 1:
-                chunks.append(FileChunk(path, fmt, source_file, first, rows, row_groups=tuple(groups)))
-                first, groups, rows = first + rows, [], 0
-        return chunks or [FileChunk(path, fmt, source_file, 0, 0, row_groups=())]
+        return _parquet_chunks(path, fmt, source_file, [metadata.row_group(i).num_rows
+                                                       for i in range(metadata.num_row_groups)], chunk_rows)
     if fmt not in _SEEKABLE_FORMATS or _is_compressed(path):
         return [FileChunk(path, fmt, source_file)]
     positions: list = []
@@ -474,6 +491,30 @@ def plan_chunks(named_path: tuple[str, str], config: CurateConfig, chunk_rows: O
     return chunks
 
 
+def _parquet_chunks(path: str, fmt: str, source_file: str, group_rows: list, chunk_rows: int) -> list[FileChunk]:
+    """Chunks of whole row groups (small groups joined up to `chunk_rows`); a row group larger
+    than that is cut into row ranges of its own (pyarrow writes a million rows a group by
+    default: one group as one chunk would leave every other worker idle)."""
+    chunks, groups, first, rows = [], [], 0, 0
+    for index, count in enumerate(group_rows):
+        if count > chunk_rows:
+            if groups:
+                chunks.append(FileChunk(path, fmt, source_file, first, rows, row_groups=tuple(groups)))
+                first, groups, rows = first + rows, [], 0
+            pieces = -(-count // chunk_rows)
+            bounds = [count * k // pieces for k in range(pieces + 1)]
+            chunks += [FileChunk(path, fmt, source_file, first + start, end - start, row_groups=(index,), offset=start)
+                       for start, end in zip(bounds, bounds[1:])]
+            first += count
+            continue
+        groups.append(index)
+        rows += count
+        if rows >= chunk_rows or index == len(group_rows) - 1:
+            chunks.append(FileChunk(path, fmt, source_file, first, rows, row_groups=tuple(groups)))
+            first, groups, rows = first + rows, [], 0
+    return chunks or [FileChunk(path, fmt, source_file, 0, 0, row_groups=())]
+
+
 def read_chunk(chunk: FileChunk, config: CurateConfig) -> Iterator[dict]:
     """The records of one chunk."""
     from apache_beam.io.filesystems import FileSystems
@@ -483,7 +524,8 @@ def read_chunk(chunk: FileChunk, config: CurateConfig) -> Iterator[dict]:
         if chunk.rows == 0:
             return
         with FileSystems.open(chunk.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            yield from iter_parquet(handle, source_file, config, list(chunk.row_groups), chunk.first_row)
+            yield from iter_parquet(handle, source_file, config, list(chunk.row_groups), chunk.first_row,
+                                    skip=chunk.offset, rows=chunk.rows)
         return
     if chunk.fmt in _SEEKABLE_FORMATS and not _is_compressed(chunk.path):
         if chunk.rows == 0:
@@ -502,11 +544,12 @@ def read_chunk(chunk: FileChunk, config: CurateConfig) -> Iterator[dict]:
 
 
 class _PlanChunks(beam.DoFn):
-    def __init__(self, config: CurateConfig):
+    def __init__(self, config: CurateConfig, chunk_rows: Optional[int]):
         self._config = config
+        self._chunk_rows = chunk_rows
 
     def process(self, named_path: tuple[str, str]):
-        yield from plan_chunks(named_path, self._config)
+        yield from plan_chunks(named_path, self._config, self._chunk_rows)
 
 
 class _ReadChunk(beam.DoFn):
@@ -522,12 +565,14 @@ class ReadRows(beam.PTransform):
     workers and stream each chunk's rows. What is shuffled is the chunks, never the rows: a
     shuffle of rows would hold every input row (and, for WebDataset input, every image) at once on
     the in-memory runners. `spread=False` reads the files in place (for a pass that only looks at
-    each row once, such as finding repeated rows)."""
+    each row once, such as finding repeated rows). `chunk_rows`: rows per chunk (default
+    CHUNK_ROWS); smaller chunks spread a small input over more workers."""
 
-    def __init__(self, config: CurateConfig, spread: bool = True):
+    def __init__(self, config: CurateConfig, spread: bool = True, chunk_rows: Optional[int] = None):
         super().__init__()
         self._config = config
         self._spread = spread
+        self._chunk_rows = chunk_rows
 
     def expand(self, pbegin):
         cwd = os.getcwd()  # where relative inputs were given: the ledger names files relative to it
@@ -535,7 +580,7 @@ class ReadRows(beam.PTransform):
             pbegin
             | "Patterns" >> beam.Create(input_patterns(self._config.input))
             | "Match" >> beam.FlatMap(match_input_pattern, cwd=cwd)  # (name as given, path)
-            | "Plan" >> beam.ParDo(_PlanChunks(self._config))  # FileChunk
+            | "Plan" >> beam.ParDo(_PlanChunks(self._config, self._chunk_rows))  # FileChunk
         )
         if self._spread:
             chunks = chunks | "Spread" >> beam.Reshuffle()
