@@ -36,5 +36,5 @@ setup(
         "scipy>=1.10",  # connected components of the near-duplicate pairs
     ],
     extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["curate=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["curate=pipeline.cli:entry"]},
 )

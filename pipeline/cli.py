@@ -14,6 +14,7 @@ from pipeline import logs
 logs.silence_import_noise()  # before Beam is imported: it logs through the root logger on import
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -766,5 +767,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def entry() -> None:
+    """The `curate` command (and `python -m pipeline.cli`): main(), then out of the process without
+    Python's finalisation. In Python < 3.14 a daemon thread that wakes up while the interpreter is
+    finalising is ended by pthread_exit; when that thread is inside C++ code that cannot be unwound
+    (gRPC's, under Beam's multi_processing runner), the process aborts ("terminate called without
+    an active exception", exit -6) after a run that succeeded (CPython gh-87135). Everything Python
+    would still do at exit that matters is done first: the atexit handlers (logging's flush among
+    them) and the flush of stdout and stderr. An exception from main() (a bug of ours) leaves the
+    normal way, with its traceback."""
+    code = main()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what a normal exit runs before finalising
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to say there
+            pass
+    os._exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

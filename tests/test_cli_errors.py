@@ -507,3 +507,14 @@ def test_a_failed_phase_leaves_no_beam_temp_folders(tmp_path):
     (tmp_path / "features" / "kept.parquet").write_bytes(b"x")
     _remove_beam_temp(layout)
     assert not glob.glob(f"{tmp_path}/*/beam-temp-*") and (tmp_path / "features" / "kept.parquet").exists()
+
+
+def test_the_command_exits_with_mains_code_after_the_exit_handlers_and_a_flush():
+    """`entry` leaves by os._exit (no interpreter finalisation, see its docstring): what main()
+    returned is the exit code, atexit handlers still run, and output still buffered is written."""
+    script = ("import atexit; from pipeline import cli; "
+              "atexit.register(lambda: print(' and the handler ran', end='')); "
+              "cli.main = lambda: (print('said', end=''), 3)[1]; cli.entry()")
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (3, "said and the handler ran"), result.stderr[-2000:]
