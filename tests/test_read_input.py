@@ -185,13 +185,13 @@ def test_chunks_give_the_rows_a_whole_file_gives(tmp_path, fmt, chunk_rows):
 
 
 def test_fetch_input_is_cut_into_enough_chunks_for_every_worker():
-    from transforms.read_input import CHUNK_ROWS, FETCH_CHUNKS, FETCH_MIN_CHUNK_ROWS, fetch_chunk_rows
+    from transforms.read_input import FETCH_CHUNKS, FETCH_MAX_CHUNK_ROWS, FETCH_MIN_CHUNK_ROWS, fetch_chunk_rows
 
-    assert fetch_chunk_rows(None) == CHUNK_ROWS  # not known (remote, very large): the reading default
+    assert fetch_chunk_rows(None) == FETCH_MAX_CHUNK_ROWS  # not known (remote, very large)
     assert fetch_chunk_rows(100) == FETCH_MIN_CHUNK_ROWS
     assert fetch_chunk_rows(10_000) * 2 <= 10_000 // 16  # a small input still gives each of 16 workers two
     assert -(-1_000_000 // fetch_chunk_rows(1_000_000)) >= FETCH_CHUNKS
-    assert fetch_chunk_rows(100_000_000) == CHUNK_ROWS
+    assert fetch_chunk_rows(100_000_000) == FETCH_MAX_CHUNK_ROWS  # a straggler chunk stays short
 
 
 def test_read_rows_spreads_chunks_and_reads_every_row_once(tmp_path, monkeypatch):

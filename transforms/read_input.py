@@ -412,18 +412,20 @@ def match_input_pattern(pattern: str, cwd: str = "") -> list[tuple[str, str]]:
 
 
 CHUNK_ROWS = 50_000  # rows per chunk of an input file: the unit of reading spread over workers
-# The fetch's rows each cost a download and a decode, so its input is cut finer: into about this
-# many chunks (so that every worker of a local run or a Dataflow pool gets several, and the last
-# one to finish holds up the others little), but no smaller than FETCH_MIN_CHUNK_ROWS rows.
+# The fetch's rows each cost a download and a decode, so its input is cut finer: into about
+# FETCH_CHUNKS chunks (every worker of a local run or a Dataflow pool gets several, and the last
+# one to finish holds up the others little), of FETCH_MIN_CHUNK_ROWS to FETCH_MAX_CHUNK_ROWS rows.
 FETCH_CHUNKS = 64
 FETCH_MIN_CHUNK_ROWS = 64
+FETCH_MAX_CHUNK_ROWS = 10_000
 
 
 def fetch_chunk_rows(input_rows: Optional[int]) -> int:
-    """Rows per chunk of the fetch's input, given how many rows it has (None: not known)."""
+    """Rows per chunk of the fetch's input, given how many rows it has (None: not known, e.g.
+    remote files)."""
     if input_rows is None:
-        return CHUNK_ROWS
-    return min(CHUNK_ROWS, max(FETCH_MIN_CHUNK_ROWS, -(-input_rows // FETCH_CHUNKS)))
+        return FETCH_MAX_CHUNK_ROWS
+    return min(FETCH_MAX_CHUNK_ROWS, max(FETCH_MIN_CHUNK_ROWS, -(-input_rows // FETCH_CHUNKS)))
 _SEEKABLE_FORMATS = ("csv", "tsv", "jsonl")
 
 
