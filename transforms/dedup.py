@@ -177,8 +177,8 @@ def _render(image: Image.Image, box: tuple[float, float, float, float], side: in
 
 def _trim(image: Image.Image, view: Image.Image, region: tuple, floor: float):
     """One uniform border off `view` (the rendering of `region` of `image`): (view, region, border
-    colour) of what is inside it, rendered again from the original, or None (no uniform border,
-    or what is inside is a solid block)."""
+    colour, the view's channel std) of what is inside it, rendered again from the original, or
+    None (no uniform border, or what is inside is a solid block)."""
     found = _content_box(np.asarray(view))
     if found is None:
         return None
@@ -187,9 +187,10 @@ def _trim(image: Image.Image, view: Image.Image, region: tuple, floor: float):
     inner = (region[0] + box[0] * sx, region[1] + box[1] * sy, region[0] + box[2] * sx, region[1] + box[3] * sy)
     rendered = _render(image, inner, _WORK_SIDE)
     # per channel: a red cross on teal is flat in grey (equal channel means) but not flat
-    if float(_channel_std(rendered).max()) < floor:
+    channel_std = _channel_std(rendered)
+    if float(channel_std.max()) < floor:
         return None  # a solid block (a square on a flat background): hashes alike, says nothing
-    return rendered, inner, colour
+    return rendered, inner, colour, channel_std
 
 
 def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
@@ -204,7 +205,8 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     scale = _WORK_SIDE / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     small = image.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR)
-    if float(_channel_std(small).max()) < blank_std_threshold:  # flat in every channel
+    small_std = _channel_std(small)
+    if float(small_std.max()) < blank_std_threshold:  # flat in every channel
         return {Col.PHASH: None, Col.PHASH_MIRROR: None, Col.DEDUP_DESCRIPTOR: None}
     # The trimmed view: one uniform border removed (padding, letterboxing, or the flat background
     # of clip art), rendered again from the original. The object view: every further uniform
@@ -213,22 +215,25 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
     floor = max(blank_std_threshold, _TRIM_MIN_STD)
     full_region = (0.0, 0.0, float(image.width), float(image.height))
     views = [(small, full_region)]
+    view_stds = [small_std]  # each view's channel std (`_hash_view` looks at it again)
     borders = []
     border = None
     for _ in range(_TRIM_STEPS):
         inner = _trim(image, *views[-1], floor)
         if inner is None:
             break
-        view, region, colour = inner
+        view, region, colour, channel_std = inner
         if border is not None and float(np.abs(colour - border).max()) <= _BORDER_TOL:
             views[-1] = (view, region)  # the same border again, seen finer: a tighter box, same level
+            view_stds[-1] = channel_std
         elif len(views) < 3:
             views.append((view, region))  # a border of another colour: one level further in
+            view_stds.append(channel_std)
             borders.append(colour)
         else:
             break  # a third border (a frame inside the object): levels are matched, not the innermost
         border = colour
-    hash_views = {0: _hash_view(small)}
+    hash_views = {0: _hash_view(small, small_std)}
     thumb, brightened = _grey_thumbs(hash_views[0])
     # imagehash's pHash of the 32x32 thumbnail (it skips its resize at that size)
     grey, grey_mirror = imagehash.phash(thumb), imagehash.phash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
@@ -244,7 +249,7 @@ def image_hashes(image: Image.Image, blank_std_threshold: float = 3.0) -> dict:
         flags |= flag
         view, region = views[level]
         aspects[level] = _aspect_byte(region[2] - region[0], region[3] - region[1])
-        hash_views[level] = _hash_view(view)
+        hash_views[level] = _hash_view(view, view_stds[level])
         hashes[level] = _robust_hashes(*_grey_thumbs(hash_views[level]))
         thumbs[level] = _thumb(view, thumb_side)
         boxes[level - 1] = _box_bytes(region, image.size)
@@ -290,14 +295,15 @@ _GREY_CONTRAST_RATIO = 0.25
 _EQUAL_GREY = (1 / 3, 1 / 3, 1 / 3, 0.0)
 
 
-def _hash_view(image: Image.Image) -> Image.Image:
+def _hash_view(image: Image.Image, channel_std: Optional[np.ndarray] = None) -> Image.Image:
     """What pHash looks at: grey levels, unless they hide the picture.
 
     pHash works on grey, so a red shape on a teal background (equal grey) hashes like a blank
     image. When grey contrast is far below the strongest channel's, that channel is hashed
     instead; edits that keep a picture a duplicate (resize, JPEG, brightness) keep the choice.
+    `channel_std`: the image's `_channel_std`, when the caller has it.
     """
-    channel_std = _channel_std(image)
+    channel_std = _channel_std(image) if channel_std is None else channel_std
     grey_std = float(_channel_std(image.convert("L", _EQUAL_GREY))[0])  # of (R + G + B) / 3
     if grey_std >= _GREY_CONTRAST_RATIO * float(channel_std.max()):
         return image
@@ -308,8 +314,8 @@ def _grey_thumbs(image: Image.Image) -> tuple[Image.Image, Image.Image]:
     """The 32x32 grey thumbnail pHash looks at, and the same of the image brightened by
     `_BRIGHTEN` (clipped pixel by pixel before the reduction, as a brighter copy was)."""
     thumb = image.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
-    # the table by numpy indexing: Image.point rounds a list table in Python on every call
-    brightened = Image.fromarray(_BRIGHTEN_TABLE[np.asarray(image)], image.mode)
+    # the table by np.take: Image.point rounds a list table in Python on every call
+    brightened = Image.fromarray(np.take(_BRIGHTEN_TABLE, np.asarray(image)), image.mode)
     brightened = brightened.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
     return thumb, brightened
 
