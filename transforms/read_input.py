@@ -426,6 +426,8 @@ def fetch_chunk_rows(input_rows: Optional[int]) -> int:
     if input_rows is None:
         return FETCH_MAX_CHUNK_ROWS
     return min(FETCH_MAX_CHUNK_ROWS, max(FETCH_MIN_CHUNK_ROWS, -(-input_rows // FETCH_CHUNKS)))
+
+
 _SEEKABLE_FORMATS = ("csv", "tsv", "jsonl")
 
 
@@ -495,8 +497,8 @@ def plan_chunks(named_path: tuple[str, str], config: CurateConfig, chunk_rows: O
 
 def _parquet_chunks(path: str, fmt: str, source_file: str, group_rows: list, chunk_rows: int) -> list[FileChunk]:
     """Chunks of whole row groups (small groups joined up to `chunk_rows`); a row group larger
-    than that is cut into row ranges of its own (pyarrow writes a million rows a group by
-    default: one group as one chunk would leave every other worker idle)."""
+    than that is cut into row ranges of its own (pyarrow's default row group holds a whole
+    file of the usual size: one group as one chunk would leave every other worker idle)."""
     chunks, groups, first, rows = [], [], 0, 0
     for index, count in enumerate(group_rows):
         if count > chunk_rows:
