@@ -651,9 +651,27 @@ def _own_process_main(task: str, argv: list[str]) -> None:
 warnings.filterwarnings("ignore", message=r"'pipeline\.cli' found in sys\.modules", category=RuntimeWarning)
 
 
+_CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds pipeline/, transforms/, schemas/
+_PACKAGES = ("pipeline", "transforms", "schemas")
+
+
+def _cwd_shadows_this_code() -> bool:
+    """Does the current directory hold packages named like ours other than the ones running?
+    The fork server is started as `python -c`, which puts the current directory first on its
+    path, and Python 3.11's fork server ignores the sys.path it is handed: its preloads would
+    import that copy (another checkout of curate, or a project's own `transforms/`), and every
+    phase would run it."""
+    if os.path.realpath(os.getcwd()) == os.path.realpath(_CODE_ROOT):
+        return False
+    return any(os.path.exists(os.path.join(os.getcwd(), name)) for name in _PACKAGES)
+
+
 def _phase_processes():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.cli"] + list(PHASE_MODULES.values()) + ["pipeline.report"])
+    # Without preloads each phase imports the project itself (~1 s), after multiprocessing has
+    # given it this process's sys.path: used only when the current directory would shadow it.
+    preload = [] if _cwd_shadows_this_code() else ["pipeline.cli"] + list(PHASE_MODULES.values()) + ["pipeline.report"]
+    context.set_forkserver_preload(preload)
     return context
 
 

@@ -518,3 +518,29 @@ def test_the_command_exits_with_mains_code_after_the_exit_handlers_and_a_flush()
     result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO)),
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout) == (3, "said and the handler ran"), result.stderr[-2000:]
+
+
+def test_a_run_from_a_folder_with_packages_named_like_ours_runs_our_code(tmp_path):
+    """`curate run` starts each phase from multiprocessing's fork server, a `python -c` process
+    whose path begins with the current folder (Python 3.11's ignores the path it is handed): its
+    preloads imported a `pipeline/` there (another checkout of curate, a project's own package)
+    and every phase ran that code. Here the folder's `pipeline/cli.py` only leaves a mark."""
+    from pipeline.errors import EXIT_CEILING
+
+    project = tmp_path / "project"
+    (project / "pipeline").mkdir(parents=True)
+    (project / "pipeline" / "__init__.py").write_text("")
+    marker = tmp_path / "imported"
+    (project / "pipeline" / "cli.py").write_text(f"open({str(marker)!r}, 'w').write('the folder\\'s cli')\n")
+    (project / "rows.csv").write_text("url,caption\nhttp://example.invalid/a.jpg,a red circle on a grey card\n")
+    launcher = tmp_path / "bin" / "curate_main.py"  # like the console script: its folder, not the cwd, on the path
+    launcher.parent.mkdir()
+    launcher.write_text("import sys\nfrom pipeline.cli import entry\nif __name__ == '__main__':\n"
+                        "    sys.argv[0] = 'curate'\n    entry()\n")
+    result = subprocess.run([sys.executable, str(launcher), "run", "--input", "rows.csv", "--output", "out",
+                             "--set", "clip_enabled=false", "--set", "retries=0", "--quiet"], cwd=project,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    # the one row failed to download (no such host): written, refused by the failure ceiling
+    assert result.returncode == EXIT_CEILING, result.stderr[-3000:]
+    assert (project / "out" / "ledger").is_dir()
