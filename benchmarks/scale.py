@@ -472,6 +472,15 @@ def run_fetch(work: Path, rows: int, checkout: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _phase_list(text: str) -> list:
+    """--phases: a comma-separated subset of decide,write (a typo would otherwise measure nothing)."""
+    phases = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in ("decide", "write")]
+    if unknown or not phases:
+        raise argparse.ArgumentTypeError(f"{text!r}: give decide, write or decide,write")
+    return phases
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="100000,1000000,10000000")
@@ -485,7 +494,7 @@ def main() -> int:
     parser.add_argument("--recall-max-rows", type=int, default=1_000_000)
     parser.add_argument("--work", default="/tmp/curate-scale")
     parser.add_argument("--keep-outputs", action="store_true")
-    parser.add_argument("--phases", default="decide,write", help="the phases run at each size (decide,write)")
+    parser.add_argument("--phases", default="decide,write", type=_phase_list, help="the phases run at each size (decide,write)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -513,7 +522,7 @@ def main() -> int:
         for name, checkout in runs:
             out = work / f"out-{rows}-{name}"
             copy_features(source, out)
-            for phase in [p for p in ("decide", "write") if p in args.phases.split(",")]:
+            for phase in [p for p in ("decide", "write") if p in args.phases]:
                 measured = run_phase(out, phase, checkout, config_args(info))
                 entry[f"{name}_{phase}"] = measured
                 print(f"{rows:,} rows, {name} {phase}: {measured['seconds']:.0f} s, {rows / measured['seconds']:,.0f} rows/s, "
